@@ -1,0 +1,37 @@
+"""clipengine: CLIP-style contrastive pretraining and cross-modal retrieval.
+
+The public API, one import away (each is imported lazily: torch costs seconds to import):
+
+    from clipengine import index_folder, Searcher, ModelSpec, load_model, IndexStore
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "ModelSpec": "clipengine.models",
+    "load_model": "clipengine.models",
+    "list_models": "clipengine.models",
+    "open_image": "clipengine.images",
+    "embed_images": "clipengine.embed",
+    "embed_texts": "clipengine.embed",
+    "scan_folder": "clipengine.scan",
+    "IndexStore": "clipengine.store",
+    "resolve_index_path": "clipengine.store",
+    "index_folder": "clipengine.indexing",
+    "index_info": "clipengine.indexing",
+    "Searcher": "clipengine.search",
+    "Hit": "clipengine.search",
+    "ClipEngineError": "clipengine.errors",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'clipengine' has no attribute {name!r}")

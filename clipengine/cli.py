@@ -1,0 +1,245 @@
+"""The `clipengine` command: parse, call the library, print. No logic lives here.
+
+Every user mistake surfaces as a one-line `error: ...` on stderr and exit code 1 (2 for a malformed
+command line, 130 for Ctrl-C), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from clipengine.errors import ClipEngineError
+from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
+from clipengine.models import ModelSpec
+from clipengine.store import INDEX_DIR_ENV, resolve_index_path
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Index a folder of images with a CLIP model and search it by text or by image.",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+IndexArg = Annotated[str, typer.Option("--index", "-i", help="Index name (kept in the index directory) or a path.")]
+IndexDirArg = Annotated[Optional[Path], typer.Option(
+    "--index-dir", envvar=INDEX_DIR_ENV, help="Where named indexes live (default: the checkout's indexes/).")]
+ModelArg = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a shipped config such as tiny.")]
+PretrainedArg = Annotated[Optional[str], typer.Option(
+    "--pretrained", help="Pretrained tag of the architecture, or a local weights file (.safetensors/.pt/.bin).")]
+CheckpointArg = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint directory.")]
+PreprocessFromArg = Annotated[Optional[str], typer.Option(
+    "--preprocess-from", help="With a local weights file: the pretrained tag whose preprocessing it uses.")]
+DeviceArg = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: auto).")]
+JsonArg = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _spec(model: str | None, pretrained: str | None, checkpoint: Path | None, preprocess_from: str | None) -> ModelSpec:
+    return ModelSpec(model, pretrained, str(checkpoint) if checkpoint else None, preprocess_from)
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.ERROR)  # open_clip logs routine notices as root warnings
+        warnings.filterwarnings("ignore", module="open_clip")
+        try:
+            return command(*args, **kwargs)
+        except ClipEngineError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: committed progress is kept; run the same command again to carry on", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "", style="progress.data.speed")
+
+
+@app.command()
+@_user_errors
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of images to index (searched recursively).")],
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    device: DeviceArg = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
+    commit_every: Annotated[int, typer.Option(help="Commit progress every N files.")] = 256,
+    max_pixels: Annotated[str, typer.Option(help="Skip images needing more decoded pixels than this.")] = str(DEFAULT_MAX_PIXELS),
+    exact_decode: Annotated[bool, typer.Option(help="Decode JPEGs at full size (slower; exact open_clip preprocessing).")] = False,
+    include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
+    retry_skipped: Annotated[bool, typer.Option(help="Try previously skipped files again.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Delete the index and build it again from scratch.")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded."""
+    from clipengine.indexing import index_folder
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        pixels = parse_pixels(max_pixels)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--max-pixels") from None
+    path = resolve_index_path(index_name, index_dir)
+    progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                        TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    task = progress.add_task("embedding", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        report = index_folder(
+            folder, path, _spec(model, pretrained, checkpoint, preprocess_from), device=device,
+            batch_size=batch_size, workers=workers, commit_every=commit_every, max_pixels=pixels,
+            draft=not exact_decode, include_hidden=include_hidden, retry_skipped=retry_skipped,
+            rebuild=rebuild, progress=on_progress,
+        )
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    out.print(f"index {report.index}  ({report.model})", markup=False)
+    rate = f" at {report.images_per_second:.1f} images/s" if report.embedded else ""
+    out.print(f"  embedded {report.embedded}{rate}, reused {report.reused}, skipped {report.skipped}, "
+              f"removed {report.removed}, unchanged {report.unchanged}", markup=False)
+    for skip in report.skips[:20]:
+        out.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False)
+    if len(report.skips) > 20:
+        out.print(f"  ... and {len(report.skips) - 20} more skipped (see `clipengine info`)", markup=False)
+    out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
+
+
+@app.command()
+@_user_errors
+def search(
+    query: Annotated[Optional[str], typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Find images like this one.")] = None,
+    vector: Annotated[Optional[Path], typer.Option("--vector", help="A query embedding saved as .npy.")] = None,
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 10,
+    prefix: Annotated[Optional[str], typer.Option(help="Only results whose path starts with this.")] = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    device: DeviceArg = None,
+    paths_only: Annotated[bool, typer.Option(help="Print only the paths, one per line (for piping).")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Search an index by text, by image, or by a raw embedding vector."""
+    import numpy as np
+
+    from clipengine.errors import BadInput
+    from clipengine.search import Searcher, path_prefix
+
+    if sum(x is not None for x in (query, image, vector)) != 1:
+        raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
+    path = resolve_index_path(index_name, index_dir)
+    with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device) as searcher:
+        where = path_prefix(prefix) if prefix else None
+        if query is not None:
+            hits = searcher.search_text(query, k, where)
+        elif image is not None:
+            hits = searcher.search_image(image, k, where)
+        else:
+            try:
+                q = np.load(vector, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise BadInput(f"cannot read query vector {vector}: {e}") from None
+            hits = searcher.search_vector(q, k, where)
+    if as_json:
+        _print_json([h.to_dict() for h in hits])
+    elif paths_only:
+        sys.stdout.write("".join(h.path + "\n" for h in hits))
+    elif not hits:
+        err.print("no results" + (f" under {where}" if where else ""), markup=False)
+    else:
+        for h in hits:
+            out.print(f"{h.rank:>4}  {h.score:+.4f}  {h.path}", markup=False)
+
+
+@app.command()
+@_user_errors
+def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
+    """What an index holds: its model, how many images are searchable, and what was skipped and why."""
+    from clipengine.indexing import index_info
+    from clipengine.models import describe_source
+
+    report = index_info(resolve_index_path(index_name, index_dir))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    lines = [
+        f"index     {report.path}",
+        f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
+        f"images    {report.count} searchable, {len(report.skipped)} skipped, {report.unique_vectors} distinct",
+        f"faiss     {report.faiss['kind']} ({report.faiss['factory']}){'' if report.faiss_current else ', behind: rebuilt on load'}",
+        f"folders   {', '.join(report.folders) or '-'}",
+        f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
+    ]
+    for line in lines:
+        out.print(line, markup=False)
+    for skip in report.skipped[:50]:
+        out.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False)
+    if len(report.skipped) > 50:
+        out.print(f"  ... and {len(report.skipped) - 50} more (--json lists all)", markup=False)
+
+
+@app.command()
+@_user_errors
+def models(as_json: JsonArg = False) -> None:
+    """Architectures and their pretrained tags (`--model ARCH --pretrained TAG`)."""
+    from clipengine.models import DEFAULT_ARCH, DEFAULT_PRETRAINED, list_models, shipped_configs
+
+    archs = list_models()
+    shipped = shipped_configs()
+    if as_json:
+        _print_json({"default": {"model": DEFAULT_ARCH, "pretrained": DEFAULT_PRETRAINED},
+                     "shipped": shipped, "models": archs})
+        return
+    for name in shipped:
+        out.print(f"{name}  (shipped with clipengine, random weights until trained)", markup=False)
+    for name, tags in archs.items():
+        if name not in shipped:
+            out.print(f"{name}  {' '.join(tags) if tags else '(no pretrained tags)'}", markup=False)
+    out.print(f"default: --model {DEFAULT_ARCH} --pretrained {DEFAULT_PRETRAINED}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

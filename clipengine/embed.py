@@ -1,0 +1,198 @@
+"""The hot path: image files and texts -> L2-normalised float32 embeddings, in big batches.
+
+Work is split where it is cheapest to move between processes:
+  * DataLoader worker processes read each file once, hash its bytes (sha256: the content identity a
+    moved photo is recognised by), decode it safely (`images.open_image`, with reduced-size JPEG
+    decoding) and run the PIL half of open_clip's transform (resize, crop). They hand back uint8
+    tensors, a quarter of the bytes of float32.
+  * The main process moves each batch to the device (pinned memory, non-blocking copies and
+    channels_last on GPU), converts to float and normalises there, and runs the model under
+    `torch.inference_mode` with autocast on GPU (float32 on CPU).
+Memory stays flat however large the folder: files stream through a bounded prefetch queue, and each
+batch of vectors is handed to the caller before the next is computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, Normalize, PILToTensor
+
+from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, open_image
+from clipengine.models import LoadedModel
+
+MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One file's outcome. Exactly one of: a vector, a skip reason, or `reused` (its hash is known)."""
+
+    path: str
+    hash: str | None = None
+    width: int = 0
+    height: int = 0
+    vector: np.ndarray | None = None
+    skip_reason: str | None = None
+
+    @property
+    def reused(self) -> bool:
+        return self.vector is None and self.skip_reason is None
+
+
+def split_transform(transform: Compose) -> tuple[Compose, Normalize]:
+    """Cut open_clip's eval transform into its PIL part (ending in uint8 tensors) and its Normalize.
+
+    Applying `x.float().div(255)` and the Normalize to the uint8 output gives bit-identical results
+    to the whole transform, while the heavy part stays in the workers and the float part on the device.
+    """
+    steps = list(transform.transforms)
+    cut = next((i for i, s in enumerate(steps) if type(s).__name__ in ("ToTensor", "MaybeToTensor")), None)
+    if cut is None or not isinstance(steps[-1], Normalize) or cut != len(steps) - 2:
+        raise ValueError(f"unexpected preprocessing pipeline: {transform}")
+    return Compose([*steps[:cut], PILToTensor()]), steps[-1]
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ImageFiles(Dataset):
+    """Reads, hashes, decodes and resizes one file per item; never raises for a bad file."""
+
+    def __init__(self, paths: Sequence[str], pixel_transform: Callable, *, known_hashes: Collection[str] = (),
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224):
+        self.paths = paths
+        self.pixel_transform = pixel_transform
+        self.known_hashes = known_hashes
+        self.max_pixels = max_pixels
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[ImageEmbedding, torch.Tensor | None]:
+        path = self.paths[i]
+        try:
+            size = os.path.getsize(path)
+            if size > MAX_FILE_BYTES:
+                return ImageEmbedding(path, skip_reason=f"file too large ({size / 2**30:.1f} GiB)"), None
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return ImageEmbedding(path, skip_reason="file disappeared before it could be read"), None
+        except IsADirectoryError:
+            return ImageEmbedding(path, skip_reason="is a directory"), None
+        except OSError as e:
+            return ImageEmbedding(path, skip_reason=f"cannot read file: {e.strerror or e}"), None
+        digest = content_hash(data)
+        if digest in self.known_hashes:
+            return ImageEmbedding(path, hash=digest), None
+        result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        if not isinstance(result, Decoded):
+            return ImageEmbedding(path, hash=digest, skip_reason=result.reason), None
+        try:
+            pixels = self.pixel_transform(result.image)
+        except Exception as e:  # a transform failing on a decoded image is still one bad file
+            return ImageEmbedding(path, hash=digest, skip_reason=f"preprocessing failed ({e})"), None
+        return ImageEmbedding(path, hash=digest, width=result.width, height=result.height), pixels
+
+
+def _collate(items: list) -> tuple[list[ImageEmbedding], torch.Tensor | None]:
+    pixels = [p for _, p in items if p is not None]
+    return [m for m, _ in items], (torch.stack(pixels) if pixels else None)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: on a GPU every core can decode; on the CPU they share cores with the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores - 1, 16)) if device.type == "cuda" else max(1, min(cores, 4))
+
+
+class PixelNormalizer:
+    """uint8 batches -> normalised float batches on the model's device (the float half of preprocess)."""
+
+    def __init__(self, normalize: Normalize, device: torch.device):
+        self.device = device
+        self.mean = torch.tensor(normalize.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(normalize.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.float().div(255).sub_(self.mean).div_(self.std)
+
+
+def encode_pixels(model: LoadedModel, x: torch.Tensor) -> np.ndarray:
+    """Normalised float pixels -> L2-normalised float32 embeddings (numpy, on the CPU)."""
+    with torch.inference_mode(), model.autocast():
+        features = model.model.encode_image(x)
+    return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+
+def embed_images(
+    model: LoadedModel,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    known_hashes: Collection[str] = (),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+) -> Iterator[list[ImageEmbedding]]:
+    """Embed image files in batches, yielding each batch's outcomes in input order.
+
+    Files whose content hash is in `known_hashes` are hashed but not decoded (their vector exists).
+    `draft=False` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing.
+    """
+    if not paths:
+        return
+    pixel_transform, normalize = split_transform(model.image_transform())
+    dataset = ImageFiles(paths, pixel_transform, known_hashes=known_hashes, max_pixels=max_pixels,
+                         draft_size=model.image_size if draft else None)
+    workers = default_workers(model.device) if workers is None else workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=model.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    to_device = PixelNormalizer(normalize, model.device)
+    for metas, pixels in loader:
+        if pixels is not None:
+            vectors = iter(encode_pixels(model, to_device(pixels)))
+            metas = [
+                m if m.skip_reason or m.hash in known_hashes else
+                ImageEmbedding(m.path, m.hash, m.width, m.height, vector=next(vectors))
+                for m in metas
+            ]
+        yield metas
+
+
+def embed_pil_images(model: LoadedModel, images: Sequence[Image.Image]) -> np.ndarray:
+    """Embed already-decoded images (e.g. a query), with exactly the preprocessing of `embed_images`."""
+    pixel_transform, normalize = split_transform(model.image_transform())
+    pixels = torch.stack([pixel_transform(im) for im in images])
+    return encode_pixels(model, PixelNormalizer(normalize, model.device)(pixels))
+
+
+def embed_texts(model: LoadedModel, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+    """Texts -> L2-normalised float32 embeddings, shape (len(texts), dim)."""
+    out = np.empty((len(texts), model.embed_dim), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenizer(list(texts[start:start + batch_size])).to(model.device)
+        with torch.inference_mode(), model.autocast():
+            features = model.model.encode_text(tokens)
+        out[start:start + len(tokens)] = F.normalize(features.float(), dim=-1).cpu().numpy()
+    return out

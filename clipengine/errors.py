@@ -1,0 +1,30 @@
+"""The errors a user can cause and fix. The CLI prints their message as one line and exits non-zero,
+so each message says what went wrong *and* what to do about it."""
+
+
+class ClipEngineError(Exception):
+    """Base class: a problem with the user's input or environment, never a bug in clipengine."""
+
+
+class IndexNotFound(ClipEngineError):
+    pass
+
+
+class IndexCorrupt(ClipEngineError):
+    pass
+
+
+class IndexLocked(ClipEngineError):
+    pass
+
+
+class ModelMismatch(ClipEngineError):
+    pass
+
+
+class ModelUnavailable(ClipEngineError):
+    pass
+
+
+class BadInput(ClipEngineError):
+    pass

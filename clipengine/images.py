@@ -1,0 +1,161 @@
+"""Open one image safely, or say in a few words why it was skipped.
+
+Real photo folders hold 12+ megapixel JPEGs, PNGs of hundreds of megapixels, CMYK and 16-bit files,
+palette images with transparency, animated GIFs, EXIF-rotated photos, and files that are truncated,
+empty or not images at all. Nothing here raises on a bad file: `open_image` returns `Decoded` or
+`Skipped`, so one bad file can never stop an indexing run.
+
+Two choices keep decoding cheap and bounded: the pixel count is read from the header and checked
+against a cap *before* any pixel is decoded, and a JPEG much larger than the model input is decoded at
+a reduced size by libjpeg's DCT scaling (`Image.draft`), which is several times faster and is what
+makes large photos affordable. Both happen before the image is ever held in memory at full size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
+_PIL_GUARD = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Decoded:
+    image: Image.Image  # RGB, EXIF orientation applied, possibly reduced in size by draft decoding
+    width: int  # size of the full image as the viewer sees it (after EXIF rotation, before draft)
+    height: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    reason: str
+
+
+def parse_pixels(text: str | int) -> int:
+    """'200M', '1.5G', '50000000' -> a pixel count (for the --max-pixels flag)."""
+    if isinstance(text, int):
+        return text
+    units = {"K": 10**3, "M": 10**6, "G": 10**9}
+    s = text.strip().upper().removesuffix("P")
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"'{text}' is not a pixel count (try 200M)") from None
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:.0f} MP" if n >= 10**7 else f"{n / 1e6:.1f} MP"
+
+
+def _oriented_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """`size` as the viewer sees it: EXIF orientations 5-8 swap width and height."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not cost us the image
+        orientation = 1
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit or float greyscale -> 8-bit. PIL's own conversion clips at 255, turning photos white."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float32))
+        hi = float(arr.max()) if arr.size else 1.0
+        arr = arr * 255.0 if hi <= 1.0 else arr / max(hi, 1e-12) * 255.0
+    elif img.mode.startswith("I;16") or (img.mode == "I" and arr.size and arr.max() > 255):
+        arr = arr.astype(np.float32) / 257.0
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent areas become white, as image viewers show them on a page."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _high_bit_depth_to_l(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def _open_unguarded(fp: io.IOBase) -> Image.Image:
+    """Image.open without PIL's decompression-bomb check: our cap, applied after draft, decides.
+
+    PIL's check counts header pixels, so it would refuse a 200 MP JPEG that draft decodes at 3 MP.
+    The limit is a PIL global, so it is lifted only for the header parse, under a lock.
+    """
+    with _PIL_GUARD, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(
+    source: str | os.PathLike | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = 224,
+) -> Decoded | Skipped:
+    """Decode an image file (or its bytes) to RGB, or return why it was skipped.
+
+    `draft_size`: decode JPEGs at the smallest libjpeg scale (1/2, 1/4, 1/8) that keeps both sides at
+    least this many pixels; None decodes at full size, for exact reproduction.
+    `max_pixels`: skip images that would need more pixels than this decoded (checked from the header).
+    """
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                return Skipped("empty file")
+            fp: io.IOBase = io.BytesIO(source)
+        else:
+            if os.path.getsize(source) == 0:
+                return Skipped("empty file")
+            fp = open(source, "rb")
+    except FileNotFoundError:
+        return Skipped("file disappeared before it could be read")
+    except IsADirectoryError:
+        return Skipped("is a directory")
+    except OSError as e:
+        return Skipped(f"cannot read file: {e.strerror or e}")
+    with fp:
+        try:
+            img = _open_unguarded(fp)
+            full_size = img.size
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            decoded_pixels = img.size[0] * img.size[1]
+            if decoded_pixels > max_pixels:
+                return Skipped(f"too large to decode safely: {full_size[0]}x{full_size[1]} "
+                               f"({_megapixels(decoded_pixels)} > {_megapixels(max_pixels)} cap, --max-pixels)")
+            width, height = _oriented_size(img, full_size)
+            img.load()  # decodes the first frame of animated images
+            img = ImageOps.exif_transpose(img) or img
+            rgb = to_rgb(img)
+        except UnidentifiedImageError:
+            return Skipped("not a recognised image format")
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return Skipped(f"corrupt or truncated image ({message})")
+        except MemoryError:
+            return Skipped("not enough memory to decode")
+    return Decoded(rgb, width, height)

@@ -1,0 +1,136 @@
+"""Walk a folder and decide what an index must do about it: embed, reuse, drop, or leave alone.
+
+Only `stat` is used here, never a decoder or a hash, so that re-running over an unchanged folder of
+ten thousand photos costs a directory walk and one database read. A file counts as unchanged when its
+size and modification time (in nanoseconds) match what the index recorded.
+
+Symbolic links are followed (people link their photo folders together), with every directory visited
+once by (device, inode), so a link back up the tree cannot loop. What cannot be read (a broken link,
+a link loop, an unreadable directory) is reported as a problem rather than silently dropped, so that
+`clipengine info` can list it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+)
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    path: str  # absolute, as reached through the folder (links are not resolved)
+    size: int
+    mtime_ns: int
+    problem: str | None = None  # why it cannot be read at all, e.g. "broken symbolic link"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What an index knows of a path: enough to tell whether the file changed."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    skipped: bool
+
+
+@dataclass
+class Plan:
+    to_embed: list[FoundFile] = field(default_factory=list)  # new or changed: decode (or reuse by hash)
+    problems: list[FoundFile] = field(default_factory=list)  # new unreadable entries, recorded as skips
+    remove_ids: list[int] = field(default_factory=list)  # gone, or changed (their old rows)
+    unchanged: int = 0
+    changed: int = 0
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.to_embed or self.problems or self.remove_ids)
+
+
+def _problem(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if e.errno == errno.ENOENT:
+        return "broken symbolic link"
+    if e.errno == errno.EACCES:
+        return "permission denied"
+    return f"cannot read ({e.strerror or e})"
+
+
+def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False) -> Iterator[FoundFile]:
+    """Every image file under `root` (by extension), depth first, in sorted order.
+
+    Hidden files and folders (names starting with '.') are left out unless `include_hidden`; they are
+    thumbnails caches, version control and macOS '._' metadata files far more often than photos.
+    """
+    top = os.path.abspath(os.fspath(root))
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        try:
+            st = os.stat(directory)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield FoundFile(directory, 0, 0, f"directory {_problem(e)}")
+            continue
+        subdirs = []
+        for entry in entries:
+            if not include_hidden and entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.path)
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError as e:
+                try:
+                    lst = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # deleted while we looked: nothing to record
+                yield FoundFile(entry.path, lst.st_size, lst.st_mtime_ns, _problem(e))
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+        stack.extend(reversed(subdirs))
+
+
+def plan_update(
+    found: Iterator[FoundFile], recorded: Mapping[str, Recorded], *, retry_skipped: bool = False
+) -> Plan:
+    """Compare a scan with what the index recorded under the same root.
+
+    A changed file is planned as a removal of its old row plus a new embedding: rows (and so faiss
+    ids) are never rewritten in place, which is what lets the faiss index be synced by id sets alone.
+    """
+    plan = Plan()
+    remaining = dict(recorded)
+    for f in found:
+        old = remaining.pop(f.path, None)
+        if old is not None:
+            same = old.size == f.size and old.mtime_ns == f.mtime_ns
+            if same and not (retry_skipped and old.skipped):
+                plan.unchanged += 1
+                continue
+            plan.remove_ids.append(old.id)
+            plan.changed += 1
+        (plan.problems if f.problem else plan.to_embed).append(f)
+    plan.remove_ids.extend(r.id for r in remaining.values())
+    return plan

@@ -1,0 +1,504 @@
+"""The index on disk: one self-describing directory, safe against a crash at any moment.
+
+    <index>/
+      manifest.json   format version, the model source (identity, embedding dim, preprocessing),
+                      metric and faiss index kind; written once, when the index is created
+      meta.sqlite     the source of truth: files (path, size, mtime, content hash, or skip reason),
+                      vectors (content hash -> float32 embedding, width, height), folders indexed,
+                      and the commit generation
+      vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id)
+      lock            flock()ed by the single process allowed to write
+
+Why this shape. Every change is one sqlite transaction (synchronous=FULL), so a `kill -9` leaves
+the last committed state and nothing half-written. Vectors live in sqlite keyed by content hash, so a
+moved or duplicated photo reuses its embedding and a changed one never overwrites another's. The faiss
+file is a *view*: written to a temporary file, fsynced and renamed into place, and tagged with the
+generation it reflects. Whenever it is behind (a crash between the two writes, say), it is brought up to
+date by id-set difference with the live rows; file ids come from AUTOINCREMENT and are never reused or
+rewritten (a changed file gets a new row), so that difference is all a sync needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from clipengine import __version__
+from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
+from clipengine.scan import Recorded
+
+FORMAT = "clipengine-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATABASE = "meta.sqlite"
+FAISS_FILE = "vectors.faiss"
+LOCK_FILE = "lock"
+INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
+_READ_CHUNK = 65536
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vectors (
+    hash TEXT PRIMARY KEY,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the faiss id; never reused
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT,                             -- NULL when skipped
+    skip_reason TEXT,                      -- NULL when searchable
+    indexed_at REAL NOT NULL,
+    CHECK ((hash IS NULL) = (skip_reason IS NOT NULL))
+);
+CREATE INDEX files_hash ON files(hash);
+CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
+INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file's outcome, ready to commit: searchable (hash set) or skipped (skip_reason set)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    hash: str | None = None
+    width: int = 0
+    height: int = 0
+    vector: np.ndarray | None = None  # None when the hash's vector is already stored (a moved file)
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: str
+    width: int
+    height: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Where indexes live
+# --------------------------------------------------------------------------------------------------
+
+
+def default_index_dir() -> Path:
+    """$CLIPENGINE_INDEX_DIR, else the checkout's top-level indexes/, else the user's data directory."""
+    if os.environ.get(INDEX_DIR_ENV):
+        return Path(os.environ[INDEX_DIR_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "indexes").is_dir():
+        return checkout / "indexes"
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "clipengine" / "indexes"
+
+
+def resolve_index_path(name_or_path: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> Path:
+    """`--index` takes a name (looked up under the index directory) or a path (anything with a slash)."""
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise BadInput("--index needs a name or a path")
+    if os.sep in text or text.startswith((".", "~")):
+        return Path(text).expanduser().resolve()
+    return (Path(index_dir).expanduser() if index_dir else default_index_dir()).resolve() / text
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    _replace_durably(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------
+
+
+def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
+    uri = f"file:{db_path}?mode={'ro' if readonly else 'rw'}"
+    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if not readonly:
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _hint(path: Path) -> str:
+    return f"--index {path}"
+
+
+class IndexStore:
+    """One open index. Open it with `IndexStore.open` or `IndexStore.create`; close it (or use `with`)."""
+
+    def __init__(self, path: Path, manifest: dict, conn: sqlite3.Connection, lock_fd: int | None):
+        self.path = path
+        self.manifest = manifest
+        self._conn = conn
+        self._lock_fd = lock_fd
+
+    # ---- opening -----------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (path / MANIFEST).is_file()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, writable: bool = False) -> "IndexStore":
+        """Open an existing index; nothing on disk changes unless `writable` (which takes the lock)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise IndexNotFound(f"no index at {path}: build one with `clipengine index FOLDER {_hint(path)}`")
+        manifest = cls._read_manifest(path)
+        db_path = path / DATABASE
+        if not db_path.is_file():
+            raise IndexCorrupt(f"index {path} has no {DATABASE}: rebuild it with "
+                               f"`clipengine index FOLDER {_hint(path)} --rebuild`")
+        try:
+            conn = _connect(db_path, readonly=not writable)
+            conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IndexCorrupt(f"index {path} is damaged ({DATABASE}: {e}): rebuild it with "
+                               f"`clipengine index FOLDER {_hint(path)} --rebuild`") from None
+        try:
+            lock_fd = cls._lock(path) if writable else None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, manifest, conn, lock_fd)
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise IndexNotFound(f"{path} is not a clipengine index (no {MANIFEST}): build one with "
+                                f"`clipengine index FOLDER {_hint(path)}`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError("not a clipengine manifest")
+            if int(manifest["format_version"]) > FORMAT_VERSION:
+                raise IndexCorrupt(f"index {path} was written by a newer clipengine (format "
+                                   f"{manifest['format_version']}): upgrade clipengine to read it")
+            model = manifest["model"]
+            int(manifest["dim"]), model["identity"], model["source"], model["arch"]
+        except IndexCorrupt:
+            raise
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise IndexCorrupt(f"index {path} has a damaged {MANIFEST} ({type(e).__name__}: {e}): rebuild it "
+                               f"with `clipengine index FOLDER {_hint(path)} --rebuild`") from None
+        return manifest
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise IndexLocked(f"index {path} is being updated by process {holder}: wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model_source: dict) -> "IndexStore":
+        """Create an empty index for vectors of `model_source` (a loaded model's source, with
+        embed_dim and preprocess). Built in a temporary directory and renamed into place, so a
+        crash never leaves a half-created index behind."""
+        path = Path(path)
+        if path.exists():
+            raise BadInput(f"{path} already exists")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_by": f"clipengine {__version__}",
+            "model": model_source,
+            "dim": int(model_source["embed_dim"]),
+            "metric": "cosine",
+            "faiss": {"kind": "flat", "factory": "IDMap2,Flat", "faiss_metric": "inner_product"},
+        }
+        conn = sqlite3.connect(tmp / DATABASE)
+        conn.executescript(SCHEMA)
+        conn.commit()
+        conn.close()
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BadInput(f"{path} appeared while the index was being created") from None
+        _fsync_dir(path.parent)
+        return cls.open(path, writable=True)
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def writable(self) -> bool:
+        return self._lock_fd is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> int:
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    @property
+    def generation(self) -> int:
+        return self._meta("generation")
+
+    def recorded_under(self, folder: str) -> dict[str, Recorded]:
+        """What the index holds for paths under `folder` (a directory path, absolute)."""
+        lo = folder.rstrip(os.sep) + os.sep
+        hi = lo[:-1] + chr(ord(os.sep) + 1)
+        rows = self._conn.execute(
+            "SELECT id, path, size, mtime_ns, skip_reason IS NOT NULL FROM files WHERE path >= ? AND path < ?",
+            (lo, hi),
+        )
+        return {path: Recorded(i, size, mtime, bool(skipped)) for i, path, size, mtime, skipped in rows}
+
+    def known_hashes(self) -> set[str]:
+        return {h for (h,) in self._conn.execute("SELECT hash FROM vectors")}
+
+    def counts(self) -> dict[str, int]:
+        searchable, skipped = self._conn.execute(
+            "SELECT COUNT(hash), COUNT(skip_reason) FROM files").fetchone()
+        (unique,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
+        return {"count": searchable, "skipped": skipped, "unique_vectors": unique}
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return list(self._conn.execute(
+            "SELECT path, skip_reason FROM files WHERE skip_reason IS NOT NULL ORDER BY path"))
+
+    def folders(self) -> list[tuple[str, float]]:
+        return list(self._conn.execute("SELECT path, indexed_at FROM folders ORDER BY path"))
+
+    def rows(self, ids: Iterable[int]) -> dict[int, FileRow]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        query = (f"SELECT f.id, f.path, v.width, v.height FROM files f JOIN vectors v ON v.hash = f.hash "
+                 f"WHERE f.id IN ({marks})")
+        return {r[0]: FileRow(*r) for r in self._conn.execute(query, ids)}
+
+    def ids_under(self, prefix: str) -> np.ndarray:
+        """Ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
+        hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+        rows = self._conn.execute(
+            "SELECT id FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ?", (prefix, hi))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def _live_ids(self) -> np.ndarray:
+        rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def _vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) in chunks for the given file ids, read straight from sqlite."""
+        if ids.size > _READ_CHUNK:  # most of the index: one ordered pass beats many IN queries
+            wanted = set(ids.tolist())
+            cursor = self._conn.execute(
+                "SELECT f.id, v.vector FROM files f JOIN vectors v ON v.hash = f.hash ORDER BY f.id")
+            while batch := cursor.fetchmany(_READ_CHUNK):
+                batch = [r for r in batch if r[0] in wanted]
+                if batch:
+                    yield self._unpack(batch)
+            return
+        for start in range(0, ids.size, 900):
+            chunk = ids[start:start + 900].tolist()
+            marks = ",".join("?" * len(chunk))
+            batch = self._conn.execute(
+                f"SELECT f.id, v.vector FROM files f JOIN vectors v ON v.hash = f.hash WHERE f.id IN ({marks})",
+                chunk).fetchall()
+            if batch:
+                yield self._unpack(batch)
+
+    def _unpack(self, batch: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.fromiter((r[0] for r in batch), dtype=np.int64, count=len(batch))
+        vecs = np.frombuffer(b"".join(r[1] for r in batch), dtype="<f4").reshape(len(batch), self.dim)
+        return ids, np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def stored_vector(self, path: str, size: int, mtime_ns: int) -> np.ndarray | None:
+        """The embedding of `path` if the index holds it and the file is unchanged, else None."""
+        row = self._conn.execute(
+            "SELECT v.vector FROM files f JOIN vectors v ON v.hash = f.hash "
+            "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ?", (path, size, mtime_ns)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
+
+    # ---- the faiss view ----------------------------------------------------------------------
+
+    def _new_faiss(self):  # -> faiss.Index
+        import faiss
+
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    def _read_faiss(self):
+        """The faiss file as it is on disk, or None if it is missing, damaged or of another dimension."""
+        import faiss
+
+        try:
+            index = faiss.read_index(str(self.path / FAISS_FILE))
+        except RuntimeError:
+            return None
+        return index if index.d == self.dim else None
+
+    def _synced(self, index):
+        """Bring a faiss index up to date with the live rows, by id-set difference."""
+        import faiss
+
+        live = self._live_ids()
+        have = faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.empty(0, np.int64)
+        stale = np.setdiff1d(have, live, assume_unique=True)
+        if stale.size:
+            index.remove_ids(faiss.IDSelectorBatch(stale))
+        for ids, vecs in self._vectors_of(np.setdiff1d(live, have, assume_unique=True)):
+            index.add_with_ids(vecs, ids)
+        return index
+
+    def faiss_index(self):
+        """The faiss index of every searchable file, current with the database.
+
+        Normally just read from disk; rebuilt in memory (not written) if the file is behind, so that a
+        read-only command never modifies the index.
+        """
+        index = self._read_faiss()
+        if index is not None and self.faiss_current():
+            return index
+        return self._synced(index or self._new_faiss())
+
+    def save_faiss(self) -> bool:
+        """Sync the faiss file with the database, atomically. Returns False when it was current."""
+        import faiss
+
+        self._require_writable()
+        on_disk = self._read_faiss()
+        if on_disk is not None and self.faiss_current():
+            return False
+        generation = self.generation
+        index = self._synced(on_disk or self._new_faiss())
+        tmp = self.path / f".{FAISS_FILE}.tmp-{os.getpid()}"
+        faiss.write_index(index, str(tmp))
+        _replace_durably(tmp, self.path / FAISS_FILE)
+        with self._conn:
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'faiss_generation'", (str(generation),))
+        return True
+
+    def faiss_current(self) -> bool:
+        return (self.path / FAISS_FILE).is_file() and self._meta("faiss_generation") == self.generation
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise RuntimeError("index opened read-only")
+
+    def commit(self, records: Sequence[FileRecord] = (), remove_ids: Sequence[int] = ()) -> None:
+        """Apply removals and new records in one transaction: all of it lands, or none of it."""
+        self._require_writable()
+        now = time.time()
+        with self._transaction():
+            self._conn.executemany("DELETE FROM files WHERE id = ?", ((int(i),) for i in remove_ids))
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO vectors (hash, width, height, vector) VALUES (?, ?, ?, ?)",
+                ((r.hash, r.width, r.height, np.asarray(r.vector, dtype="<f4").tobytes())
+                 for r in records if r.vector is not None),
+            )
+            # REPLACE deletes a row with the same path and inserts a fresh id: rows are never edited.
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, hash, skip_reason, indexed_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                ((r.path, r.size, r.mtime_ns, None if r.skip_reason else r.hash, r.skip_reason, now)
+                 for r in records),
+            )
+            self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    def record_folder(self, folder: str) -> None:
+        self._require_writable()
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?)", (folder, time.time()))
+
+    def drop_unused_vectors(self) -> int:
+        """Delete embeddings no file refers to any more (kept until now so moved files could reuse them)."""
+        self._require_writable()
+        with self._transaction():
+            cursor = self._conn.execute(
+                "DELETE FROM vectors WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
+        return cursor.rowcount
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+
+def remove_index(path: Path) -> None:
+    """Delete an index directory, refusing anything that does not look like one."""
+    if not path.exists():
+        return
+    if not ((path / MANIFEST).exists() or (path / DATABASE).exists()):
+        raise BadInput(f"refusing to delete {path}: it does not look like a clipengine index")
+    fd = IndexStore._lock(path)
+    try:
+        shutil.rmtree(path)
+    finally:
+        os.close(fd)

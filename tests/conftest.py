@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny random model, generated image folders, and an isolated index directory."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipengine.synthetic import photo_like, write_photo_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from clipengine.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(arch="tiny"), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_index_dir(tmp_path, monkeypatch):
+    """Named indexes go to a temporary directory, never the checkout's indexes/."""
+    monkeypatch.setenv("CLIPENGINE_INDEX_DIR", str(tmp_path / "indexes"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder of 12 distinct photo-like JPEGs in two sub-folders."""
+    folder = tmp_path / "photos"
+    write_photo_folder(folder / "a", 6, (200, 150), seed=0)
+    write_photo_folder(folder / "b", 6, (150, 200), seed=100)
+    return folder
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header claims an enormous size (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def png_16bit_rgb(width: int, height: int, value: int) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one) filled with `value` in 0..65535."""
+    row = b"\x00" + np.full((width, 3), value, ">u2").tobytes()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """Every awkward file of the issue, written into `folder`. Returns {file name: expected outcome},
+    where the outcome is 'ok' or a fragment of the skip reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = photo_like(160, 120, seed=7)
+    full = jpeg_bytes(photo_like(400, 300, seed=8))
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("this is not an image\n")
+    (folder / "bomb.png").write_bytes(png_claiming_size(100_000, 100_000))
+    photo_like(120, 90, seed=9).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((40, 60), 30000, np.uint16)).save(folder / "grey16.png")
+    (folder / "rgb16.png").write_bytes(png_16bit_rgb(50, 40, 40000))
+    pal = Image.new("P", (50, 50), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(1, (25, 0, 50, 50))
+    pal.save(folder / "palette_transparent.png", transparency=0)
+    frames = [Image.new("RGB", (40, 30), c) for c in ("red", "green", "blue")]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    good.save(folder / "rotated.jpg", exif=exif.tobytes())
+    good.save(folder / "ünïcode name with spaces.jpg")
+    (folder / "broken_link.jpg").symlink_to(folder / "does-not-exist.jpg")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    (folder / "directory.jpg").mkdir()
+    good.save(folder / "directory.jpg" / "inside.jpg")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # a directory loop
+    return {
+        "truncated.jpg": "truncated",
+        "empty.jpg": "empty file",
+        "notes.jpg": "not a recognised image",
+        "bomb.png": "too large",
+        "cmyk.jpg": "ok",
+        "grey16.png": "ok",
+        "rgb16.png": "ok",
+        "palette_transparent.png": "ok",
+        "animated.gif": "ok",
+        "rotated.jpg": "ok",
+        "ünïcode name with spaces.jpg": "ok",
+        "broken_link.jpg": "broken symbolic link",
+        "loop_a.jpg": "symbolic link loop",
+        "loop_b.jpg": "symbolic link loop",
+        "directory.jpg/inside.jpg": "ok",
+    }

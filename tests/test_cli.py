@@ -1,0 +1,142 @@
+"""The command line: the contract of names and JSON shapes, exit codes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipengine.cli import app
+from clipengine.store import MANIFEST
+from conftest import write_bad_inputs
+
+runner = CliRunner()
+
+
+def run(*args: str, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.stderr if result.stderr_bytes else "")
+    assert "Traceback" not in result.output
+    return result
+
+
+@pytest.fixture
+def indexed(photos, monkeypatch):
+    run("index", photos, "--index", "photos", "--model", "tiny", "--workers", "0")
+    return photos
+
+
+def test_index_search_info_round_trip_by_name(indexed, tmp_path):
+    index_dir = tmp_path / "indexes" / "photos"  # named indexes live in $CLIPENGINE_INDEX_DIR
+    assert (index_dir / MANIFEST).is_file()
+    query = sorted(indexed.rglob("*.jpg"))[2]
+    hits = json.loads(run("search", "--image", query, "--index", "photos", "-k", "3", "--json").stdout)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert set(hits[0]) >= {"rank", "score", "path"}
+    human = run("search", "--image", query, "--index", "photos", "-k", "2").stdout.splitlines()
+    assert human[0].split() == ["1", "+1.0000", str(query)]
+    paths = run("search", "a photo", "--index", "photos", "-k", "5", "--paths-only").stdout.splitlines()
+    assert len(paths) == 5 and all(os.path.isfile(p) for p in paths)
+    by_path = json.loads(run("search", "--image", query, "--index", str(index_dir), "-k", "1", "--json").stdout)
+    assert by_path[0]["path"] == str(query)
+    info = json.loads(run("info", "--index", "photos", "--json").stdout)
+    assert info["count"] == 12 and info["skipped"] == [] and info["model"]["arch"] == "tiny"
+    assert "12 searchable" in run("info", "--index", "photos").stdout
+
+
+def test_search_by_vector_and_prefix(indexed, tmp_path):
+    query = sorted(indexed.rglob("*.jpg"))[0]
+    from clipengine.search import Searcher
+
+    with Searcher(tmp_path / "indexes" / "photos") as s:
+        np.save(tmp_path / "q.npy", s.image_vector(query))
+    hits = json.loads(run("search", "--vector", tmp_path / "q.npy", "--index", "photos", "--json").stdout)
+    assert hits[0]["path"] == str(query) and len(hits) == 10
+    only_b = json.loads(run("search", "--vector", tmp_path / "q.npy", "--index", "photos", "--prefix",
+                            indexed / "b", "-k", "50", "--json").stdout)
+    assert len(only_b) == 6 and all(h["path"].startswith(str(indexed / "b") + os.sep) for h in only_b)
+
+
+def test_index_json_report_and_incremental_rerun(indexed):
+    report = json.loads(run("index", indexed, "--index", "photos", "--json", "--workers", "0").stdout)
+    assert report["embedded"] == 0 and report["unchanged"] == 12 and report["count"] == 12
+
+
+def test_skipped_files_are_reported_and_listed(tmp_path):
+    expected = write_bad_inputs(tmp_path / "bad")
+    out = run("index", tmp_path / "bad", "--index", "bad", "--model", "tiny", "--workers", "0").stdout
+    assert "skipped" in out and "empty file" in out
+    info = json.loads(run("info", "--index", "bad", "--json").stdout)
+    assert len(info["skipped"]) == sum(outcome != "ok" for outcome in expected.values())
+    assert all(set(s) == {"path", "reason"} for s in info["skipped"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["search", "x", "--index", "nothing-here"], "no index at"),
+    (["info", "--index", "nothing-here"], "no index at"),
+    (["search", "--index", "photos"], "exactly one query"),
+    (["search", "x", "--image", "y.jpg", "--index", "photos"], "exactly one query"),
+    (["search", "--image", "/no/such.jpg", "--index", "photos"], "cannot read query image"),
+    (["search", "x", "--index", "photos", "-k", "0"], "-k must be at least 1"),
+    (["search", "x", "--index", "photos", "--model", "ViT-B-32"], "was built with tiny"),
+    (["search", "--vector", "/no/q.npy", "--index", "photos"], "cannot read query vector"),
+    (["index", "/no/such/folder", "--index", "photos"], "folder not found"),
+    (["index", ".", "--index", "photos", "--model", "ViT-B-16"], "name the weights of ViT-B-16"),
+])
+def test_user_mistakes_are_one_line_errors(indexed, args, message):
+    result = run(*args, code=1)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_corrupt_manifest_is_a_one_line_error(indexed, tmp_path):
+    (tmp_path / "indexes" / "photos" / MANIFEST).write_text("][")
+    result = run("search", "x", "--index", "photos", code=1)
+    assert "damaged" in result.stderr and "--rebuild" in result.stderr
+
+
+def test_usage_errors_exit_2(indexed):
+    run("index", code=2)
+    run("search", "x", "-k", "many", code=2)
+    run("index", indexed, "--max-pixels", "lots", code=2)
+
+
+def test_models_lists_shipped_and_open_clip_architectures():
+    listing = json.loads(run("models", "--json").stdout)
+    assert "tiny" in listing["shipped"] and "laion2b_s34b_b79k" in listing["models"]["ViT-B-32"]
+    assert listing["default"] == {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    assert "tiny" in run("models").stdout
+
+
+def test_real_process_exit_codes_and_no_traceback(tmp_path):
+    env = {**os.environ, "CLIPENGINE_INDEX_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "clipengine", "info", "--index", "missing"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: no index at") and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
+    from clipengine.synthetic import write_photo_folder
+
+    write_photo_folder(tmp_path / "f", 80, (640, 480), fmt="PNG")
+    env = {**os.environ, "CLIPENGINE_INDEX_DIR": str(tmp_path / "indexes")}
+    proc = subprocess.Popen([sys.executable, "-m", "clipengine", "index", str(tmp_path / "f"), "--index", "x",
+                             "--model", "tiny", "--workers", "0", "--commit-every", "4", "--batch-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "indexes" / "x").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
