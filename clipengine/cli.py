@@ -90,7 +90,7 @@ def index(
     checkpoint: CheckpointArg = None,
     preprocess_from: PreprocessFromArg = None,
     device: DeviceArg = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per model call (default: 32 on CPU, 256 on GPU).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
     commit_every: Annotated[int, typer.Option(help="Commit progress every N files.")] = 256,

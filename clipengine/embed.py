@@ -111,6 +111,12 @@ def _collate(items: list) -> tuple[list[ImageEmbedding], torch.Tensor | None]:
     return [m for m, _ in items], (torch.stack(pixels) if pixels else None)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Big batches feed a GPU; on a CPU the model is as efficient at 32 as at 256, and smaller batches
+    start the model sooner and keep the decoders busy while it runs."""
+    return 256 if device.type == "cuda" else 32
+
+
 def default_workers(device: torch.device) -> int:
     """Decode workers: on a GPU every core can decode; on the CPU they share cores with the model."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -143,7 +149,7 @@ def embed_images(
     model: LoadedModel,
     paths: Sequence[str],
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     known_hashes: Collection[str] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -162,7 +168,7 @@ def embed_images(
     workers = default_workers(model.device) if workers is None else workers
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size or default_batch_size(model.device),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=model.device.type == "cuda",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipengine.errors import BadInput
+from clipengine.errors import BadInput, ModelMismatch
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, resolve_source
 from clipengine.scan import FoundFile, plan_update, scan_folder
@@ -47,7 +47,7 @@ class IndexReport:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
-def _open_or_create(index_path: Path, spec: ModelSpec, device: str | None, rebuild: bool):
+def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None, rebuild: bool):
     """Open the index for writing, creating it (which needs the model, for its dimension) if absent.
 
     Returns (store, loaded model or None): the model is loaded only when it had to be.
@@ -58,17 +58,21 @@ def _open_or_create(index_path: Path, spec: ModelSpec, device: str | None, rebui
         store = IndexStore.open(index_path, writable=True)
         try:
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
+            if model is not None and model.source["identity"] != store.manifest["model"]["identity"]:
+                raise ModelMismatch(f"index {index_path} was built with {describe_source(store.manifest['model'])}, "
+                                    f"not {describe_source(model.source)}")
         except BaseException:
             store.close()
             raise
-        return store, None
+        return store, model
     if index_path.exists() and any(index_path.iterdir()):
         raise BadInput(f"{index_path} exists and is not a clipengine index: choose another --index")
     if index_path.exists():
         index_path.rmdir()
-    from clipengine.models import load_model
+    if model is None:
+        from clipengine.models import load_model
 
-    model = load_model(resolve_source(spec), device=device)
+        model = load_model(resolve_source(spec), device=device)
     return IndexStore.create(index_path, model.source), model
 
 
@@ -77,8 +81,9 @@ def index_folder(
     index_path: str | os.PathLike,
     spec: ModelSpec = ModelSpec(),
     *,
+    model=None,
     device: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     commit_every: int = 256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -91,17 +96,18 @@ def index_folder(
     """Bring the index at `index_path` up to date with the images under `folder`.
 
     `spec` names the model for a new index; for an existing one it may be left empty (the index's own
-    model is used) and anything else named is refused unless it is the same model.
+    model is used) and anything else named is refused unless it is the same model. `model`, an already
+    loaded `LoadedModel`, saves loading it again when indexing several folders.
     """
     started = time.perf_counter()
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise BadInput(f"{folder} is not a folder" if root.exists() else f"folder not found: {folder}")
     root_str = os.path.abspath(root)
-    if commit_every < 1 or batch_size < 1:
+    if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
     index_path = Path(index_path)
-    store, model = _open_or_create(index_path, spec, device, rebuild)
+    store, model = _open_or_create(index_path, spec, model, device, rebuild)
     with store:
         report = IndexReport(index=str(index_path), folder=root_str, model=describe_source(store.manifest["model"]))
         plan = plan_update(scan_folder(root_str, include_hidden=include_hidden),
@@ -140,7 +146,7 @@ def _count_skips(report: IndexReport, records: list[FileRecord]) -> None:
 
 
 def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: IndexReport, *,
-                      batch_size: int, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
+                      batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
                       progress: ProgressCallback | None) -> None:
     from clipengine.embed import embed_images
 
