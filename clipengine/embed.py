@@ -26,11 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, open_image
+from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, Skipped, open_image, read_file
 from clipengine.models import LoadedModel
-
-MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
-
 
 @dataclass(frozen=True)
 class ImageEmbedding:
@@ -81,18 +78,9 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[ImageEmbedding, torch.Tensor | None]:
         path = self.paths[i]
-        try:
-            size = os.path.getsize(path)
-            if size > MAX_FILE_BYTES:
-                return ImageEmbedding(path, skip_reason=f"file too large ({size / 2**30:.1f} GiB)"), None
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return ImageEmbedding(path, skip_reason="file disappeared before it could be read"), None
-        except IsADirectoryError:
-            return ImageEmbedding(path, skip_reason="is a directory"), None
-        except OSError as e:
-            return ImageEmbedding(path, skip_reason=f"cannot read file: {e.strerror or e}"), None
+        data = read_file(path)
+        if isinstance(data, Skipped):
+            return ImageEmbedding(path, skip_reason=data.reason), None
         digest = content_hash(data)
         if digest in self.known_hashes:
             return ImageEmbedding(path, hash=digest), None

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
+MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
 _PIL_GUARD = threading.Lock()
 
 
@@ -95,6 +96,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes | Skipped:
+    """A file's bytes, or why they cannot be had. Read once: the caller hashes and decodes the same bytes."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            return Skipped(f"file too large ({size / 2**30:.1f} GiB)")
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return Skipped("file disappeared before it could be read")
+    except IsADirectoryError:
+        return Skipped("is a directory")
+    except OSError as e:
+        return Skipped(f"cannot read file: {e.strerror or e}")
+
+
 def _open_unguarded(fp: io.IOBase) -> Image.Image:
     """Image.open without PIL's decompression-bomb check: our cap, applied after draft, decides.
 
@@ -122,22 +139,12 @@ def open_image(
     least this many pixels; None decodes at full size, for exact reproduction.
     `max_pixels`: skip images that would need more pixels than this decoded (checked from the header).
     """
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            if len(source) == 0:
-                return Skipped("empty file")
-            fp: io.IOBase = io.BytesIO(source)
-        else:
-            if os.path.getsize(source) == 0:
-                return Skipped("empty file")
-            fp = open(source, "rb")
-    except FileNotFoundError:
-        return Skipped("file disappeared before it could be read")
-    except IsADirectoryError:
-        return Skipped("is a directory")
-    except OSError as e:
-        return Skipped(f"cannot read file: {e.strerror or e}")
-    with fp:
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_file(source)
+    if isinstance(data, Skipped):
+        return data
+    if len(data) == 0:
+        return Skipped("empty file")
+    with io.BytesIO(data) as fp:
         try:
             img = _open_unguarded(fp)
             full_size = img.size

@@ -37,24 +37,25 @@ def photos(tmp_path) -> Path:
     return folder
 
 
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG whose header claims an enormous size (a decompression bomb)."""
+def raw_png(width: int, height: int, bit_depth: int, pixel_data: bytes) -> bytes:
+    """An RGB PNG written by hand, for what Pillow will not write: lying headers, 16 bits per channel."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_data))
+            + chunk(b"IEND", b""))
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header claims an enormous size (a decompression bomb)."""
+    return raw_png(width, height, 8, b"\0" * 64)
 
 
 def png_16bit_rgb(width: int, height: int, value: int) -> bytes:
-    """A 48-bit RGB PNG (Pillow cannot write one) filled with `value` in 0..65535."""
+    """A 48-bit RGB PNG filled with `value` in 0..65535."""
     row = b"\x00" + np.full((width, 3), value, ">u2").tobytes()
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height))
-            + chunk(b"IEND", b""))
+    return raw_png(width, height, 16, row * height)
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:

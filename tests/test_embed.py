@@ -103,7 +103,9 @@ def test_reused_property():
     assert not ImageEmbedding("p", hash="h", vector=np.zeros(2, np.float32)).reused
 
 
-@pytest.mark.parametrize("device_type,expected", [("cpu", (1, 2)), ("cuda", (1, 1))])
-def test_default_workers(device_type, expected, monkeypatch):
-    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda _: {0, 1})
-    assert embed_module.default_workers(torch.device(device_type)) in expected
+@pytest.mark.parametrize("cores,device_type,workers,batch", [
+    (2, "cpu", 2, 32), (2, "cuda", 1, 256), (16, "cpu", 4, 32), (16, "cuda", 15, 256), (1, "cpu", 1, 32)])
+def test_defaults_by_device_and_cores(cores, device_type, workers, batch, monkeypatch):
+    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda _: set(range(cores)))
+    assert embed_module.default_workers(torch.device(device_type)) == workers
+    assert embed_module.default_batch_size(torch.device(device_type)) == batch

@@ -102,6 +102,7 @@ def test_local_weights_file_loads_exactly(tmp_path, suffix):
     assert loaded.source["source"] == "file" and loaded.source["identity"].startswith("tiny@sha256:")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_in_a_weights_file_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
 
