@@ -113,11 +113,10 @@ def index_folder(
         plan = plan_update(scan_folder(root_str, include_hidden=include_hidden),
                            store.recorded_under(root_str), retry_skipped=retry_skipped)
         report.unchanged, report.changed = plan.unchanged, plan.changed
-        problem_records = [_skip_record(f, f.problem) for f in plan.problems]
-        if plan.remove_ids or problem_records:
-            store.commit(problem_records, plan.remove_ids)
+        if plan.remove_ids or plan.problems:
+            problems = [FileRecord(f.path, f.size, f.mtime_ns, skip_reason=f.problem) for f in plan.problems]
+            _commit(store, report, problems, plan.remove_ids)
         report.removed = len(plan.remove_ids)
-        _count_skips(report, problem_records)
         if plan.to_embed:
             if model is None:
                 from clipengine.models import load_model
@@ -134,11 +133,9 @@ def index_folder(
     return report
 
 
-def _skip_record(f: FoundFile, reason: str) -> FileRecord:
-    return FileRecord(f.path, f.size, f.mtime_ns, skip_reason=reason)
-
-
-def _count_skips(report: IndexReport, records: list[FileRecord]) -> None:
+def _commit(store: IndexStore, report: IndexReport, records: list[FileRecord], remove_ids=()) -> None:
+    """Commit, then report the skips that are now on disk."""
+    store.commit(records, remove_ids)
     for r in records:
         if r.skip_reason:
             report.skipped += 1
@@ -166,13 +163,11 @@ def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: 
             report.reused += e.reused
         done += len(batch)
         if len(pending) >= commit_every:
-            store.commit(pending)
-            _count_skips(report, pending)
+            _commit(store, report, pending)
             pending = []
         if progress:
             progress(done, len(files))
-    store.commit(pending)
-    _count_skips(report, pending)
+    _commit(store, report, pending)
 
 
 @dataclass

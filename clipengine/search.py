@@ -128,7 +128,7 @@ class Searcher:
         scores, ids = self.faiss.search(q, min(k, self.faiss.ntotal), params=params)
         rows = self.store.rows(i for i in ids[0] if i >= 0)
         hits = []
-        for score, i in zip(scores[0], ids[0]):
+        for score, i in zip(scores[0], ids[0], strict=True):
             row = rows.get(int(i))
             if row is not None:  # a row deleted since the faiss view was read is simply left out
                 hits.append(Hit(len(hits) + 1, float(score), row.path, row.width, row.height, row.id))

@@ -31,7 +31,7 @@ def test_split_transform_is_bit_identical_to_open_clips(tiny_model):
 def test_exact_decode_matches_the_naive_pipeline(tiny_model, tmp_path):
     paths = [str(p) for p in write_photo_folder(tmp_path, 5, (300, 200))]
     outcomes = [e for batch in embed_images(tiny_model, paths, batch_size=2, workers=0, draft=False) for e in batch]
-    for path, e in zip(paths, outcomes):
+    for path, e in zip(paths, outcomes, strict=True):
         assert e.path == path and e.vector.dtype == np.float32
         np.testing.assert_allclose(e.vector, reference_embedding(tiny_model, path), atol=1e-5)
 
@@ -40,7 +40,7 @@ def test_draft_decode_stays_close_to_exact(tiny_model, tmp_path):
     paths = [str(p) for p in write_photo_folder(tmp_path, 3, (1600, 1200))]
     exact = [e.vector for b in embed_images(tiny_model, paths, workers=0, draft=False) for e in b]
     fast = [e.vector for b in embed_images(tiny_model, paths, workers=0, draft=True) for e in b]
-    for a, b in zip(exact, fast):
+    for a, b in zip(exact, fast, strict=True):
         assert float(a @ b) > 0.99
 
 
@@ -81,7 +81,7 @@ def test_worker_processes_give_the_same_vectors(tiny_model, tmp_path):
     parallel = [e for b in embed_images(tiny_model, paths, batch_size=4, workers=2) for e in b]
     assert [e.path for e in parallel] == paths
     assert parallel[3].skip_reason == inline[3].skip_reason
-    for a, b in zip(inline, parallel):
+    for a, b in zip(inline, parallel, strict=True):
         if a.vector is not None:
             np.testing.assert_array_equal(a.vector, b.vector)
 

@@ -68,7 +68,6 @@ def test_round_trip_every_image_finds_itself_first(photos, tmp_path):
 def test_unchanged_folder_decodes_nothing(photos, tmp_path, monkeypatch):
     index = tmp_path / "idx"
     build(photos, index)
-    mtime = (index / DATABASE).stat().st_mtime_ns
 
     def refuse(*a, **k):
         raise AssertionError("nothing should be decoded or embedded")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_a_damaged_or_missing_faiss_file_is_rebuilt(tmp_path, store):
 def test_uncommitted_work_is_rolled_back(store):
     store.commit([record("a.jpg", 1)])
     bad = FileRecord("/photos/x.jpg", 1, 1, hash=None, skip_reason=None)  # violates the schema's CHECK
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         store.commit([record("b.jpg", 2), bad])
     assert store.counts()["count"] == 1 and store.generation == 1
 
