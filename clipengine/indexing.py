@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipengine.errors import BadInput, ModelMismatch
+from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
-from clipengine.models import ModelSpec, check_same_model, describe_source, resolve_source
+from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.scan import FoundFile, plan_update, scan_folder
 from clipengine.store import FileRecord, IndexStore, remove_index
 
@@ -58,9 +58,8 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         store = IndexStore.open(index_path, writable=True)
         try:
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
-            if model is not None and model.source["identity"] != store.manifest["model"]["identity"]:
-                raise ModelMismatch(f"index {index_path} was built with {describe_source(store.manifest['model'])}, "
-                                    f"not {describe_source(model.source)}")
+            if model is not None:
+                require_same_source(store.manifest["model"], model.source, f"index {index_path}")
         except BaseException:
             store.close()
             raise
@@ -73,6 +72,8 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         from clipengine.models import load_model
 
         model = load_model(resolve_source(spec), device=device)
+    else:
+        check_same_model(model.source, spec, "the model passed in")
     return IndexStore.create(index_path, model.source), model
 
 

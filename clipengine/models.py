@@ -167,16 +167,19 @@ def describe_source(source: dict) -> str:
     return source["arch"]
 
 
-def check_same_model(expected: dict, spec: ModelSpec, what: str) -> dict:
-    """Refuse a user-named model that differs from `expected` (an index's), before loading anything."""
-    if spec.is_empty:
-        return expected
-    asked = resolve_source(spec, trusted=expected)
+def require_same_source(expected: dict, asked: dict, what: str) -> None:
+    """Refuse a model source whose identity differs from `expected` (an index's)."""
     if asked["identity"] != expected["identity"]:
         raise ModelMismatch(
             f"{what} was built with {describe_source(expected)}, not {describe_source(asked)}: "
             "drop --model/--pretrained/--checkpoint to use the index's own model, or build a new index"
         )
+
+
+def check_same_model(expected: dict, spec: ModelSpec, what: str) -> dict:
+    """Refuse a user-named model that differs from `expected` (an index's), before loading anything."""
+    if not spec.is_empty:
+        require_same_source(expected, resolve_source(spec, trusted=expected), what)
     return expected
 
 

@@ -176,6 +176,22 @@ def test_model_mismatch_refused_and_nothing_changed(photos, tmp_path):
     assert index_info(index).count == 6
 
 
+def test_a_loaded_model_is_reused_and_checked_against_the_index(photos, tmp_path, tiny_model):
+    from clipengine.models import load_model
+
+    index = tmp_path / "idx"
+    report = index_folder(photos / "a", index, model=tiny_model, workers=0)
+    assert report.count == 6 and index_info(index).model["identity"] == tiny_model.source["identity"]
+    with pytest.raises(ModelMismatch, match="the model passed in was built with tiny"):
+        index_folder(photos / "a", tmp_path / "other", ModelSpec("ViT-B-32", "openai"), model=tiny_model)
+    assert not (tmp_path / "other").exists()
+    other = load_model(ModelSpec("tiny", "none"), device="cpu")
+    other.source = {**other.source, "identity": "random:tiny:seed1", "seed": 1}
+    with pytest.raises(ModelMismatch, match="index .* was built with tiny"):
+        index_folder(photos / "b", index, model=other, workers=0)
+    assert index_info(index).count == 6
+
+
 def test_corrupt_index_is_refused_untouched_and_rebuild_recovers(photos, tmp_path):
     index = tmp_path / "idx"
     build(photos, index)
