@@ -2,7 +2,7 @@
 
 The public API, one import away (each is imported lazily: torch costs seconds to import):
 
-    from clipengine import index_folder, Searcher, ModelSpec, load_model, IndexStore
+    from clipengine import index_folder, Searcher, ModelSpec, load_model, train, TrainConfig
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ _PUBLIC = {
     "Searcher": "clipengine.search",
     "Hit": "clipengine.search",
     "ClipEngineError": "clipengine.errors",
+    "TrainConfig": "clipengine.train",
+    "train": "clipengine.train",
+    "retrieval_recall": "clipengine.recall",
+    "write_scene_set": "clipengine.scenes",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -237,6 +237,115 @@ def models(as_json: JsonArg = False) -> None:
     out.print(f"default: --model {DEFAULT_ARCH} --pretrained {DEFAULT_PRETRAINED}", markup=False)
 
 
+@app.command()
+@_user_errors
+def scenes(
+    folder: Annotated[Path, typer.Argument(help="Where to write images/ and captions.csv.")],
+    count: Annotated[int, typer.Option("--count", "-n", help="How many scenes.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Which set: the same seed writes the same files.")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+) -> None:
+    """Write the built-in captioned scene set (shapes with colours, sizes, places and counts), for training offline."""
+    from clipengine.scenes import write_scene_set
+
+    path = write_scene_set(folder, count, seed=seed, size=size)
+    out.print(f"wrote {count} scenes and their captions to {path}", markup=False)
+
+
+def _fmt_recall(val: dict) -> str:
+    return "  ".join(f"{k.replace('_to_', '->').replace('text', 'T').replace('image', 'I')} {v:.3f}"
+                     for k, v in val.items())
+
+
+@app.command()
+@_user_errors
+def train(
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="Captions: CSV/TSV (filepath,caption), a folder with .txt sidecars, COCO JSON, or 'shards/{000..009}.tar'.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory; it becomes a checkpoint for --checkpoint.")] = Path("runs/clip"),
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Architecture (default tiny).")] = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Fine-tune from a checkpoint directory.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training data (default 10).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch: all processes and micro-batches (default 64).")] = None,
+    accum_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per step; the loss still sees the whole batch.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 5e-4).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on weight matrices (default 0.2).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default 5% of all steps).")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this; 0 disables (default 1).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="clip (InfoNCE) or siglip (sigmoid).")] = None,
+    lock_image: Annotated[Optional[bool], typer.Option("--lock-image", help="Freeze the image tower (LiT).")] = None,
+    lock_text: Annotated[Optional[bool], typer.Option("--lock-text", help="Freeze the text tower.")] = None,
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="Trade compute for activation memory.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")] = None,
+    device: DeviceArg = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Data order and augmentation seed.")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="A separate validation set instead of holding out.")] = None,
+    image_root: Annotated[Optional[str], typer.Option(help="Folder that COCO file names are relative to.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: each epoch).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps in all.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Train a CLIP model from scratch, or fine-tune one, on image-caption pairs. Works under torchrun."""
+    from clipengine.errors import BadInput
+    from clipengine.train import TrainConfig, resume_config
+    from clipengine.train import train as run_training
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    given = {"data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
+             "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
+             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "loss": loss, "lock_image": lock_image,
+             "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
+             "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
+             "image_root": image_root, "save_every": save_every, "max_steps": max_steps,
+             "grad_clip": (grad_clip or None) if grad_clip is not None else None}
+    if resume:
+        config = resume_config(out_dir, **given)
+    else:
+        if not data:
+            raise BadInput("name the training data: --data captions.csv (see `clipengine train --help`)")
+        config = TrainConfig(out=str(out_dir), **{k: v for k, v in given.items() if v is not None})
+        if grad_clip == 0:
+            config.grad_clip = None
+
+    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    task = progress.add_task("training", total=None, info="")
+
+    def on_progress(event: dict) -> None:
+        if event["kind"] == "step":
+            progress.update(task, completed=event["step"], total=event["total"],
+                            info=f"{event['samples_per_second']:.0f} samples/s  loss {event['loss']:.3f}  "
+                                 f"lr {event['lr']:.2e}  scale {event['logit_scale']:.1f}")
+        elif not as_json:
+            progress.console.print(f"epoch {event['epoch'] + 1} step {event['step']}  val {_fmt_recall(event['recall'])}",
+                                   markup=False)
+
+    with progress:
+        report = run_training(config, progress=on_progress)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    out.print(f"trained {report.step} steps ({report.samples} samples) at {report.samples_per_second:.1f} samples/s; "
+              f"final loss {report.loss:.4f}, temperature scale {report.logit_scale:.1f}", markup=False)
+    if report.val:
+        out.print(f"held-out recall on {report.val_images} images: {_fmt_recall(report.val)}", markup=False)
+        out.print(f"  (chance text->image R@1 {report.chance['text_to_image_R@1']:.4f}, "
+                  f"R@10 {report.chance['text_to_image_R@10']:.4f})", markup=False)
+    if report.dropped_rows or report.bad_images:
+        out.print(f"skipped {report.dropped_rows} unusable rows and {len(report.bad_images)} undecodable images", markup=False)
+        for bad in report.bad_images[:10]:
+            out.print(f"  skipped {bad['path']}: {bad['reason']}", markup=False)
+    out.print(f"checkpoint: {report.out}  (use it with --checkpoint {report.out})", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -494,6 +494,31 @@ def save_checkpoint(directory: str | os.PathLike, model: Any, model_cfg: dict, p
     return directory
 
 
+def model_config(source: dict) -> dict:
+    """The open_clip model config (``model_cfg``) that rebuilds a source's architecture: what a
+    checkpoint written after training must carry so that ``local-dir:`` can load it."""
+    import copy
+
+    import open_clip
+
+    kind = source["source"]
+    if kind == "checkpoint":
+        return json.loads((Path(source["checkpoint"]) / CHECKPOINT_CONFIG).read_text())["model_cfg"]
+    if kind == "hf-hub":
+        return json.loads((Path(_hf_hub_directory(source["arch"][len("hf-hub:"):])) / CHECKPOINT_CONFIG)
+                          .read_text())["model_cfg"]
+    _register_shipped_configs()
+    cfg = copy.deepcopy(open_clip.get_model_config(source["arch"]))
+    if cfg is None:
+        raise BadInput(f"unknown model architecture '{source['arch']}'; see `clipengine models`")
+    if kind == "pretrained":
+        from open_clip.pretrained import get_pretrained_cfg
+
+        if get_pretrained_cfg(source["arch"], source["pretrained"]).get("quick_gelu"):
+            cfg["quick_gelu"] = True
+    return cfg
+
+
 def list_models() -> dict[str, list[str]]:
     """Every architecture open_clip and clipengine know, with its pretrained tags."""
     import open_clip

@@ -1,0 +1,154 @@
+"""Whole training runs on tiny data: checkpoints that index and search, exact resume, NaN stop,
+locked towers, SigLIP, and two processes under torchrun equal to one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipengine.errors import BadInput
+from clipengine.models import ModelSpec, load_model, resolve_source
+from clipengine.scenes import write_scene_set
+from clipengine.train import TrainConfig, TrainingDiverged, resume_config, train
+
+FAST = dict(model="tiny", batch_size=8, workers=0, val_size=8, lr=1e-3, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    return write_scene_set(tmp_path_factory.mktemp("scenes"), 48, size=64)
+
+
+def _log(out: Path, kind: str = "step") -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "open_clip_model.safetensors"))
+
+
+def test_a_run_writes_a_checkpoint_that_index_and_search_load(scenes, tmp_path):
+    from clipengine.indexing import index_folder
+    from clipengine.search import Searcher
+
+    out = tmp_path / "run"
+    report = train(TrainConfig(data=str(scenes), out=str(out), epochs=2, log_every=1, **FAST))
+    assert report.step == 10 and report.samples == 80 and report.epoch == 2  # 40 training images / 8
+    assert set(report.val) == {f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)}
+    assert report.val_images == 8 and report.chance["text_to_image_R@1"] == 1 / 8
+    steps = _log(out)
+    assert [r["step"] for r in steps] == list(range(1, 11)) and all(r["loss"] > 0 for r in steps)
+    assert len(_log(out, "val")) == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000010"]
+
+    source = resolve_source(ModelSpec(checkpoint=str(out)))
+    assert source["source"] == "checkpoint" and source["arch"] == "tiny"
+    loaded = load_model(source, device="cpu")
+    initial = load_model(ModelSpec(arch="tiny"), device="cpu")
+    assert not torch.equal(loaded.model.visual.conv1.weight, initial.model.visual.conv1.weight)
+    index_report = index_folder(scenes.parent / "images", tmp_path / "idx", ModelSpec(checkpoint=str(out)))
+    assert index_report.count == 48
+    with Searcher(tmp_path / "idx") as searcher:
+        assert len(searcher.search_text("two red circles on the left", 5)) == 5
+
+
+def test_resume_continues_exactly(scenes, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(TrainConfig(data=str(scenes), out=str(straight), epochs=2, log_every=1, **FAST))
+    train(TrainConfig(data=str(scenes), out=str(split), epochs=2, log_every=1, max_steps=3, save_every=3, **FAST))
+    assert [r["step"] for r in _log(split)] == [1, 2, 3]
+    with pytest.raises(BadInput, match="already holds a training run"):
+        train(TrainConfig(data=str(scenes), out=str(split), epochs=2, **FAST))
+    with pytest.raises(BadInput, match="batch_size"):
+        train(TrainConfig(data=str(scenes), out=str(split), epochs=2, resume=True, **{**FAST, "batch_size": 4}))
+    report = train(resume_config(split))
+    assert report.step == 10
+    a, b = _log(straight), _log(split)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6) and x["lr"] == y["lr"]
+    wa, wb = _weights(straight), _weights(split)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes, tmp_path):
+    out = tmp_path / "nan"
+    config = TrainConfig(data=str(scenes), out=str(out), epochs=3, save_every=1, grad_clip=None,
+                         **{**FAST, "lr": 1e30, "warmup_steps": 0})
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step \d+: stopped; the last good checkpoint is"):
+        train(config)
+    kept = sorted((out / "checkpoints").iterdir())
+    assert len(kept) == 1
+    good = load_model(ModelSpec(checkpoint=str(out)), device="cpu")  # the kept weights are finite and load
+    assert all(torch.isfinite(p).all() for p in good.model.parameters())
+
+
+def test_locked_text_tower_does_not_move(scenes, tmp_path):
+    out = tmp_path / "lit"
+    train(TrainConfig(data=str(scenes), out=str(out), epochs=1, lock_text=True, **FAST))
+    before = load_model(ModelSpec(arch="tiny"), device="cpu").model.state_dict()
+    after = _weights(out)
+    assert torch.equal(after["token_embedding.weight"], before["token_embedding.weight"])
+    assert torch.equal(after["text_projection"], before["text_projection"])
+    assert not torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
+
+
+def test_siglip_loss_trains_and_its_checkpoint_keeps_the_bias(scenes, tmp_path):
+    out = tmp_path / "siglip"
+    report = train(TrainConfig(data=str(scenes), out=str(out), epochs=1, loss="siglip", **FAST))
+    assert report.loss is not None and report.loss > 0
+    config = json.loads((out / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["init_logit_bias"] == -10.0
+    loaded = load_model(ModelSpec(checkpoint=str(out)), device="cpu")
+    assert loaded.model.logit_bias is not None
+
+
+def test_accumulated_run_matches_the_plain_run(scenes, tmp_path):
+    plain, accum = tmp_path / "plain", tmp_path / "accum"
+    train(TrainConfig(data=str(scenes), out=str(plain), epochs=1, log_every=1, **FAST))
+    train(TrainConfig(data=str(scenes), out=str(accum), epochs=1, log_every=1, accum_steps=4, **FAST))
+    for x, y in zip(_log(plain), _log(accum)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    wa, wb = _weights(plain), _weights(accum)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipengine", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=240)
+
+
+def test_two_processes_under_torchrun_equal_one(scenes, tmp_path):
+    """gloo on the CPU: the global batch is split over 2 ranks, features are gathered with gradients."""
+    args = ["train", "--data", str(scenes), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "--val-size", "8", "--max-steps", "3", "--lr", "1e-3", "--json"]
+    single = _cli(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "clipengine", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_log, two_log = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one_log) == len(two_log) == 1  # only rank 0 writes
+    assert json.loads(single.stdout)["loss"] == pytest.approx(one_log[0]["loss"])
+    assert one_log[0]["loss"] == pytest.approx(two_log[0]["loss"], rel=1e-5)
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cli_train_errors_are_one_line(scenes, tmp_path):
+    missing = _cli("train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: training data not found")
+    assert "Traceback" not in missing.stderr
+    nothing = _cli("train", "--resume", "--out", str(tmp_path / "x"))
+    assert nothing.returncode == 1 and "nothing to resume" in nothing.stderr
