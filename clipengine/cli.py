@@ -295,11 +295,7 @@ def train(
     from clipengine.train import TrainConfig, resume_config
     from clipengine.train import train as run_training
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    given = {"data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
+    given = {"threads": threads, "data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
              "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
              "weight_decay": weight_decay, "warmup_steps": warmup_steps, "loss": loss, "lock_image": lock_image,
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,

@@ -46,7 +46,7 @@ class ImageEmbedding:
 
 
 def split_transform(transform: Compose) -> tuple[Compose, Normalize]:
-    """Cut open_clip's eval transform into its PIL part (ending in uint8 tensors) and its Normalize.
+    """Cut an open_clip transform (eval or train) into its PIL part (ending in uint8 tensors) and its Normalize.
 
     Applying `x.float().div(255)` and the Normalize to the uint8 output gives bit-identical results
     to the whole transform, while the heavy part stays in the workers and the float part on the device.

@@ -130,11 +130,13 @@ def test_ranks_split_the_global_batch_and_positions_resume():
 def test_undecodable_images_are_replaced_and_reported(scene_csv, tiny_model):
     pairs = read_pairs(scene_csv)
     Path(pairs.images[2]).write_bytes(Path(pairs.images[2]).read_bytes()[:100])  # truncated
+    from clipengine.embed import split_transform
     from clipengine.train.loop import _train_transform
 
-    dataset = PairDataset(pairs, _train_transform(tiny_model), tiny_model.tokenizer, image_size=64)
+    pixel_transform, _ = split_transform(_train_transform(tiny_model))
+    dataset = PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64)
     pixels, texts, owners, bad = collate_pairs([dataset[(i, i)] for i in range(4)])
-    assert pixels.shape == (4, 3, 64, 64) and texts.shape == (4, 32) and owners == [0, 1, 2, 3]
+    assert pixels.shape == (4, 3, 64, 64) and pixels.dtype == torch.uint8 and texts.shape == (4, 32) and owners == [0, 1, 2, 3]
     assert len(bad) == 1 and bad[0][0] == pairs.images[2] and "truncated" in bad[0][1]
     again = dataset[(1, 7)]
     torch.testing.assert_close(again[0], dataset[(1, 7)][0])  # augmentation is seeded by the sample

@@ -21,6 +21,7 @@ run and a resumed run equal an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, Skipped, open_image, read_file
@@ -262,18 +263,24 @@ def read_image_bytes(ref: ImageRef) -> bytes | Skipped:
 class PairDataset(Dataset):
     """Decodes, augments and tokenizes one pair. Keys are (index, seed) from `StepBatches`.
 
-    A sample whose image cannot be decoded is replaced by the next decodable one, deterministically,
-    so batches keep their size on every rank; the bad image is reported with the batch.
+    `pixel_transform` is the PIL half of open_clip's transform, ending in a uint8 tensor: normalising
+    happens batched on the device, and a quarter of the bytes cross from the worker (see
+    `clipengine.embed.split_transform`). A sample whose image cannot be decoded is replaced by the next
+    decodable one, deterministically, so batches keep their size on every rank; the bad image is
+    reported with the batch.
     """
 
-    def __init__(self, pairs: PairSet, transform: Callable, tokenizer: Callable, *,
+    TOKEN_CACHE = 500_000  # captions whose tokens a worker keeps: each epoch after the first re-uses them
+
+    def __init__(self, pairs: PairSet, pixel_transform: Callable, tokenizer: Callable, *,
                  image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, all_captions: bool = False) -> None:
         self.pairs = pairs
-        self.transform = transform
+        self.pixel_transform = pixel_transform
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_pixels = max_pixels
         self.all_captions = all_captions
+        self._tokens: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -283,6 +290,14 @@ class PairDataset(Dataset):
         if isinstance(data, Skipped):
             return data
         return open_image(data, max_pixels=self.max_pixels, draft_size=self.image_size)
+
+    def _tokenize(self, caption: str) -> torch.Tensor:
+        tokens = self._tokens.get(caption)
+        if tokens is None:
+            tokens = self.tokenizer([caption])
+            if len(self._tokens) < self.TOKEN_CACHE:
+                self._tokens[caption] = tokens
+        return tokens
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, seed = key
@@ -295,12 +310,18 @@ class PairDataset(Dataset):
             bad.append((describe_ref(self.pairs.images[i]), decoded.reason))
         else:
             raise BadInput("no image in the training data can be decoded")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pixels = self.transform(decoded.image)
+        # a worker's RNG is its own; in the main process, leave the caller's RNG as it was. Only the CPU
+        # generator is seeded: torch.manual_seed would also queue a CUDA seeding, with a stack trace, per call
+        isolate = torch.random.fork_rng(devices=[]) if get_worker_info() is None else contextlib.nullcontext()
+        with isolate:
+            torch.default_generator.manual_seed(seed)
+            pixels = self.pixel_transform(decoded.image)
         captions = self.pairs.captions[i]
-        chosen = captions if self.all_captions else [random.Random(seed).choice(captions)]
-        return pixels, self.tokenizer(chosen), i, bad
+        if self.all_captions:
+            tokens = self.tokenizer(captions)
+        else:
+            tokens = self._tokenize(random.Random(seed).choice(captions))
+        return pixels, tokens, i, bad
 
 
 def collate_pairs(items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[str, str]]]:

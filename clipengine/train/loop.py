@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from clipengine.embed import PixelNormalizer, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
@@ -69,7 +71,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 (or fp16 with a scaler) on GPU, fp32 on CPU
     device: Optional[str] = None
-    workers: Optional[int] = None
+    workers: Optional[int] = None  # data-loading processes (default: by device and cores)
+    threads: Optional[int] = None  # torch threads on the CPU (default: the cores the workers leave free)
     seed: int = 0
     val_size: Optional[int] = None  # held-out images (default: 10%, at most 1000); 0 disables
     val_data: Optional[str] = None  # a separate validation set instead of a held-out split
@@ -250,12 +253,13 @@ def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, work
     """Recall@1/5/10 in both directions on held-out pairs, with every caption of every image."""
     model, was_training = loaded.model, loaded.model.training
     model.eval()
-    dataset = PairDataset(pairs, loaded.image_transform(), loaded.tokenizer, image_size=loaded.image_size,
+    pixel_transform, normalizer = _split(loaded.image_transform(), loaded.device)
+    dataset = PairDataset(pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=max_pixels, all_captions=True)
     images, texts, owners = [], [], []
     for pixels, tokens, owner, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
         with loaded.autocast():
-            images.append(model.encode_image(pixels.to(loaded.device), normalize=True).float().cpu())
+            images.append(model.encode_image(normalizer(pixels), normalize=True).float().cpu())
             texts.append(model.encode_text(tokens.to(loaded.device), normalize=True).float().cpu())
         owners.extend(o + sum(len(x) for x in images[:-1]) for o in owner)
     model.train(was_training)
@@ -344,7 +348,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     groups = param_groups(model, config.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))  # one kernel for all parameters
     loss_fn = LOSSES[config.loss]
 
     steps_per_epoch = sampler.steps_per_epoch
@@ -360,8 +364,9 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         ckpt.restore_rng_state(state["rng"])
         step = int(state["step"])
 
-    workers = config.workers if config.workers is not None else min(2, len(_cores()))
-    dataset = PairDataset(train_pairs, _train_transform(loaded), loaded.tokenizer, image_size=loaded.image_size,
+    workers = _plan_cpu(config, device, world)
+    pixel_transform, normalizer = _split(_train_transform(loaded), device)
+    dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=config.max_pixels)
     loader = _loader(dataset, sampler, workers, device)
     if world.is_main:
@@ -401,7 +406,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             lr = cosine_lr(step, config.lr, warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pixels = pixels.to(device, non_blocking=True)
+            pixels = normalizer(pixels)
             texts = texts.to(device, non_blocking=True)
             loss = _forward_backward(model, wrapped, pixels, texts, loss_fn, world, config.accum_steps,
                                      autocast, scale_loss)
@@ -466,10 +471,32 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     )
 
 
-def _cores() -> set[int]:
-    import os
+def _plan_cpu(config: TrainConfig, device: torch.device, world: World) -> int:
+    """Data workers, and torch threads on the CPU, such that together they never exceed the cores.
 
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    Oversubscribing the cores is the costliest mistake on a CPU: an OpenMP thread that is descheduled
+    while a worker decodes stalls every other thread at the next barrier. On 2 cores one worker plus one
+    model thread trains 1.5x faster than one worker plus two threads (measured; see benchmarks/).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
+    if config.workers is not None:
+        workers = config.workers
+    elif device.type == "cuda":
+        workers = max(1, min(per_process - 1, 8))
+    else:
+        workers = max(1, per_process // 4)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, per_process - workers))
+    return workers
+
+
+def _split(transform: Callable, device: torch.device) -> tuple[Callable, PixelNormalizer]:
+    """The PIL half of a transform for the workers, and its normalisation for batches on the device."""
+    pixel_transform, normalize = split_transform(transform)
+    return pixel_transform, PixelNormalizer(normalize, device)
 
 
 def _train_transform(loaded: LoadedModel) -> Callable:
