@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh clone (see README.md):
-#   make demo   install, then index and search a generated photo folder, offline
+#   make demo   install, then train on generated captioned scenes, index, search, report recall; offline
 #   make test   install, then run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_index.py
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) data runs

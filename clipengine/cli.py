@@ -287,6 +287,7 @@ def train(
     image_root: Annotated[Optional[str], typer.Option(help="Folder that COCO file names are relative to.")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: each epoch).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps in all.")] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Write a log.jsonl record every N steps (default 10).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     as_json: JsonArg = False,
 ) -> None:
@@ -300,7 +301,7 @@ def train(
              "weight_decay": weight_decay, "warmup_steps": warmup_steps, "loss": loss, "lock_image": lock_image,
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
              "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
-             "image_root": image_root, "save_every": save_every, "max_steps": max_steps,
+             "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
              "grad_clip": (grad_clip or None) if grad_clip is not None else None}
     if resume:
         config = resume_config(out_dir, **given)

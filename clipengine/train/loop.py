@@ -445,7 +445,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             if world.is_main:
                 record = {"kind": "step", "step": step, "total": last_step, "epoch": epoch, "loss": loss_value,
                           "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
-                          "samples_per_second": samples / train_seconds if train_seconds else 0.0}
+                          "samples_per_second": samples / train_seconds if train_seconds else 0.0,
+                          "seconds": train_seconds}
                 if step % config.log_every == 0 or step == last_step:
                     _log(out, record)
                 if progress:
