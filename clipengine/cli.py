@@ -302,15 +302,13 @@ def train(
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
              "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
              "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
-             "grad_clip": (grad_clip or None) if grad_clip is not None else None}
+             "grad_clip": grad_clip}
     if resume:
         config = resume_config(out_dir, **given)
     else:
         if not data:
             raise BadInput("name the training data: --data captions.csv (see `clipengine train --help`)")
         config = TrainConfig(out=str(out_dir), **{k: v for k, v in given.items() if v is not None})
-        if grad_clip == 0:
-            config.grad_clip = None
 
     progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)

@@ -4,7 +4,8 @@ Layout of a run directory ``OUT``::
 
     OUT/open_clip_config.json        the newest checkpoint, hard-linked: `--checkpoint OUT` loads it
     OUT/open_clip_model.safetensors
-    OUT/checkpoints/step-00001200/   open_clip_config.json, open_clip_model.safetensors, train_state.pt
+    OUT/checkpoints/step-00001200/   open_clip_config.json, open_clip_model.safetensors, train_state.pt,
+                                     train_config.json
     OUT/log.jsonl                    one JSON object per logged step and per validation
 
 A step directory is written under a temporary name and renamed when complete, so a crash (or a NaN
@@ -27,6 +28,7 @@ from clipengine.errors import BadInput
 from clipengine.models import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, save_checkpoint
 
 STATE_FILE = "train_state.pt"
+RUN_CONFIG_FILE = "train_config.json"  # the run's settings, readable without loading the optimizer state
 STEP_PREFIX = "step-"
 
 
@@ -53,7 +55,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_checkpoint(out: Path, step: int, model: Any, model_cfg: dict, preprocess_cfg: dict, arch: str,
-                     state: dict[str, Any], keep: int = 1) -> Path:
+                     state: dict[str, Any], run_config: dict, keep: int = 1) -> Path:
     """Write step `step` atomically, point OUT's top-level files at it, and drop all but `keep` older ones."""
     root = out / "checkpoints"
     final = root / f"{STEP_PREFIX}{step:08d}"
@@ -61,6 +63,7 @@ def write_checkpoint(out: Path, step: int, model: Any, model_cfg: dict, preproce
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(tmp, model, model_cfg, preprocess_cfg, arch)
     torch.save(state, tmp / STATE_FILE)
+    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -94,4 +97,8 @@ def load_weights(model: Any, directory: Path) -> None:
 
 
 def read_run_config(directory: Path) -> dict:
-    return json.loads(read_checkpoint_state(directory)["config"])
+    try:
+        return json.loads((directory / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read {directory / RUN_CONFIG_FILE} ({e}); delete {directory} to resume "
+                       "from an earlier checkpoint") from None

@@ -64,7 +64,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    grad_clip: Optional[float] = 1.0
+    grad_clip: Optional[float] = 1.0  # None or 0: no clipping
     loss: str = "clip"  # clip (InfoNCE) or siglip (sigmoid)
     lock_image: bool = False
     lock_text: bool = False
@@ -217,7 +217,7 @@ def _forward_backward(model: torch.nn.Module, wrapped: torch.nn.Module, pixels: 
         scale_loss(loss).backward()
         return loss.detach()
 
-    chunks = list(zip(pixels.chunk(accum_steps), texts.chunk(accum_steps)))
+    chunks = list(zip(pixels.chunk(accum_steps), texts.chunk(accum_steps), strict=True))
     with torch.no_grad(), autocast():
         cached = [_outputs(model(p, t)) for p, t in chunks]
     image = torch.cat([c[0] for c in cached]).float().requires_grad_()
@@ -237,7 +237,7 @@ def _forward_backward(model: torch.nn.Module, wrapped: torch.nn.Module, pixels: 
             rows = slice(offsets[j], offsets[j] + sizes[j])
             grads = [image.grad[rows], text.grad[rows], scale.grad / len(chunks),
                      None if bias is None else bias.grad / len(chunks)]
-            pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads) if o is not None and o.requires_grad]
+            pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads, strict=True) if o is not None and o.requires_grad]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
     return loss.detach()
 
@@ -258,10 +258,10 @@ def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, work
                           max_pixels=max_pixels, all_captions=True)
     images, texts, owners = [], [], []
     for pixels, tokens, owner, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
+        owners.extend(o + sum(map(len, images)) for o in owner)  # batch rows -> rows of the whole set
         with loaded.autocast():
             images.append(model.encode_image(normalizer(pixels), normalize=True).float().cpu())
             texts.append(model.encode_text(tokens.to(loaded.device), normalize=True).float().cpu())
-        owners.extend(o + sum(len(x) for x in images[:-1]) for o in owner)
     model.train(was_training)
     return retrieval_recall(torch.cat(images).numpy(), torch.cat(texts).numpy(), owners)
 
@@ -375,9 +375,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     def save(epoch: int) -> None:
         if world.is_main:
             state = {"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None, "rng": ckpt.rng_state(),
-                     "config": json.dumps(config.to_dict())}
-            ckpt.write_checkpoint(out, step, model, model_cfg, loaded.preprocess_cfg, arch, state)
+                     "scaler": scaler.state_dict() if scaler else None, "rng": ckpt.rng_state()}
+            ckpt.write_checkpoint(out, step, model, model_cfg, loaded.preprocess_cfg, arch, state, config.to_dict())
         barrier(world)
 
     def validate(epoch: int) -> dict[str, float]:
