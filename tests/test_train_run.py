@@ -122,6 +122,42 @@ def test_accumulated_run_matches_the_plain_run(scenes, tmp_path):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_accumulation_tracks_fp32(scenes, tmp_path, precision):
+    """Autocast (and, for fp16, the gradient scaler) through the gradient-cached accumulation path."""
+    ref, amp = tmp_path / "fp32", tmp_path / precision
+    train(TrainConfig(data=str(scenes), out=str(ref), epochs=1, log_every=1, **FAST))
+    train(TrainConfig(data=str(scenes), out=str(amp), epochs=1, log_every=1, accum_steps=2, precision=precision,
+                      **FAST))
+    for x, y in zip(_log(ref), _log(amp), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=0.03)
+    assert all(torch.isfinite(w).all() for w in _weights(amp).values())
+    state = torch.load(next((amp / "checkpoints").iterdir()) / "train_state.pt", weights_only=True)
+    assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+def test_gradient_checkpointing_changes_memory_not_results(scenes, tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    train(TrainConfig(data=str(scenes), out=str(plain), epochs=1, log_every=1, max_steps=2, **FAST))
+    train(TrainConfig(data=str(scenes), out=str(ckpt), epochs=1, log_every=1, max_steps=2, grad_checkpointing=True,
+                      **FAST))
+    assert [r["loss"] for r in _log(plain)] == pytest.approx([r["loss"] for r in _log(ckpt)], rel=1e-5)
+
+
+def test_fine_tunes_from_a_checkpoint_and_from_a_weights_file(scenes, tmp_path):
+    base = tmp_path / "base"
+    train(TrainConfig(data=str(scenes), out=str(base), epochs=1, **FAST))
+    tuned = tmp_path / "tuned"
+    train(TrainConfig(data=str(scenes), out=str(tuned), epochs=1, checkpoint=str(base), lock_image=True, **FAST))
+    start, end = _weights(base), _weights(tuned)
+    assert torch.equal(start["visual.conv1.weight"], end["visual.conv1.weight"])  # locked, and started from base
+    assert not torch.equal(start["text_projection"], end["text_projection"])
+    from_file = tmp_path / "from-file"
+    train(TrainConfig(data=str(scenes), out=str(from_file), epochs=1, pretrained=str(base / "open_clip_model.safetensors"),
+                      lock_text=True, **FAST))
+    assert torch.equal(_weights(from_file)["token_embedding.weight"], start["token_embedding.weight"])
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipengine", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=240)

@@ -152,9 +152,7 @@ def _precision(requested: str, device: torch.device) -> tuple[torch.dtype | None
         return None, False
     if requested == "bf16":
         return torch.bfloat16, False
-    if requested == "fp16":
-        if device.type != "cuda":
-            raise BadInput("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this device")
+    if requested == "fp16":  # on a CPU it runs (slowly): that is how the tests cover the scaler path
         return torch.float16, True
     raise BadInput(f"unknown precision '{requested}' (auto, fp32, bf16, fp16)")
 
