@@ -384,11 +384,12 @@ class LoadedModel:
         size = self.preprocess_cfg["size"]
         return int(max(size) if isinstance(size, (tuple, list)) else size)
 
-    def image_transform(self) -> Callable:
-        """open_clip's own evaluation transform for this model's preprocessing."""
+    def image_transform(self, train: bool = False) -> Callable:
+        """open_clip's own transform for this model's preprocessing: evaluation, or (`train`) its
+        training augmentation (random resized crop)."""
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+        return image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=train)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         import torch

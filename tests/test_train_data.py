@@ -131,9 +131,8 @@ def test_undecodable_images_are_replaced_and_reported(scene_csv, tiny_model):
     pairs = read_pairs(scene_csv)
     Path(pairs.images[2]).write_bytes(Path(pairs.images[2]).read_bytes()[:100])  # truncated
     from clipengine.embed import split_transform
-    from clipengine.train.loop import _train_transform
 
-    pixel_transform, _ = split_transform(_train_transform(tiny_model))
+    pixel_transform, _ = split_transform(tiny_model.image_transform(train=True))
     dataset = PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64)
     pixels, texts, owners, bad = collate_pairs([dataset[(i, i)] for i in range(4)])
     assert pixels.shape == (4, 3, 64, 64) and pixels.dtype == torch.uint8 and texts.shape == (4, 32) and owners == [0, 1, 2, 3]

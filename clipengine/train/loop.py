@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from clipengine.embed import PixelNormalizer, split_transform
+from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
@@ -363,7 +363,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         step = int(state["step"])
 
     workers = _plan_cpu(config, device, world)
-    pixel_transform, normalizer = _split(_train_transform(loaded), device)
+    pixel_transform, normalizer = _split(loaded.image_transform(train=True), device)
     dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=config.max_pixels)
     loader = _loader(dataset, sampler, workers, device)
@@ -476,8 +476,7 @@ def _plan_cpu(config: TrainConfig, device: torch.device, world: World) -> int:
     while a worker decodes stalls every other thread at the next barrier. On 2 cores one worker plus one
     model thread trains 1.5x faster than one worker plus two threads (measured; see benchmarks/).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
+    per_process = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
     if config.workers is not None:
         workers = config.workers
     elif device.type == "cuda":
@@ -495,10 +494,3 @@ def _split(transform: Callable, device: torch.device) -> tuple[Callable, PixelNo
     """The PIL half of a transform for the workers, and its normalisation for batches on the device."""
     pixel_transform, normalize = split_transform(transform)
     return pixel_transform, PixelNormalizer(normalize, device)
-
-
-def _train_transform(loaded: LoadedModel) -> Callable:
-    """open_clip's training augmentation (random resized crop) for this model's preprocessing."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**loaded.preprocess_cfg), is_train=True)
