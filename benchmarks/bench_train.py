@@ -111,7 +111,7 @@ def recall_of(checkpoint: str, val_csv: Path) -> dict[str, float]:
 
     from clipengine.models import ModelSpec, load_model
     from clipengine.train import evaluate
-    from clipengine.train.data import read_pairs
+    from clipengine.pairs import read_pairs
 
     if checkpoint.endswith(".pt"):  # open_clip's: a state dict inside a training-state dict
         loaded = load_model(ModelSpec(arch="tiny"), device="cpu")

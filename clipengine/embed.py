@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, Skipped, open_image, read_file
+from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, ImageRef, Skipped, describe_ref, open_image, read_image_bytes
 from clipengine.models import LoadedModel
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def content_hash(data: bytes) -> str:
 
 
 class ImageFiles(Dataset):
-    """Reads, hashes, decodes and resizes one file per item; never raises for a bad file."""
+    """Reads, hashes, decodes and resizes one file (or tar member) per item; never raises for a bad file."""
 
-    def __init__(self, paths: Sequence[str], pixel_transform: Callable, *, known_hashes: Collection[str] = (),
+    def __init__(self, paths: Sequence[ImageRef], pixel_transform: Callable, *, known_hashes: Collection[str] = (),
                  max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224):
         self.paths = paths
         self.pixel_transform = pixel_transform
@@ -77,8 +77,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[ImageEmbedding, torch.Tensor | None]:
-        path = self.paths[i]
-        data = read_file(path)
+        path = describe_ref(self.paths[i])
+        data = read_image_bytes(self.paths[i])
         if isinstance(data, Skipped):
             return ImageEmbedding(path, skip_reason=data.reason), None
         digest = content_hash(data)
@@ -140,7 +140,7 @@ def encode_pixels(model: LoadedModel, x: torch.Tensor) -> np.ndarray:
 
 def embed_images(
     model: LoadedModel,
-    paths: Sequence[str],
+    paths: Sequence[ImageRef],
     *,
     batch_size: int | None = None,
     workers: int | None = None,

@@ -19,12 +19,15 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
+TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an image inside a WebDataset shard
+ImageRef = Union[str, TarMember]  # where an image's bytes are: a file path or a tar member
 _PIL_GUARD = threading.Lock()
 
 
@@ -110,6 +113,23 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
         return Skipped("is a directory")
     except OSError as e:
         return Skipped(f"cannot read file: {e.strerror or e}")
+
+
+def describe_ref(ref: ImageRef) -> str:
+    return ref if isinstance(ref, str) else f"{ref[0]}@{ref[1]}"
+
+
+def read_image_bytes(ref: ImageRef) -> bytes | Skipped:
+    """The bytes of a file or of a tar member (read by offset: shards get random access like folders)."""
+    if isinstance(ref, str):
+        return read_file(ref)
+    shard, offset, size = ref
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except OSError as e:
+        return Skipped(f"cannot read shard: {e.strerror or e}")
 
 
 def _open_unguarded(fp: io.IOBase) -> Image.Image:

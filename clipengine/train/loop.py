@@ -31,8 +31,9 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.recall import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
-from clipengine.train.data import (MOSTLY_BAD, PairDataset, PairSet, Sequential, StepBatches, collate_pairs,
-                                   default_val_size, read_pairs, split_validation)
+from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
+from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,
+                                   split_validation)
 from clipengine.train.distributed import World, barrier, mean_over_world, setup_world, teardown_world
 from clipengine.train.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
