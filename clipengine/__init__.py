@@ -26,7 +26,7 @@ _PUBLIC = {
     "ClipEngineError": "clipengine.errors",
     "TrainConfig": "clipengine.train",
     "train": "clipengine.train",
-    "retrieval_recall": "clipengine.recall",
+    "retrieval_recall": "clipengine.bench.metrics",
     "write_scene_set": "clipengine.scenes",
 }
 

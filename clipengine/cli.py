@@ -341,6 +341,213 @@ def train(
     out.print(f"checkpoint: {report.out}  (use it with --checkpoint {report.out})", markup=False)
 
 
+# --------------------------------------------------------------------------------------------------
+# clipengine bench
+# --------------------------------------------------------------------------------------------------
+
+bench_app = typer.Typer(no_args_is_help=True, help="Measure a model: retrieval recall@k, zero-shot accuracy, "
+                                                   "linear probe; compare two results.")
+app.add_typer(bench_app, name="bench")
+BenchJsonArg = Annotated[Optional[str], typer.Option(
+    "--json", help="Write the full result (metrics, counts, model, settings) to this file; - for stdout.")]
+BatchArg = Annotated[Optional[int], typer.Option(help="Images per model call (default: by device).")]
+WorkersArg = Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")]
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise typer.BadParameter(f"'{text}' is not a list of positive integers such as 1,5,10", param_hint="--k")
+    return ks
+
+
+def _stage_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    tasks: dict[str, Any] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"embedding {stage}", total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return progress, on_progress
+
+
+def _metrics_table(metrics: dict[str, float]):
+    """Retrieval metrics as directions × k, like the papers' tables; other metrics as one row."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    by_direction: dict[str, dict[str, float]] = {}
+    other: dict[str, float] = {}
+    for name, value in metrics.items():
+        direction, _, k = name.rpartition("_R@")
+        if direction:
+            by_direction.setdefault(direction, {})[f"R@{k}"] = value
+        else:
+            other[name] = value
+    if by_direction:
+        columns = list(dict.fromkeys(c for row in by_direction.values() for c in row))
+        table.add_column("")
+        for column in columns:
+            table.add_column(column, justify="right")
+        for direction, row in by_direction.items():
+            label = direction.replace("_to_", " → ").replace("_", " ")
+            table.add_row(label, *(f"{100 * row[c]:.2f}" if c in row else "" for c in columns))
+    else:
+        for name in other:
+            table.add_column(name, justify="right")
+        table.add_row(*(f"{100 * v:.2f}" for v in other.values()))
+    return table
+
+
+def _report_bench(result, json_file: str | None) -> None:
+    data = result.to_dict()
+    if json_file == "-":
+        _print_json(data)
+        return
+    if json_file:
+        result.write(json_file)
+    counts = ", ".join(f"{v} {k.removeprefix('n_').replace('_', ' ')}" for k, v in result.counts.items() if v)
+    out.print(f"{result.task} on {data['dataset']['path']}  ({counts})", markup=False)
+    out.print(f"model {data['weights']}  [{result.settings.get('device')}, {result.settings.get('precision')}]",
+              markup=False)
+    out.print(_metrics_table(result.metrics))
+    out.print("(percent)" + (f"; written to {json_file}" if json_file else "") + f"; {result.seconds:.1f} s",
+              markup=False)
+    for image, reason in result.skipped[:10]:
+        out.print(f"  left out {image}: {reason}", markup=False)
+    if len(result.skipped) > 10:
+        out.print(f"  ... and {len(result.skipped) - 10} more left out (listed in --json)", markup=False)
+
+
+@bench_app.command("retrieval")
+@_user_errors
+def bench_retrieval(
+    data: Annotated[str, typer.Option("--data", help="Captions: CSV/TSV, sidecar folder, COCO/Karpathy/BLIP JSON, "
+                                                      "Flickr30k .token file, or 'shards/{000..009}.tar'.")],
+    images: Annotated[Optional[str], typer.Option("--images", help="Folder the JSON/token file's image paths are relative to.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Karpathy split(s) to use (default: test).")] = None,
+    index_name: Annotated[Optional[str], typer.Option(
+        "--index", "-i", help="Use this index's images as the gallery, and compare its search with exact search.")] = None,
+    index_dir: IndexDirArg = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k values for recall@k.")] = "1,5,10",
+    device: DeviceArg = None,
+    batch_size: BatchArg = None,
+    workers: WorkersArg = None,
+    json_file: BenchJsonArg = None,
+) -> None:
+    """Recall@k for text→image and image→text retrieval, as the CLIP paper and CLIP_benchmark compute it."""
+    from clipengine.bench.retrieval import index_retrieval_benchmark, retrieval_benchmark
+
+    ks = _parse_ks(k)
+    spec = _spec(model, pretrained, checkpoint, preprocess_from)
+    progress, on_progress = _stage_progress()
+    with progress:
+        if index_name:
+            result = index_retrieval_benchmark(resolve_index_path(index_name, index_dir), data, spec=spec,
+                                               image_root=images, split=split, ks=ks, device=device,
+                                               progress=on_progress)
+        else:
+            result = retrieval_benchmark(data, spec=spec, image_root=images, split=split, ks=ks, device=device,
+                                         batch_size=batch_size, workers=workers, progress=on_progress)
+    _report_bench(result, json_file)
+
+
+@bench_app.command("zeroshot")
+@_user_errors
+def bench_zeroshot(
+    data: Annotated[str, typer.Option("--data", help="Image folder with one sub-folder per class.")],
+    classnames: Annotated[Optional[Path], typer.Option(help="Class names, one per line, in sorted folder order.")] = None,
+    templates: Annotated[Optional[Path], typer.Option(help="Prompt templates, one per line, with {c} for the class name.")] = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    device: DeviceArg = None,
+    batch_size: BatchArg = None,
+    workers: WorkersArg = None,
+    json_file: BenchJsonArg = None,
+) -> None:
+    """Zero-shot classification: acc@1, acc@5 and mean per-class recall."""
+    from clipengine.bench.zeroshot import zeroshot_benchmark
+
+    progress, on_progress = _stage_progress()
+    with progress:
+        result = zeroshot_benchmark(data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
+                                    classnames_file=classnames, templates_file=templates, device=device,
+                                    batch_size=batch_size, workers=workers, progress=on_progress)
+    _report_bench(result, json_file)
+
+
+@bench_app.command("probe")
+@_user_errors
+def bench_probe(
+    data: Annotated[str, typer.Option("--data", help="Image folder with one sub-folder per class (or train/ and test/ of them).")],
+    with_text: Annotated[bool, typer.Option("--with-text", help="Also use each image's captions (.txt sidecars) as features.")] = False,
+    test_fraction: Annotated[float, typer.Option(help="Images held out for testing when there is no test/ folder.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Training images held out to choose the regularisation.")] = 0.2,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    device: DeviceArg = None,
+    batch_size: BatchArg = None,
+    workers: WorkersArg = None,
+    json_file: BenchJsonArg = None,
+) -> None:
+    """Linear probe: logistic regression on frozen features, regularisation chosen on a validation split."""
+    from clipengine.bench.probe import probe_benchmark
+
+    progress, on_progress = _stage_progress()
+    with progress:
+        result = probe_benchmark(data, spec=_spec(model, pretrained, checkpoint, preprocess_from), with_text=with_text,
+                                 test_fraction=test_fraction, val_fraction=val_fraction, device=device,
+                                 batch_size=batch_size, workers=workers, progress=on_progress)
+    _report_bench(result, json_file)
+
+
+@bench_app.command("compare")
+@_user_errors
+def bench_compare(
+    a: Annotated[Path, typer.Argument(help="A result written by --json.")],
+    b: Annotated[Path, typer.Argument(help="Another result, compared against the first.")],
+    json_file: Annotated[Optional[str], typer.Option("--json", help="Write the comparison to this file; - for stdout.")] = None,
+) -> None:
+    """Two results side by side: each metric, the change, and what else differs between the runs."""
+    from rich.table import Table
+
+    from clipengine.bench.report import compare_results, load_result
+
+    comparison = compare_results(load_result(a), load_result(b))
+    if json_file == "-":
+        _print_json(comparison)
+        return
+    if json_file:
+        Path(json_file).write_text(json.dumps(comparison, indent=2) + "\n")
+    table = Table(box=None, pad_edge=False)
+    for column, justify in (("metric", "left"), ("a", "right"), ("b", "right"), ("b - a", "right")):
+        table.add_column(column, justify=justify)
+
+    def pct(value: float | None, sign: str = "") -> str:
+        return "" if value is None else f"{100 * value:{sign}.2f}"
+
+    for row in comparison["metrics"]:
+        table.add_row(row["metric"], pct(row["a"]), pct(row["b"]), pct(row["delta"], "+"))
+    out.print(f"a: {a}  {comparison['a']}\nb: {b}  {comparison['b']}", markup=False)
+    out.print(table)
+    for diff in comparison["differences"]:
+        out.print(f"  differs: {diff['field']}: {diff['a']!r} vs {diff['b']!r}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -148,7 +148,7 @@ def _json_layout(data: object) -> str | None:
     return None
 
 
-def _read_json(path: Path, root: Path, split: str | None) -> PairSet:
+def _read_json(path: Path, root: Path, split: str | None, default_split: str | None) -> PairSet:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -159,6 +159,7 @@ def _read_json(path: Path, root: Path, split: str | None) -> PairSet:
                        "Karpathy (images[].sentences) or BLIP/LAVIS ([{image, caption}])")
     if split is not None and layout != "karpathy":
         raise BadInput(f"--split applies to Karpathy split files; {path.name} has no splits")
+    split = split if split is not None or layout != "karpathy" else default_split
     grouped: dict[str, list[str]] = {}
     try:
         if layout == "blip":
@@ -262,9 +263,11 @@ def _read_shards(pattern: str) -> PairSet:
 
 
 def read_pairs(source: str | os.PathLike, image_root: str | os.PathLike | None = None,
-               split: str | None = None) -> PairSet:
-    """Read image–caption pairs from any of the layouts above (`split`: Karpathy files only,
-    comma-separated, e.g. ``test`` or ``train,restval``; None takes every image).
+               split: str | None = None, default_split: str | None = None) -> PairSet:
+    """Read image–caption pairs from any of the layouts above.
+
+    `split` (Karpathy files only) is comma-separated, e.g. ``test`` or ``train,restval``; without it a
+    Karpathy file gives `default_split` (benchmarks pass ``test``), or every image when that is None.
 
     Rows with an empty caption or a missing image are dropped and listed in ``dropped``; when most
     rows are bad the data is refused, since that is a wrong path or column rather than a few bad rows.
@@ -283,7 +286,7 @@ def read_pairs(source: str | os.PathLike, image_root: str | os.PathLike | None =
     elif not path.is_file():
         raise BadInput(f"data not found: {text}")
     elif path.suffix.lower() == ".json":
-        pairs = _read_json(path, root, split)
+        pairs = _read_json(path, root, split, default_split)
     elif _is_token_file(path):
         pairs = _read_token_file(path, root)
     else:

@@ -344,6 +344,26 @@ class IndexStore:
             "SELECT id FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ?", (prefix, hi))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
+    def ids_of_paths(self, paths: Iterable[str]) -> dict[str, int]:
+        """The ids of those of `paths` that the index holds searchable (absolute paths, as stored)."""
+        found: dict[str, int] = {}
+        paths = list(paths)
+        for start in range(0, len(paths), 900):
+            chunk = paths[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._conn.execute(
+                f"SELECT path, id FROM files WHERE hash IS NOT NULL AND path IN ({marks})", chunk))
+        return found
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every searchable file's id and vector, in id order: the gallery for exact search."""
+        chunks = list(self._vectors_of(self._live_ids()))
+        if not chunks:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        ids = np.concatenate([c[0] for c in chunks])
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.concatenate([c[1] for c in chunks])[order]
+
     def _live_ids(self) -> np.ndarray:
         rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")
         return np.fromiter((r[0] for r in rows), dtype=np.int64)

@@ -29,7 +29,7 @@ from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
-from clipengine.recall import chance_recall, retrieval_recall
+from clipengine.bench.metrics import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
 from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,

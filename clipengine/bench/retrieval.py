@@ -1,0 +1,163 @@
+"""Image–text retrieval benchmarks: a model on a captioned set, or a saved index against its exact search.
+
+`retrieval_benchmark` embeds every image (decoded at full size, exactly open_clip's preprocessing) and
+every caption, then computes recall@k in both directions (`clipengine.bench.metrics`).
+`index_retrieval_benchmark` takes the image vectors from an index and asks its faiss index for the
+top k of each caption, next to the exact recall on the same queries: what the index's search costs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clipengine.bench.metrics import DEFAULT_KS, hits_at_k, retrieval_recall
+from clipengine.bench.report import BenchResult
+from clipengine.errors import BadInput
+from clipengine.models import LoadedModel, ModelSpec, autocast_dtype, check_same_model, load_model, resolve_source
+from clipengine.pairs import PairSet, read_pairs
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class EmbeddedPairs:
+    """Embeddings of a captioned set: images that could be decoded, and the captions of those images."""
+
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    owners: np.ndarray  # owners[t]: the row of image_emb that caption t describes
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+
+
+def model_settings(model: LoadedModel) -> dict:
+    """What decides the embeddings besides the weights: device, precision and preprocessing."""
+    dtype = autocast_dtype(model.device)
+    return {"device": str(model.device), "precision": f"autocast {str(dtype).removeprefix('torch.')}" if dtype
+            else "float32", "preprocess": {k: v for k, v in model.preprocess_cfg.items()}}
+
+
+def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | None = None,
+                     workers: int | None = None, progress: Progress | None = None
+                     ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Embed images decoded at full size; returns (vectors, rows of `images` they belong to, skipped)."""
+    from clipengine.embed import embed_images
+
+    vectors, kept, skipped = [], [], []
+    done = 0
+    for batch in embed_images(model, images, batch_size=batch_size, workers=workers, draft=False):
+        for item in batch:
+            if item.vector is not None:
+                vectors.append(item.vector)
+                kept.append(done)
+            else:
+                skipped.append((item.path, item.skip_reason or "not embedded"))
+            done += 1
+        if progress:
+            progress("images", done, len(images))
+    matrix = np.stack(vectors) if vectors else np.empty((0, model.embed_dim), np.float32)
+    return matrix, kept, skipped
+
+
+def embed_captions(model: LoadedModel, texts: Sequence[str], *, batch_size: int = 256,
+                   progress: Progress | None = None) -> np.ndarray:
+    from clipengine.embed import embed_texts
+
+    out = np.empty((len(texts), model.embed_dim), dtype=np.float32)
+    for begin in range(0, len(texts), batch_size * 4):
+        chunk = texts[begin:begin + batch_size * 4]
+        out[begin:begin + len(chunk)] = embed_texts(model, chunk, batch_size=batch_size)
+        if progress:
+            progress("captions", begin + len(chunk), len(texts))
+    return out
+
+
+def embed_pairs(model: LoadedModel, pairs: PairSet, *, batch_size: int | None = None, workers: int | None = None,
+                progress: Progress | None = None) -> EmbeddedPairs:
+    """Embed a captioned set. An image that cannot be decoded is left out with its captions, and listed."""
+    image_emb, kept, skipped = embed_image_refs(model, pairs.images, batch_size=batch_size, workers=workers,
+                                                progress=progress)
+    texts = [c for i in kept for c in pairs.captions[i]]
+    owners = np.repeat(np.arange(len(kept)), [len(pairs.captions[i]) for i in kept])
+    return EmbeddedPairs(image_emb, embed_captions(model, texts, progress=progress), owners, skipped)
+
+
+def _dataset_info(data: str | os.PathLike, pairs: PairSet, image_root, split) -> dict:
+    return {"path": os.path.abspath(os.path.expanduser(str(data))) if "{" not in str(data) else str(data),
+            "layout": pairs.layout, "split": split if split else ("test" if pairs.layout == "karpathy" else None),
+            "image_root": os.path.abspath(os.path.expanduser(str(image_root))) if image_root else None}
+
+
+def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), image_root=None,
+                        split: str | None = None, ks: Sequence[int] = DEFAULT_KS, device: str | None = None,
+                        batch_size: int | None = None, workers: int | None = None,
+                        progress: Progress | None = None) -> BenchResult:
+    """Recall@k of a model on an image–caption set (any layout `clipengine.pairs.read_pairs` reads;
+    a Karpathy split file gives its ``test`` split unless `split` says otherwise)."""
+    started = time.perf_counter()
+    pairs = read_pairs(data, image_root, split, default_split="test")
+    source = resolve_source(spec)
+    model = load_model(source, device=device)
+    embedded = embed_pairs(model, pairs, batch_size=batch_size, workers=workers, progress=progress)
+    if not len(embedded.image_emb):
+        raise BadInput(f"none of the {len(pairs)} images in {data} could be decoded "
+                       f"(first: {embedded.skipped[0][0]}: {embedded.skipped[0][1]})")
+    metrics = retrieval_recall(embedded.image_emb, embedded.text_emb, embedded.owners, ks)
+    return BenchResult(
+        task="retrieval", dataset=_dataset_info(data, pairs, image_root, split), model=source, metrics=metrics,
+        counts={"n_images": len(embedded.image_emb), "n_captions": len(embedded.text_emb),
+                "n_skipped_images": len(embedded.skipped), "n_dropped_rows": len(pairs.dropped)},
+        settings={"ks": sorted(set(ks)), "decode": "full size", **model_settings(model),
+                  "batch_size": batch_size, "workers": workers},
+        seconds=time.perf_counter() - started, skipped=embedded.skipped)
+
+
+def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(),
+                              image_root=None, split: str | None = None, ks: Sequence[int] = DEFAULT_KS,
+                              device: str | None = None, progress: Progress | None = None) -> BenchResult:
+    """Recall@k with an index's images as the gallery: captions from `data` whose images the index
+    holds are the queries. Reports exact recall (both directions, on the index's stored vectors) and
+    text→image recall through the index's own faiss search (``index_text_to_image_R@k``)."""
+    from clipengine.store import IndexStore
+
+    started = time.perf_counter()
+    pairs = read_pairs(data, image_root, split, default_split="test")
+    with IndexStore.open(index_path) as store:
+        source = check_same_model(store.manifest["model"], spec, f"index {index_path}")
+        ids, gallery = store.vectors()
+        id_of = store.ids_of_paths(os.path.abspath(p) for p in pairs.images if isinstance(p, str))
+        faiss_index = store.faiss_index()
+    if not len(ids):
+        raise BadInput(f"index {index_path} holds no searchable images")
+    row_of_id = {int(i): r for r, i in enumerate(ids)}
+    queries, owners, owner_ids, missing = [], [], [], []
+    for image, captions in zip(pairs.images, pairs.captions):
+        image_id = id_of.get(os.path.abspath(image)) if isinstance(image, str) else None
+        if image_id is None or image_id not in row_of_id:
+            missing.append((str(image), "not in the index"))
+            continue
+        queries += captions
+        owners += [row_of_id[image_id]] * len(captions)
+        owner_ids += [image_id] * len(captions)
+    if not queries:
+        raise BadInput(f"none of the {len(pairs)} images of {data} is in index {index_path}: "
+                       "build the index from the folder those paths point to")
+    model = load_model(source, device=device)
+    text_emb = embed_captions(model, queries, progress=progress)
+    metrics = retrieval_recall(gallery, text_emb, owners, ks)
+    k_max = min(max(ks), faiss_index.ntotal)
+    _, ranked = faiss_index.search(text_emb, k_max)
+    through_index = hits_at_k(ranked, np.asarray(owner_ids), ks)
+    metrics.update({f"index_text_to_image_R@{k}": v for k, v in through_index.items()})
+    return BenchResult(
+        task="retrieval", dataset={**_dataset_info(data, pairs, image_root, split), "index": str(index_path)},
+        model=source, metrics=metrics,
+        counts={"n_images": len(ids), "n_query_images": len(set(owner_ids)), "n_captions": len(queries),
+                "n_not_in_index": len(missing), "n_dropped_rows": len(pairs.dropped)},
+        settings={"ks": sorted(set(ks)), "image_vectors": "from the index", "faiss_index": type(faiss_index).__name__,
+                  **model_settings(model)},
+        seconds=time.perf_counter() - started, skipped=missing)
