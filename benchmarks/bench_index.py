@@ -155,6 +155,7 @@ def noop_seconds(folder: Path, index: Path, repeats: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small folders, to check the script runs")
+    ap.add_argument("--out", type=Path, help="where to write the JSON (default: results/index-DATE.json)")
     ap.add_argument("--workers", type=int, default=None, help="decode workers for ours (default: clipengine's)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: clipengine's for the CPU")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of ceiling and ours")
@@ -229,11 +230,11 @@ def main() -> None:
           f"{rss[small_n]['main_peak_mb']:.0f} / {rss[small_n]['tree_peak_mb']:.0f} MB; {large_n} images "
           f"{rss[large_n]['main_peak_mb']:.0f} / {rss[large_n]['tree_peak_mb']:.0f} MB")
     print(f"no-op re-index of {large_n} unchanged files: {noop:.2f} s")
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"index-{result['date']}.json"
+    out = args.out or (None if args.quick else RESULTS / f"index-{result['date']}.json")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {out.relative_to(ROOT)}")
+        print(f"written {out}")
 
 
 if __name__ == "__main__":

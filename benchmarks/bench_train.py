@@ -125,6 +125,7 @@ def recall_of(checkpoint: str, val_csv: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/train-DATE.json)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
@@ -165,9 +166,9 @@ def main() -> None:
                                             "threads": args.threads, "rounds": args.rounds, "precision": "fp32"},
         "runs": runs, "summary": summary, "ratio_samples_per_second": ratio,
     }
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"train-{record['date']}.json"
+    path = args.out or (None if args.quick else RESULTS / f"train-{record['date']}.json")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2))
         print(f"saved {path}")
 

@@ -102,3 +102,63 @@ def test_mostly_bad_data_is_refused_with_the_reason(tmp_path):
         read_pairs(tmp_path / "wrong.csv")
 
 
+
+
+def _scene_records(scene_csv):
+    pairs = read_pairs(scene_csv)
+    return pairs, [(Path(p).name, c) for p, c in zip(pairs.images, pairs.captions)]
+
+
+def test_karpathy_blip_and_flickr_token_files_read_the_same_pairs(scene_csv, tmp_path):
+    pairs, records = _scene_records(scene_csv)
+    root = scene_csv.parent  # holds images/, as coco/ holds val2014/
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "images", "filename": name, "split": "test" if i < 8 else "train", "imgid": i,
+         "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+        for i, (name, captions) in enumerate(records)]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    blip = [{"image": f"images/{name}", "caption": captions} for name, captions in records]
+    (tmp_path / "coco_karpathy_test.json").write_text(json.dumps(blip))
+    (tmp_path / "results.token").write_text(
+        "".join(f"{name}#{j}\t{c}\n" for name, captions in records for j, c in enumerate(captions)))
+
+    everything = read_pairs(tmp_path / "dataset_coco.json", image_root=root)
+    assert everything.layout == "karpathy" and everything.images == pairs.images
+    assert everything.captions == pairs.captions
+    test = read_pairs(tmp_path / "dataset_coco.json", image_root=root, default_split="test")
+    assert test.images == pairs.images[:8]
+    assert read_pairs(tmp_path / "dataset_coco.json", image_root=root, split="train").images == pairs.images[8:]
+    with pytest.raises(BadInput, match="no images of split 'val'.*test, train"):
+        read_pairs(tmp_path / "dataset_coco.json", image_root=root, split="val")
+
+    for image_root in (root, root / "images"):  # --images coco and --images coco/val2014 both work
+        from_blip = read_pairs(tmp_path / "coco_karpathy_test.json", image_root=image_root)
+        assert from_blip.layout == "blip" and from_blip.images == pairs.images
+        assert from_blip.captions == pairs.captions
+    token = read_pairs(tmp_path / "results.token", image_root=root / "images")
+    assert token.layout == "flickr-token" and token.images == pairs.images and token.captions == pairs.captions
+    with pytest.raises(BadInput, match="--split applies to Karpathy"):
+        read_pairs(tmp_path / "coco_karpathy_test.json", image_root=root, split="test")
+    with pytest.raises(BadInput, match="--split applies to Karpathy"):
+        read_pairs(scene_csv, split="test")
+    (tmp_path / "other.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(BadInput, match="none of the caption JSON layouts"):
+        read_pairs(tmp_path / "other.json")
+
+
+def test_class_folders_are_read_in_sorted_order_with_sidecars(tmp_path):
+    write_scene_set(tmp_path / "src", 6, size=32)
+    images = sorted((tmp_path / "src" / "images").glob("*.jpg"))
+    for i, image in enumerate(images):
+        target = tmp_path / "cls" / ("dog" if i % 2 else "cat") / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(image.read_bytes())
+        if i < 2:
+            target.with_suffix(".txt").write_text("a caption\n\n")
+    labelled = read_labelled(tmp_path / "cls")
+    assert labelled.classes == ["cat", "dog"] and labelled.labels == [0, 0, 0, 1, 1, 1]
+    assert sum(1 for c in labelled.captions if c == ["a caption"]) == 2
+    with pytest.raises(BadInput, match="class list lacks: dog"):
+        read_labelled(tmp_path / "cls", classes=["cat"])
+    with pytest.raises(BadInput, match="no class folders"):
+        read_labelled(tmp_path / "cls" / "cat")

@@ -188,7 +188,7 @@ def test_two_processes_under_torchrun_equal_one(scenes, tmp_path):
 
 def test_cli_train_errors_are_one_line(scenes, tmp_path):
     missing = _cli("train", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x"))
-    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: training data not found")
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: data not found")
     assert "Traceback" not in missing.stderr
     nothing = _cli("train", "--resume", "--out", str(tmp_path / "x"))
     assert nothing.returncode == 1 and "nothing to resume" in nothing.stderr

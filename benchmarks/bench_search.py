@@ -1,0 +1,105 @@
+"""Search latency: one query against an index of N vectors, clipengine's Searcher vs the naive numpy way.
+
+An index of N random 512-d unit vectors (ViT-B-32's width) is committed through the store's own API
+(embedding is measured by bench_index.py; here only the search path counts). Per query:
+  ours   Searcher.search_vector: faiss inner-product search plus the sqlite rows of the hits
+  naive  numpy: scores = vectors @ q, argpartition for the top k, sort them (vectors already in memory)
+Both run interleaved on the same queries; medians and p95 are reported, with naive/ours. Then the wall
+time of the `clipengine search TEXT` command as a user runs it (a fresh process: imports, model, query).
+
+    python benchmarks/bench_search.py            # N = 100,000
+    python benchmarks/bench_search.py --quick    # N = 10,000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clipengine.models import ModelSpec, resolve_source
+from clipengine.search import Searcher
+from clipengine.store import FileRecord, IndexStore
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DIM, K, QUERIES = 512, 10, 300
+
+
+def build_index(path: Path, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    source = {**resolve_source(ModelSpec("ViT-B-32", "none")), "embed_dim": DIM}
+    with IndexStore.create(path, source) as store:
+        for begin in range(0, n, 10_000):
+            store.commit([FileRecord(f"/bench/img_{i:07d}.jpg", 1000, 0, f"{i:064x}", 640, 480, vectors[i])
+                          for i in range(begin, min(begin + 10_000, n))])
+        store.save_faiss()
+    return vectors
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/search-DATE.json)")
+    args = parser.parse_args()
+    n = 10_000 if args.quick else 100_000
+    with tempfile.TemporaryDirectory() as tmp:
+        index = Path(tmp) / "bench"
+        print(f"building an index of {n} vectors ...", flush=True)
+        vectors = build_index(index, n)
+        queries = np.random.default_rng(1).standard_normal((QUERIES, DIM), dtype=np.float32)
+        ours, naive = [], []
+        with Searcher(index) as searcher:
+            searcher.search_vector(queries[0], K)  # reads the faiss file once, as a long-lived searcher does
+            for q in queries:
+                t = time.perf_counter()
+                hits = searcher.search_vector(q, K)
+                ours.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                scores = vectors @ (q / np.linalg.norm(q))
+                top = np.argpartition(-scores, K)[:K]
+                top = top[np.argsort(-scores[top])]
+                naive.append(time.perf_counter() - t)
+                assert [h.path for h in hits] == [f"/bench/img_{i:07d}.jpg" for i in top]
+        cli = []
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "clipengine", "search", "a red car", "--index", str(index),
+                            "-k", str(K), "--json"], check=True, capture_output=True, env=env)
+            cli.append(time.perf_counter() - t)
+    result = {
+        "date": dt.date.today().isoformat(), "cores": os.cpu_count(), "vectors": n, "dim": DIM, "k": K,
+        "queries": QUERIES,
+        "ours_ms": {"median": statistics.median(ours) * 1e3, "p95": percentile(ours, 95) * 1e3},
+        "naive_ms": {"median": statistics.median(naive) * 1e3, "p95": percentile(naive, 95) * 1e3},
+        "naive_over_ours": statistics.median(naive) / statistics.median(ours),
+        "cli_text_search_s": statistics.median(cli),
+    }
+    print(f"{n} vectors, k={K}: ours {result['ours_ms']['median']:.2f} ms (p95 {result['ours_ms']['p95']:.2f}), "
+          f"naive numpy {result['naive_ms']['median']:.2f} ms: {result['naive_over_ours']:.2f}x")
+    print(f"`clipengine search TEXT` (fresh process, ViT-B-32): {result['cli_text_search_s']:.2f} s")
+    out = args.out or (None if args.quick else RESULTS / f"search-{result['date']}.json")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Every clipengine benchmark in one command: writes benchmarks/results/<date>.json and <date>.md.
+
+Runs, each in its own process and side by side with its baseline:
+  bench_index.py   embedding throughput (ours vs the naive loop vs the model alone), memory, no-op re-index
+  bench_search.py  search latency (ours vs numpy brute force) and the CLI's text search wall time
+  bench_train.py   training throughput (ours vs open_clip's trainer) and recall on the built-in scenes
+  bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
+The Markdown table is the one README.md shows.
+
+    python benchmarks/run_all.py            # about an hour on 2 cores (bench_index is most of it)
+    python benchmarks/run_all.py --quick    # small sizes, minutes: checks that every script runs
+    python benchmarks/run_all.py --only search,recall
+    python benchmarks/run_all.py --reuse    # keep today's results/<name>-<date>.json, run the rest
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHMARKS = ("index", "search", "train", "recall")
+
+
+def run(name: str, quick: bool, out: Path) -> dict:
+    command = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(out)] + (["--quick"] if quick else [])
+    print(f"== bench_{name}.py", flush=True)
+    subprocess.run(command, check=True)
+    return json.loads(out.read_text())
+
+
+def _row(what: str, ours: str, baseline: str, ratio: str) -> str:
+    return f"| {what} | {ours} | {baseline} | {ratio} |"
+
+
+def markdown(results: dict) -> str:
+    """The README's table: one line per measurement, ours next to the obvious alternative."""
+    lines = [f"Measured {results['date']} on {results['machine']}" + (" (quick sizes)" if results["quick"] else "") + ".",
+             "", "| measurement | ours | baseline | ratio |", "|---|---|---|---|"]
+    if "index" in results:
+        for r in results["index"]["throughput"]:
+            lines.append(_row(f"index {r['folder']}, ViT-B-32 on CPU", f"{r['ours_img_s']:.1f} img/s",
+                              f"naive loop {r['naive_img_s']:.1f} img/s; model alone {r['ceiling_img_s']:.1f}",
+                              f"{r['ours_vs_naive']:.2f}x naive, {r['ours_vs_ceiling']:.2f}x model alone"))
+        for n, s in results["index"]["noop_reindex_seconds"].items():
+            lines.append(_row(f"re-index {n} unchanged files", f"{s:.2f} s", "", ""))
+    if "search" in results:
+        s = results["search"]
+        lines.append(_row(f"search {s['vectors']:,} vectors (dim {s['dim']}, k={s['k']}), per query",
+                          f"{s['ours_ms']['median']:.2f} ms (p95 {s['ours_ms']['p95']:.2f})",
+                          f"numpy brute force {s['naive_ms']['median']:.2f} ms", f"{s['naive_over_ours']:.2f}x"))
+        lines.append(_row("`clipengine search TEXT`, fresh process", f"{s['cli_text_search_s']:.2f} s", "", ""))
+    if "train" in results:
+        t = results["train"]["summary"]
+        lines.append(_row(f"train {results['train']['config']['model']}, batch {results['train']['config']['batch']}",
+                          f"{t['ours']['samples_per_second']:.0f} samples/s",
+                          f"open_clip trainer {t['open_clip']['samples_per_second']:.0f} samples/s",
+                          f"{results['train']['ratio_samples_per_second']:.2f}x"))
+        for k in (1, 10):
+            key = f"text_to_image_R@{k}"
+            lines.append(_row(f"held-out scenes recall {key} after that training", f"{t['ours']['recall'][key]:.3f}",
+                              f"open_clip trainer {t['open_clip']['recall'][key]:.3f}", ""))
+    if "recall" in results:
+        side, scale = results["recall"]["side_by_side"], results["recall"]["at_scale"]
+        ours, theirs = side["ours"], side["clip_benchmark"]
+        lines.append(_row(f"recall@1,5,10 of {ours['images']:,} images x {ours['captions']:,} captions",
+                          f"{ours['seconds']:.1f} s, +{ours['working_mb']:.0f} MB",
+                          f"CLIP_benchmark {theirs['seconds']:.1f} s, +{theirs['working_mb']:.0f} MB",
+                          f"{side['speedup']:.1f}x faster, same numbers: {side['same_metrics']}"))
+        lines.append(_row(f"recall@1,5,10 of {scale['images']:,} images x {scale['captions']:,} captions",
+                          f"{scale['seconds']:.0f} s, peak RSS {scale['peak_rss_mb'] / 1024:.1f} GB",
+                          "dense matrix: would need "
+                          f"{scale['images'] * scale['captions'] * 4 / 2**30:.0f} GB", ""))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--reuse", action="store_true", help="use today's result of a benchmark if it exists")
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    import platform
+
+    results: dict = {"date": dt.date.today().isoformat(), "quick": args.quick,
+                     "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            today = RESULTS / f"{name}-{results['date']}.json"
+            if args.reuse and today.is_file() and not args.quick:
+                print(f"== bench_{name}.py: reusing {today.relative_to(HERE.parent)}", flush=True)
+                results[name] = json.loads(today.read_text())
+            else:
+                results[name] = run(name, args.quick, Path(tmp) / f"{name}.json" if args.quick else today)
+    table = markdown(results)
+    print("\n" + table)
+    if not args.quick:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / f"{results['date']}.md").write_text(table)
+        print(f"written {RESULTS / results['date']}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
