@@ -70,8 +70,8 @@ def markdown(results: dict) -> str:
         side, scale = results["recall"]["side_by_side"], results["recall"]["at_scale"]
         ours, theirs = side["ours"], side["clip_benchmark"]
         lines.append(_row(f"recall@1,5,10 of {ours['images']:,} images x {ours['captions']:,} captions",
-                          f"{ours['seconds']:.1f} s, +{ours['working_mb']:.0f} MB",
-                          f"CLIP_benchmark {theirs['seconds']:.1f} s, +{theirs['working_mb']:.0f} MB",
+                          f"{ours['seconds']:.1f} s, peak RSS {ours['peak_rss_mb'] / 1024:.1f} GB",
+                          f"CLIP_benchmark {theirs['seconds']:.1f} s, peak RSS {theirs['peak_rss_mb'] / 1024:.1f} GB",
                           f"{side['speedup']:.1f}x faster, same numbers: {side['same_metrics']}"))
         lines.append(_row(f"recall@1,5,10 of {scale['images']:,} images x {scale['captions']:,} captions",
                           f"{scale['seconds']:.0f} s, peak RSS {scale['peak_rss_mb'] / 1024:.1f} GB",

@@ -3,6 +3,7 @@
 The public API, one import away (each is imported lazily: torch costs seconds to import):
 
     from clipengine import index_folder, Searcher, ModelSpec, load_model, train, TrainConfig
+    from clipengine import retrieval_benchmark, zeroshot_benchmark, probe_benchmark
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ _PUBLIC = {
     "TrainConfig": "clipengine.train",
     "train": "clipengine.train",
     "retrieval_recall": "clipengine.bench.metrics",
+    "retrieval_benchmark": "clipengine.bench.retrieval",
+    "index_retrieval_benchmark": "clipengine.bench.retrieval",
+    "zeroshot_benchmark": "clipengine.bench.zeroshot",
+    "probe_benchmark": "clipengine.bench.probe",
+    "read_pairs": "clipengine.pairs",
     "write_scene_set": "clipengine.scenes",
 }
 
