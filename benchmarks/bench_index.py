@@ -38,9 +38,10 @@ from clipengine.indexing import index_folder
 from clipengine.models import ModelSpec, load_model
 from clipengine.synthetic import write_photo_folder
 
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "bench"
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def folder_of(name: str, n: int, size: tuple[int, int], seed: int) -> Path:
@@ -230,11 +231,7 @@ def main() -> None:
           f"{rss[small_n]['main_peak_mb']:.0f} / {rss[small_n]['tree_peak_mb']:.0f} MB; {large_n} images "
           f"{rss[large_n]['main_peak_mb']:.0f} / {rss[large_n]['tree_peak_mb']:.0f} MB")
     print(f"no-op re-index of {large_n} unchanged files: {noop:.2f} s")
-    out = args.out or (None if args.quick else RESULTS / f"index-{result['date']}.json")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {out}")
+    save_result("index", result, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+
 DIM = 512
 KS = (1, 5, 10)
 
@@ -117,11 +117,7 @@ def main() -> None:
           f"{s['ours']['working_mb']:.0f} vs {s['clip_benchmark']['working_mb']:.0f} MB; same metrics: {agree}")
     print(f"{large[0]} x {large[1]}: {at_scale['seconds']:.0f} s, peak RSS {at_scale['peak_rss_mb']:.0f} MB "
           f"(of which embeddings and set-up {at_scale['embeddings_mb']:.0f} MB)")
-    out = args.out or (None if args.quick else RESULTS / f"recall-{result['date']}.json")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {out}")
+    save_result("recall", result, args.out, args.quick)
 
 
 if __name__ == "__main__":

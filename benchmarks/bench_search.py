@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import subprocess
@@ -30,8 +29,8 @@ from clipengine.models import ModelSpec, resolve_source
 from clipengine.search import Searcher
 from clipengine.store import FileRecord, IndexStore
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+
 DIM, K, QUERIES = 512, 10, 300
 
 
@@ -94,11 +93,7 @@ def main() -> None:
     print(f"{n} vectors, k={K}: ours {result['ours_ms']['median']:.2f} ms (p95 {result['ours_ms']['p95']:.2f}), "
           f"naive numpy {result['naive_ms']['median']:.2f} ms: {result['naive_over_ours']:.2f}x")
     print(f"`clipengine search TEXT` (fresh process, ViT-B-32): {result['cli_text_search_s']:.2f} s")
-    out = args.out or (None if args.quick else RESULTS / f"search-{result['date']}.json")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written {out}")
+    save_result("search", result, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "bench-train"
-RESULTS = ROOT / "benchmarks" / "results"
 SKIP_STEPS = 5
 OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
                   "from open_clip_train.main import main; main(sys.argv[1:])")
@@ -166,11 +167,7 @@ def main() -> None:
                                             "threads": args.threads, "rounds": args.rounds, "precision": "fp32"},
         "runs": runs, "summary": summary, "ratio_samples_per_second": ratio,
     }
-    path = args.out or (None if args.quick else RESULTS / f"train-{record['date']}.json")
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
-        print(f"saved {path}")
+    save_result("train", record, args.out, args.quick)
 
 
 if __name__ == "__main__":

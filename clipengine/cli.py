@@ -405,6 +405,14 @@ def _metrics_table(metrics: dict[str, float]):
     return table
 
 
+def _run_bench(benchmark: Callable[..., Any], json_file: str | None, *args: Any, **kwargs: Any) -> None:
+    """Run a benchmark with a progress bar for its embedding stages, then print or write its result."""
+    progress, on_progress = _stage_progress()
+    with progress:
+        result = benchmark(*args, progress=on_progress, **kwargs)
+    _report_bench(result, json_file)
+
+
 def _report_bench(result, json_file: str | None) -> None:
     data = result.to_dict()
     if json_file == "-":
@@ -450,16 +458,12 @@ def bench_retrieval(
 
     ks = _parse_ks(k)
     spec = _spec(model, pretrained, checkpoint, preprocess_from)
-    progress, on_progress = _stage_progress()
-    with progress:
-        if index_name:
-            result = index_retrieval_benchmark(resolve_index_path(index_name, index_dir), data, spec=spec,
-                                               image_root=images, split=split, ks=ks, device=device,
-                                               progress=on_progress)
-        else:
-            result = retrieval_benchmark(data, spec=spec, image_root=images, split=split, ks=ks, device=device,
-                                         batch_size=batch_size, workers=workers, progress=on_progress)
-    _report_bench(result, json_file)
+    if index_name:
+        _run_bench(index_retrieval_benchmark, json_file, resolve_index_path(index_name, index_dir), data, spec=spec,
+                   image_root=images, split=split, ks=ks, device=device)
+    else:
+        _run_bench(retrieval_benchmark, json_file, data, spec=spec, image_root=images, split=split, ks=ks,
+                   device=device, batch_size=batch_size, workers=workers)
 
 
 @bench_app.command("zeroshot")
@@ -480,12 +484,9 @@ def bench_zeroshot(
     """Zero-shot classification: acc@1, acc@5 and mean per-class recall."""
     from clipengine.bench.zeroshot import zeroshot_benchmark
 
-    progress, on_progress = _stage_progress()
-    with progress:
-        result = zeroshot_benchmark(data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
-                                    classnames_file=classnames, templates_file=templates, device=device,
-                                    batch_size=batch_size, workers=workers, progress=on_progress)
-    _report_bench(result, json_file)
+    _run_bench(zeroshot_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
+               classnames_file=classnames, templates_file=templates, device=device, batch_size=batch_size,
+               workers=workers)
 
 
 @bench_app.command("probe")
@@ -507,12 +508,9 @@ def bench_probe(
     """Linear probe: logistic regression on frozen features, regularisation chosen on a validation split."""
     from clipengine.bench.probe import probe_benchmark
 
-    progress, on_progress = _stage_progress()
-    with progress:
-        result = probe_benchmark(data, spec=_spec(model, pretrained, checkpoint, preprocess_from), with_text=with_text,
-                                 test_fraction=test_fraction, val_fraction=val_fraction, device=device,
-                                 batch_size=batch_size, workers=workers, progress=on_progress)
-    _report_bench(result, json_file)
+    _run_bench(probe_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
+               with_text=with_text, test_fraction=test_fraction, val_fraction=val_fraction, device=device,
+               batch_size=batch_size, workers=workers)
 
 
 @bench_app.command("compare")
