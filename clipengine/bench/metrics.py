@@ -25,7 +25,7 @@ BLOCK_BYTES = 256 << 20  # the score block: large enough for an efficient GEMM, 
 BLOCK_ROWS = 1024  # GEMM is as fast at 1024 query rows as at more; more rows only delay the top-k pruning
 
 
-def _as_unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+def _as_float32_rows(x: np.ndarray, what: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{what} embeddings must be 2-D, got shape {x.shape}")
@@ -62,8 +62,8 @@ def retrieval_hits(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequ
     caller): scores are their inner products, in float32."""
     import torch
 
-    images = _as_unit_rows(image_emb, "image")
-    texts = _as_unit_rows(text_emb, "text")
+    images = _as_float32_rows(image_emb, "image")
+    texts = _as_float32_rows(text_emb, "text")
     owners = np.asarray(text_owner, dtype=np.int64)
     ks = _check_ks(ks)
     if len(owners) != len(texts):

@@ -38,7 +38,7 @@ def model_settings(model: LoadedModel) -> dict:
     """What decides the embeddings besides the weights: device, precision and preprocessing."""
     dtype = autocast_dtype(model.device)
     return {"device": str(model.device), "precision": f"autocast {str(dtype).removeprefix('torch.')}" if dtype
-            else "float32", "preprocess": {k: v for k, v in model.preprocess_cfg.items()}}
+            else "float32", "preprocess": dict(model.preprocess_cfg)}
 
 
 def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | None = None,
@@ -129,14 +129,15 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
     with IndexStore.open(index_path) as store:
         source = check_same_model(store.manifest["model"], spec, f"index {index_path}")
         ids, gallery = store.vectors()
-        id_of = store.ids_of_paths(os.path.abspath(p) for p in pairs.images if isinstance(p, str))
+        wanted = [os.path.abspath(p) if isinstance(p, str) else None for p in pairs.images]  # tar members: never indexed
+        id_of = store.ids_of_paths(p for p in wanted if p)
         faiss_index = store.faiss_index()
     if not len(ids):
         raise BadInput(f"index {index_path} holds no searchable images")
     row_of_id = {int(i): r for r, i in enumerate(ids)}
     queries, owners, owner_ids, missing = [], [], [], []
-    for image, captions in zip(pairs.images, pairs.captions):
-        image_id = id_of.get(os.path.abspath(image)) if isinstance(image, str) else None
+    for image, path, captions in zip(pairs.images, wanted, pairs.captions):
+        image_id = id_of.get(path) if path else None
         if image_id is None or image_id not in row_of_id:
             missing.append((str(image), "not in the index"))
             continue
