@@ -45,6 +45,13 @@ PreprocessFromArg = Annotated[Optional[str], typer.Option(
     "--preprocess-from", help="With a local weights file: the pretrained tag whose preprocessing it uses.")]
 DeviceArg = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: auto).")]
 JsonArg = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+MemoryBudgetArg = Annotated[Optional[str], typer.Option(
+    "--memory-budget", help="Memory the search structure may take, e.g. 4GB (default: half the RAM); "
+                            "the most accurate faiss index that fits is chosen and tuned.")]
+FaissArg = Annotated[Optional[str], typer.Option(
+    "--faiss", help="A faiss index_factory string, e.g. 'IVF4096,PQ64', instead of the automatic choice.")]
+TargetRecallArg = Annotated[Optional[float], typer.Option(
+    help="recall@10 against exact search that the search depth is tuned to reach (default 0.95).")]
 
 
 def _spec(model: str | None, pretrained: str | None, checkpoint: Path | None, preprocess_from: str | None) -> ModelSpec:
@@ -99,9 +106,14 @@ def index(
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     retry_skipped: Annotated[bool, typer.Option(help="Try previously skipped files again.")] = False,
     rebuild: Annotated[bool, typer.Option(help="Delete the index and build it again from scratch.")] = False,
+    memory_budget: MemoryBudgetArg = None,
+    faiss_factory: FaissArg = None,
+    target_recall: TargetRecallArg = None,
     as_json: JsonArg = False,
 ) -> None:
-    """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded."""
+    """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
+
+    Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
     from clipengine.indexing import index_folder
 
     if threads:
@@ -120,12 +132,14 @@ def index(
     def on_progress(done: int, total: int) -> None:
         progress.update(task, completed=done, total=total)
 
-    with progress:
+    stages, on_stage = _stage_progress()
+    with progress, stages:
         report = index_folder(
             folder, path, _spec(model, pretrained, checkpoint, preprocess_from), device=device,
             batch_size=batch_size, workers=workers, commit_every=commit_every, max_pixels=pixels,
             draft=not exact_decode, include_hidden=include_hidden, retry_skipped=retry_skipped,
-            rebuild=rebuild, progress=on_progress,
+            rebuild=rebuild, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
+            progress=on_progress, build_progress=on_stage,
         )
     if as_json:
         _print_json(report.to_dict())
@@ -139,6 +153,51 @@ def index(
     if len(report.skips) > 20:
         out.print(f"  ... and {len(report.skips) - 20} more skipped (see `clipengine info`)", markup=False)
     out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
+    if report.faiss:
+        out.print(f"  search: {_describe_faiss(report.faiss)}", markup=False)
+
+
+def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
+    from clipengine.ann import parse_memory
+    from clipengine.indexing import FaissPolicy
+
+    return FaissPolicy(parse_memory(memory_budget) if memory_budget else None, factory, target_recall)
+
+
+def _describe_faiss(state: dict) -> str:
+    text = f"{state['kind']} ({state['factory']})"
+    tuning = state.get("tuning")
+    if tuning:
+        depth = f"{tuning['param']} {tuning['value']}: " if tuning["param"] else ""
+        text += (f", {depth}recall@10 {tuning['recall_at_10']:.3f} vs exact, {tuning['p50_ms']:.2f} ms/query p50 "
+                 f"({tuning['p99_ms']:.2f} p99) at {tuning['at_count']:,} vectors")
+        if not tuning["reached"]:
+            text += f"; target {tuning['target']} not reached"
+    return text
+
+
+@app.command()
+@_user_errors
+def reindex(
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    memory_budget: MemoryBudgetArg = None,
+    faiss_factory: FaissArg = None,
+    target_recall: TargetRecallArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
+    from clipengine.indexing import reindex as reindex_index
+
+    stages, on_stage = _stage_progress()
+    with stages:
+        report = reindex_index(resolve_index_path(index_name, index_dir),
+                               _faiss_policy(memory_budget, faiss_factory, target_recall), progress=on_stage)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    out.print(f"index {report.path}: {report.count:,} vectors", markup=False)
+    out.print(f"  search: {_describe_faiss(report.faiss)}", markup=False)
 
 
 @app.command()
@@ -205,10 +264,11 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"index     {report.path}",
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"images    {report.count} searchable, {len(report.skipped)} skipped, {report.unique_vectors} distinct",
-        f"faiss     {report.faiss['kind']} ({report.faiss['factory']}){'' if report.faiss_current else ', behind: rebuilt on load'}",
+        f"search    {_describe_faiss(report.faiss)}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"folders   {', '.join(report.folders) or '-'}",
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
     ]
+    lines += [f"advice    {a}" for a in report.advice]
     for line in lines:
         out.print(line, markup=False)
     for skip in report.skipped[:50]:
@@ -364,14 +424,14 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _stage_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+def _stage_progress(prefix: str = "") -> tuple[Progress, Callable[[str, int, int], None]]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True, disable=not err.is_terminal)
     tasks: dict[str, Any] = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
-            tasks[stage] = progress.add_task(f"embedding {stage}", total=total)
+            tasks[stage] = progress.add_task(f"{prefix}{stage}", total=total)
         progress.update(tasks[stage], completed=done, total=total)
 
     return progress, on_progress
@@ -407,7 +467,7 @@ def _metrics_table(metrics: dict[str, float]):
 
 def _run_bench(benchmark: Callable[..., Any], json_file: str | None, *args: Any, **kwargs: Any) -> None:
     """Run a benchmark with a progress bar for its embedding stages, then print or write its result."""
-    progress, on_progress = _stage_progress()
+    progress, on_progress = _stage_progress("embedding ")
     with progress:
         result = benchmark(*args, progress=on_progress, **kwargs)
     _report_bench(result, json_file)

@@ -19,7 +19,8 @@ from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.scan import FoundFile, plan_update, scan_folder
-from clipengine.store import FileRecord, IndexStore, remove_index
+from clipengine.ann import DRIFT_RATIO, n_lists, normalise_factory
+from clipengine.store import FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
 
@@ -38,6 +39,7 @@ class IndexReport:
     count: int = 0  # searchable files in the index after the run
     seconds: float = 0.0
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
+    faiss: dict = field(default_factory=dict)  # the search structure after the run (IndexStore.faiss_state)
 
     @property
     def images_per_second(self) -> float:
@@ -47,10 +49,30 @@ class IndexReport:
         return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
-def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None, rebuild: bool):
+@dataclass(frozen=True)
+class FaissPolicy:
+    """How the search structure is chosen; None leaves an existing index's setting as it is."""
+
+    memory_budget: int | None = None  # bytes the faiss index may take (default: half the RAM)
+    factory: str | None = None  # a faiss index_factory string, overriding the choice
+    target_recall: float | None = None  # recall@10 vs exact that tuning must reach (default 0.95)
+
+    def __post_init__(self) -> None:
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise BadInput("--target-recall must be in (0, 1], e.g. 0.95")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise BadInput("--memory-budget must be positive")
+
+    def changes(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None, rebuild: bool,
+                    policy: FaissPolicy):
     """Open the index for writing, creating it (which needs the model, for its dimension) if absent.
 
-    Returns (store, loaded model or None): the model is loaded only when it had to be.
+    Returns (store, loaded model or None, whether the faiss policy changed): the model is loaded only
+    when it had to be.
     """
     if rebuild:
         remove_index(index_path)
@@ -60,10 +82,12 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
             if model is not None:
                 require_same_source(store.manifest["model"], model.source, f"index {index_path}")
+            if policy.factory:
+                normalise_factory(policy.factory, store.dim)  # refuse a bad string before any work
+            return store, model, store.set_faiss_policy(**policy.changes())
         except BaseException:
             store.close()
             raise
-        return store, model
     if index_path.exists() and any(index_path.iterdir()):
         raise BadInput(f"{index_path} exists and is not a clipengine index: choose another --index")
     if index_path.exists():
@@ -74,7 +98,9 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         model = load_model(resolve_source(spec), device=device)
     else:
         check_same_model(model.source, spec, "the model passed in")
-    return IndexStore.create(index_path, model.source), model
+    if policy.factory:
+        normalise_factory(policy.factory, int(model.source["embed_dim"]))
+    return IndexStore.create(index_path, model.source, policy.changes()), model, False
 
 
 def index_folder(
@@ -92,13 +118,16 @@ def index_folder(
     include_hidden: bool = False,
     retry_skipped: bool = False,
     rebuild: bool = False,
+    faiss_policy: FaissPolicy = FaissPolicy(),
     progress: ProgressCallback | None = None,
+    build_progress: StageProgress | None = None,
 ) -> IndexReport:
     """Bring the index at `index_path` up to date with the images under `folder`.
 
     `spec` names the model for a new index; for an existing one it may be left empty (the index's own
     model is used) and anything else named is refused unless it is the same model. `model`, an already
-    loaded `LoadedModel`, saves loading it again when indexing several folders.
+    loaded `LoadedModel`, saves loading it again when indexing several folders. A `faiss_policy` that
+    differs from the index's retrains its search structure (see `IndexStore.save_faiss`).
     """
     started = time.perf_counter()
     root = Path(folder).expanduser()
@@ -108,7 +137,7 @@ def index_folder(
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
     index_path = Path(index_path)
-    store, model = _open_or_create(index_path, spec, model, device, rebuild)
+    store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
         report = IndexReport(index=str(index_path), folder=root_str, model=describe_source(store.manifest["model"]))
         plan = plan_update(scan_folder(root_str, include_hidden=include_hidden),
@@ -126,10 +155,11 @@ def index_folder(
             _embed_and_commit(store, model, plan.to_embed, report, batch_size=batch_size, workers=workers,
                               commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
             store.drop_unused_vectors()
-        if not plan.is_noop or not store.faiss_current():
-            store.save_faiss()
+        if policy_changed or not plan.is_noop or not store.faiss_current():
+            store.save_faiss(rebuild=policy_changed, progress=build_progress)
         store.record_folder(root_str)
         report.count = store.counts()["count"]
+        report.faiss = store.faiss_state()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -181,10 +211,12 @@ class IndexInfo:
     dim: int
     metric: str
     faiss: dict
+    faiss_policy: dict
     folders: list[str]
     created_at: str
     size_bytes: int
     faiss_current: bool
+    advice: list[str]  # what to do about the search structure, if anything
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,9 +235,46 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             unique_vectors=counts["unique_vectors"],
             dim=store.dim,
             metric=store.manifest["metric"],
-            faiss=store.manifest["faiss"],
+            faiss=store.faiss_state(),
+            faiss_policy=store.faiss_policy,
             folders=[p for p, _ in store.folders()],
             created_at=store.manifest["created_at"],
             size_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
             faiss_current=store.faiss_current(),
+            advice=_advice(store.faiss_state(), counts["count"], path),
         )
+
+
+def _advice(state: dict, count: int, path: Path) -> list[str]:
+    """What the measurements say about the search structure: drifted, outgrown, or off its recall target."""
+    fix = f"run `clipengine reindex --index {path}`"
+    advice = []
+    drift = state.get("drift", {})
+    ratio = drift.get("error_ratio")
+    if ratio and ratio > DRIFT_RATIO:
+        advice.append(f"new vectors sit {ratio:.1f}x further from the trained lists than the training sample "
+                      f"did (data has drifted): {fix} to retrain")
+    lists = state.get("lists")
+    if lists and n_lists(count) >= 4 * lists:
+        advice.append(f"{count:,} vectors have outgrown {lists} inverted lists (searches slow down): {fix}")
+    stale = drift.get("stale_in_index", 0)
+    if stale and stale > 0.2 * max(count, 1):
+        advice.append(f"{stale:,} deleted vectors still take space in the graph: {fix} to drop them")
+    tuning = state.get("tuning") or {}
+    if tuning and not tuning.get("reached", True):
+        advice.append(f"measured recall@10 is {tuning['recall_at_10']:.3f}, under the target {tuning['target']}: "
+                      f"{fix} with a larger --memory-budget or another --faiss")
+    return advice
+
+
+def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
+            progress: StageProgress | None = None) -> IndexInfo:
+    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
+    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
+    path = Path(index_path)
+    with IndexStore.open(path, writable=True) as store:
+        if faiss_policy.factory:
+            normalise_factory(faiss_policy.factory, store.dim)
+        store.set_faiss_policy(**faiss_policy.changes())
+        store.save_faiss(rebuild=True, progress=progress)
+    return index_info(path)

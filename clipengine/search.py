@@ -72,8 +72,9 @@ class Searcher:
 
     @property
     def faiss(self):
+        """The index's faiss structure, memory-mapped: opening costs milliseconds at any size."""
         if self._faiss is None:
-            self._faiss = self.store.faiss_index()
+            self._faiss = self.store.faiss_view(mmap=True)
         return self._faiss
 
     # ---- queries -> vectors -------------------------------------------------------------------
@@ -106,8 +107,6 @@ class Searcher:
 
     def search_vector(self, vector: np.ndarray, k: int = 10, prefix: str | None = None) -> list[Hit]:
         """Top-k files by cosine similarity to `vector` (normalised here), optionally under a path prefix."""
-        import faiss
-
         if k < 1:
             raise BadInput("-k must be at least 1")
         q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
@@ -117,15 +116,14 @@ class Searcher:
         if not np.isfinite(norm) or norm == 0:
             raise BadInput("query vector is zero or not finite")
         q /= norm
-        params = None
+        allowed = None
         if prefix is not None:
             allowed = self.store.ids_under(prefix)
             if allowed.size == 0:
                 return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         if self.faiss.ntotal == 0:
             return []
-        scores, ids = self.faiss.search(q, min(k, self.faiss.ntotal), params=params)
+        scores, ids = self.faiss.search(q, k, allowed)
         rows = self.store.rows(i for i in ids[0] if i >= 0)
         hits = []
         for score, i in zip(scores[0], ids[0], strict=True):

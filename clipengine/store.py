@@ -30,11 +30,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clipengine import __version__
+from clipengine import __version__, ann
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.scan import Recorded
 
@@ -46,6 +46,7 @@ FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "lock"
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -238,10 +239,10 @@ class IndexStore:
         return fd
 
     @classmethod
-    def create(cls, path: str | os.PathLike, model_source: dict) -> "IndexStore":
+    def create(cls, path: str | os.PathLike, model_source: dict, faiss_policy: dict | None = None) -> "IndexStore":
         """Create an empty index for vectors of `model_source` (a loaded model's source, with
-        embed_dim and preprocess). Built in a temporary directory and renamed into place, so a
-        crash never leaves a half-created index behind."""
+        embed_dim and preprocess); `faiss_policy` as in `faiss_policy`. Built in a temporary directory
+        and renamed into place, so a crash never leaves a half-created index behind."""
         path = Path(path)
         if path.exists():
             raise BadInput(f"{path} already exists")
@@ -257,7 +258,9 @@ class IndexStore:
             "model": model_source,
             "dim": int(model_source["embed_dim"]),
             "metric": "cosine",
-            "faiss": {"kind": "flat", "factory": "IDMap2,Flat", "faiss_metric": "inner_product"},
+            "faiss": {"faiss_metric": "inner_product",
+                      "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL,
+                                 **(faiss_policy or {})}},
         }
         conn = sqlite3.connect(tmp / DATABASE)
         conn.executescript(SCHEMA)
@@ -402,61 +405,155 @@ class IndexStore:
 
     # ---- the faiss view ----------------------------------------------------------------------
 
-    def _new_faiss(self):  # -> faiss.Index
-        import faiss
+    @property
+    def faiss_policy(self) -> dict:
+        """How the faiss structure is chosen: a memory budget (bytes; None: half the RAM), a factory string
+        that overrides the choice, and the recall@10 that tuning must reach."""
+        policy = self.manifest["faiss"].get("policy", {})
+        return {"memory_budget": policy.get("memory_budget"), "factory": policy.get("factory"),
+                "target_recall": policy.get("target_recall", ann.TARGET_RECALL)}
 
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+    def set_faiss_policy(self, **changes: object) -> bool:
+        """Change the policy (keys of `faiss_policy`; None values are left alone). Returns whether it changed;
+        the structure follows at the next `save_faiss(rebuild=True)`."""
+        self._require_writable()
+        policy = {**self.faiss_policy, **{k: v for k, v in changes.items() if v is not None}}
+        if policy == self.faiss_policy:
+            return False
+        manifest = {**self.manifest, "faiss": {**self.manifest["faiss"], "policy": policy}}
+        write_json_atomic(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+        return True
 
-    def _read_faiss(self):
+    def faiss_state(self) -> dict:
+        """What the faiss file on disk is: kind, factory, training sample, measured recall and latency, drift."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'faiss_state'").fetchone()
+        return json.loads(row[0]) if row else {"kind": "flat", "factory": "IDMap2,Flat"}
+
+    def _read_faiss(self, mmap: bool = False):
         """The faiss file as it is on disk, or None if it is missing, damaged or of another dimension."""
-        import faiss
-
         try:
-            index = faiss.read_index(str(self.path / FAISS_FILE))
+            index = ann.read_index(str(self.path / FAISS_FILE),
+                                   mmap_factory=self.faiss_state()["factory"] if mmap else None)
         except RuntimeError:
             return None
         return index if index.d == self.dim else None
 
-    def _synced(self, index):
-        """Bring a faiss index up to date with the live rows, by id-set difference."""
+    def _synced(self, index, live: np.ndarray):
+        """Bring a faiss index up to date with the live rows, by id-set difference. Indexes that cannot delete
+        (HNSW) keep stale ids; `faiss_view` filters those out of results."""
         import faiss
 
-        live = self._live_ids()
-        have = faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.empty(0, np.int64)
+        have = ann.index_ids(index)
         stale = np.setdiff1d(have, live, assume_unique=True)
-        if stale.size:
+        if stale.size and ann.can_remove(index):
             index.remove_ids(faiss.IDSelectorBatch(stale))
-        for ids, vecs in self._vectors_of(np.setdiff1d(live, have, assume_unique=True)):
-            index.add_with_ids(vecs, ids)
+        ann.add_chunks(index, self._vectors_of(np.setdiff1d(live, have, assume_unique=True)))
         return index
 
-    def faiss_index(self):
-        """The faiss index of every searchable file, current with the database.
+    def faiss_view(self, *, mmap: bool = False) -> ann.SearchableIndex:
+        """The faiss index of every searchable file, current with the database, ready to search.
 
-        Normally just read from disk; rebuilt in memory (not written) if the file is behind, so that a
-        read-only command never modifies the index.
+        Normally just read (with `mmap`, mapped rather than loaded: an index bigger than memory is served
+        from the page cache); rebuilt in memory, never written, if the file is behind, so that a read-only
+        command never modifies the index.
         """
-        index = self._read_faiss()
-        if index is not None and self.faiss_current():
-            return index
-        return self._synced(index or self._new_faiss())
+        ann.configure_threads(self.dim)
+        live = self._live_ids()
+        index = self._read_faiss(mmap) if self.faiss_current() else None
+        if index is None:
+            index = self._synced(self._read_faiss() or self._new_flat(), live)
+        excluded = None if ann.can_remove(index) else np.setdiff1d(ann.index_ids(index), live, assume_unique=True)
+        return ann.SearchableIndex(index, excluded)
 
-    def save_faiss(self) -> bool:
-        """Sync the faiss file with the database, atomically. Returns False when it was current."""
+    def _new_flat(self):
+        return ann.new_index("IDMap2,Flat", self.dim)
+
+    def save_faiss(self, *, rebuild: bool = False, progress: StageProgress | None = None) -> bool:
+        """Sync the faiss file with the database, atomically. Returns False when it was already current.
+
+        The structure follows the policy: while the chosen kind stays the same, new vectors are added to
+        the trained index and deleted ones removed (no retraining), and the search depth is re-tuned once
+        the count has moved by a fifth. When the count or the policy calls for another kind (or `rebuild`),
+        the index is trained afresh on a random sample and tuned on held-out vectors.
+        """
         import faiss
 
         self._require_writable()
-        on_disk = self._read_faiss()
+        ann.configure_threads(self.dim)
+        on_disk = None if rebuild else self._read_faiss()
         if on_disk is not None and self.faiss_current():
             return False
-        generation = self.generation
-        index = self._synced(on_disk or self._new_faiss())
+        generation, live, state = self.generation, self._live_ids(), self.faiss_state()
+        policy = self.faiss_policy
+        plan = ann.choose_index(live.size, self.dim, policy["memory_budget"], policy["factory"])
+        same_kind = plan.kind == state["kind"] and (not policy["factory"] or plan.factory == state["factory"])
+        if on_disk is None or not same_kind:
+            index, state = self._build(plan, live, generation, progress)
+        else:
+            index = self._synced(on_disk, live)
+            state = self._refresh_state(index, state, live, generation)
         tmp = self.path / f".{FAISS_FILE}.tmp-{os.getpid()}"
         faiss.write_index(index, str(tmp))
         _replace_durably(tmp, self.path / FAISS_FILE)
-        with self._conn:
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('faiss_state', ?)", (json.dumps(state),))
             self._conn.execute("UPDATE meta SET value = ? WHERE key = 'faiss_generation'", (str(generation),))
         return True
+
+    def _build(self, plan: ann.IndexPlan, live: np.ndarray, seed: int, progress: StageProgress | None):
+        index = ann.new_index(plan.factory, self.dim)
+        train_ids = ann.sample_ids(live, ann.training_size(plan.factory, live.size), seed)
+        if progress:
+            progress("training", 0, 1)
+        training = ann.train_index(index, self._gather(train_ids)) if train_ids.size else {"n_train": 0}
+        added = 0
+        for ids, vecs in self._vectors_of(live):
+            added += ann.add_chunks(index, [(ids, vecs)])
+            if progress:
+                progress("adding", added, live.size)
+        state = {"kind": plan.kind, "factory": plan.factory, "reason": plan.reason, "estimated_bytes": plan.bytes,
+                 "lists": ann.list_count(index),
+                 "trained": {**training, "at_count": int(live.size), "max_id": int(live.max()) if live.size else 0}}
+        if progress:
+            progress("tuning", 0, 1)
+        state["tuning"] = self._tune(index, live, train_ids, seed)
+        return index, state
+
+    def _tune(self, index, live: np.ndarray, train_ids: np.ndarray, seed: int) -> dict | None:
+        """Tune the depth on vectors held out from training (all vectors, when training took them all)."""
+        if live.size < 2:
+            return None
+        query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1, exclude=train_ids)
+        if query_ids.size < min(ann.TUNING_QUERIES, live.size) // 2:
+            query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1)
+        truth = ann.GroundTruth.compute(self._gather(query_ids), query_ids, self._vectors_of(live))
+        return ann.tune(index, truth, self.faiss_policy["target_recall"]).to_dict()
+
+    def _refresh_state(self, index, state: dict, live: np.ndarray, seed: int) -> dict:
+        """After an incremental sync: re-tune if the count moved by a fifth, and measure drift."""
+        state = dict(state)
+        tuned_at = (state.get("tuning") or {}).get("at_count", 0)
+        if abs(live.size - tuned_at) > 0.2 * max(tuned_at, 1):
+            state["tuning"] = self._tune(index, live, np.empty(0, np.int64), seed)
+        trained = state.get("trained", {})
+        new = live[live > trained.get("max_id", 0)]
+        drift = {"added_since_training": int(new.size),
+                 "stale_in_index": int(np.setdiff1d(ann.index_ids(index), live, assume_unique=True).size)}
+        baseline = trained.get("quantisation_error")
+        if baseline and new.size:
+            sample = ann.sample_ids(new, 2000, seed)
+            drift["error_ratio"] = round(ann.quantisation_error(index, self._gather(sample)) / baseline, 3)
+        state["drift"] = drift
+        return state
+
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
+        """Vectors of the given (sorted) ids, in that order."""
+        chunks = list(self._vectors_of(ids))
+        if not chunks:
+            return np.empty((0, self.dim), np.float32)
+        got = np.concatenate([c[0] for c in chunks])
+        return np.concatenate([c[1] for c in chunks])[np.argsort(got, kind="stable")]
 
     def faiss_current(self) -> bool:
         return (self.path / FAISS_FILE).is_file() and self._meta("faiss_generation") == self.generation

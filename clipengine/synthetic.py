@@ -1,4 +1,5 @@
-"""Deterministic photo-like images, so that tests, the offline demo and the benchmarks need no dataset.
+"""Deterministic photo-like images and embedding-like vectors, so that tests, the offline demo and the
+benchmarks need no dataset.
 
 `photo_like` makes what matters for the machinery: distinct content per seed, smooth colour regions
 with edges and per-pixel noise, so that JPEG files have realistic sizes (a 12-megapixel one is a few
@@ -44,6 +45,34 @@ def write_photo_folder(folder: str | os.PathLike, n: int, size: tuple[int, int] 
         photo_like(*size, seed=seed + i).save(path, fmt, **options)
         paths.append(path)
     return paths
+
+
+def clustered_unit_vectors(n: int, dim: int = 512, *, clusters: int | None = None, spread: float = 1.0,
+                           seed: int = 0, draw: int = 0, chunk: int = 65536) -> np.ndarray:
+    """`n` unit vectors drawn from a mixture of Gaussians shaped like CLIP image embeddings.
+
+    Why not uniform noise: in high dimension uniform vectors are all nearly orthogonal, so no index
+    can beat a full scan and every ANN method looks broken. Real embeddings share a common direction
+    (the modality offset) and cluster by content. Here cluster centres share one mean direction
+    (cosine between centres about 0.5), cluster sizes vary (Dirichlet weights), and `spread` is the
+    noise-to-centre ratio (1.0: cosine to the own centre about 0.7). `seed` fixes the mixture and
+    `draw` the points drawn from it: held-out queries are another `draw` of the same mixture.
+    """
+    clusters = clusters or max(1, n // 100)
+    mixture = np.random.default_rng(seed)
+    mean = mixture.standard_normal(dim)
+    mean /= np.linalg.norm(mean)
+    centres = mean + mixture.standard_normal((clusters, dim)) / np.sqrt(dim)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = mixture.dirichlet(np.full(clusters, 2.0))
+    rng = np.random.default_rng([seed, draw])
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        which = rng.choice(clusters, size=m, p=weights)
+        block = centres[which] + rng.standard_normal((m, dim)) * (spread / np.sqrt(dim))
+        out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
 
 
 if __name__ == "__main__":  # python -m clipengine.synthetic FOLDER [N] : the demo's built-in images

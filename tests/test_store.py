@@ -35,7 +35,7 @@ def snapshot(path):
 
 
 def search_ids(store: IndexStore, seed: int, k: int = 3) -> list[int]:
-    _, ids = store.faiss_index().search(unit(seed)[None], k)
+    _, ids = store.faiss_view().search(unit(seed)[None], k)
     return [int(i) for i in ids[0] if i >= 0]
 
 
@@ -50,7 +50,7 @@ def test_create_writes_a_self_describing_index(tmp_path, store):
     manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
     assert manifest["format"] == "clipengine-index" and manifest["format_version"] == 1
     assert manifest["model"]["identity"] == "random:tiny:seed0" and manifest["dim"] == DIM
-    assert manifest["metric"] == "cosine" and manifest["faiss"]["kind"] == "flat"
+    assert manifest["metric"] == "cosine" and manifest["faiss"]["policy"]["factory"] is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftover temp directory
 
 

@@ -1,0 +1,505 @@
+"""Which faiss index fits N vectors in a memory budget, and how to train, tune and check it.
+
+Why by measurement: the faiss guidelines give the shape (exact while it is small, then HNSW, then IVF
+with ever coarser codes as memory tightens; 4·√N to 16·√N lists) but not the search depth. nprobe or
+efSearch is chosen here as the smallest value whose recall@10 against exact search reaches the target
+on held-out vectors, and that recall and the single-query latency it costs are recorded, so `info`
+can say what an index actually delivers rather than what its name suggests.
+
+Everything works on plain arrays and on chunked iterators of (ids, vectors), so an index of more
+vectors than fit in memory can still be trained (on a sample) and filled (chunk by chunk).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from clipengine.errors import BadInput
+
+FLAT_MAX = 50_000  # an exact scan of 50k x 512 floats is ~100 MB, a few ms on two cores
+HNSW_MAX = 250_000  # above this, building HNSW on a few cores takes longer than training IVF
+HNSW_COARSE_MIN = 1_000_000  # faiss guideline: an HNSW coarse quantiser once N passes a million
+HNSW_M = 32
+TARGET_RECALL = 0.95
+TUNING_K = 10
+TUNING_QUERIES = 500
+TRAIN_POINTS_PER_LIST = 64  # faiss warns under 39 per centroid; 64 is its k-means default cap's quarter
+PQ_MIN_TRAIN = 256 * 39  # PQ sub-quantisers have 256 centroids each
+MAX_TRAIN = 300_000
+DRIFT_RATIO = 1.5  # quantisation error this many times the training sample's: retrain
+
+Chunks = Iterable[tuple[np.ndarray, np.ndarray]]  # (int64 ids, float32 unit vectors)
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads and the BLAS threshold
+# --------------------------------------------------------------------------------------------------
+
+
+BLAS_MIN_QUERIES = 3  # from this many queries in a batch, one GEMM beats a scan per query (bench_ann.py)
+
+
+def configure_threads(dim: int, threads: int | None = None) -> int:
+    """Give faiss and torch the same, explicit thread count (default: the usable cores), and set faiss's
+    BLAS threshold for vectors of `dim`.
+
+    Each library ships its own OpenMP runtime; left alone both start a full pool and fight over the
+    cores. faiss compares nq·d with the threshold (default 128000: 250 queries at d=512), so a batch of
+    a few dozen queries would scan the whole database once per query; measured here, one GEMM is
+    faster from 3 queries up.
+    """
+    import faiss
+
+    threads = threads or len(os.sched_getaffinity(0))
+    faiss.omp_set_num_threads(threads)
+    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * dim
+    torch = sys.modules.get("torch")  # never import torch just for this: a vector search needs none
+    if torch is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing
+# --------------------------------------------------------------------------------------------------
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'4GB', '512MiB', '2.5g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit or float(match.group(1)) <= 0:
+        raise BadInput(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 2GiB")
+    return int(float(match.group(1)) * unit)
+
+
+def default_memory_budget() -> int:
+    """Half of the machine's memory: the index shares it with the model and everything else."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str  # flat, flat-fp16, hnsw, ivf-flat, ivf-fp16, ivf-sq8, ivf-pq, or custom
+    factory: str  # a faiss index_factory string; wrapped in IDMap2 where the index has no ids of its own
+    bytes: int  # estimated memory once every vector is added
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def n_lists(n: int) -> int:
+    """Inverted lists for n vectors: the power of two nearest 4·√N (the low end of the guideline's 4–16·√N,
+    which keeps k-means training affordable on a few cores), at least 16."""
+    return max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
+
+
+def _ivf_prefix(n: int) -> tuple[str, int]:
+    lists = n_lists(n)
+    coarse = f"IVF{lists}_HNSW32" if n >= HNSW_COARSE_MIN else f"IVF{lists}"
+    return coarse, lists
+
+
+def candidate_plans(n: int, dim: int) -> list[IndexPlan]:
+    """Every kind that suits n vectors, most accurate first, with its estimated memory."""
+    ids = 8  # an IVF list stores one int64 id per vector
+    idmap = 48  # IDMap2: the id array plus its reverse hash map
+    if n <= FLAT_MAX:
+        return [IndexPlan("flat", "IDMap2,Flat", n * (4 * dim + idmap), f"exact search: {n:,} vectors scan in milliseconds"),
+                IndexPlan("flat-fp16", "IDMap2,SQfp16", n * (2 * dim + idmap), "exact scan of float16 vectors")]
+    coarse, lists = _ivf_prefix(n)
+    centroids = lists * dim * 4 + (lists * HNSW_M * 2 * 4 if "HNSW" in coarse else 0)
+    plans = []
+    if n <= HNSW_MAX:
+        plans.append(IndexPlan("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", n * (4 * dim + HNSW_M * 2 * 4 * 1.05 + idmap),
+                               "graph search: fastest at high recall, and affordable to build at this size"))
+    plans += [
+        IndexPlan("ivf-flat", f"{coarse},Flat", centroids + n * (4 * dim + ids), f"{lists} inverted lists of full vectors"),
+        IndexPlan("ivf-fp16", f"{coarse},SQfp16", centroids + n * (2 * dim + ids), f"{lists} lists of float16 vectors"),
+        IndexPlan("ivf-sq8", f"{coarse},SQ8", centroids + n * (dim + ids), f"{lists} lists of 8-bit scalar codes"),
+    ]
+    for m in (64, 32, 16, 8):
+        if dim % m == 0 and n >= PQ_MIN_TRAIN:
+            plans.append(IndexPlan("ivf-pq", f"OPQ{m}_{dim},{coarse},PQ{m}", centroids + dim * dim * 4 + n * (m + ids),
+                                   f"{lists} lists of {m}-byte OPQ codes"))
+    return [IndexPlan(p.kind, p.factory, int(p.bytes), p.reason) for p in plans]
+
+
+def choose_index(n: int, dim: int, memory_budget: int | None = None, factory: str | None = None) -> IndexPlan:
+    """The most accurate index kind whose memory fits the budget; a factory string overrides the choice."""
+    if factory:
+        return IndexPlan(kind_of_factory(factory), normalise_factory(factory, dim), 0, "named with --faiss")
+    budget = memory_budget or default_memory_budget()
+    plans = candidate_plans(n, dim)
+    for plan in plans:
+        if plan.bytes <= budget:
+            return plan
+    smallest = plans[-1]
+    raise BadInput(f"{n:,} vectors need at least {smallest.bytes / 1e9:.2f} GB ({smallest.factory}), more than the "
+                   f"memory budget of {budget / 1e9:.2f} GB: raise --memory-budget")
+
+
+def kind_of_factory(factory: str) -> str:
+    text = factory.replace("IDMap2,", "").replace("IDMap,", "")
+    if "IVF" in text:
+        for code, kind in (("PQ", "ivf-pq"), ("SQ8", "ivf-sq8"), ("SQfp16", "ivf-fp16"), (",Flat", "ivf-flat")):
+            if code in text.split("IVF", 1)[1]:
+                return kind
+        return "custom"
+    if text.startswith("HNSW"):
+        return "hnsw"
+    return {"Flat": "flat", "SQfp16": "flat-fp16"}.get(text, "custom")
+
+
+def normalise_factory(factory: str, dim: int) -> str:
+    """Check a user's factory string by building it, and give it ids: IVF indexes keep their own, others
+    are wrapped in IDMap2 (whose id map also lets deletions be found)."""
+    import faiss
+
+    factory = factory.strip()
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise BadInput(f"--faiss {factory!r} is not a faiss index_factory string "
+                       f"({str(e).strip().splitlines()[-1][:120]})") from None
+    if _ivf(index) is None and not factory.startswith("IDMap"):
+        factory = f"IDMap2,{factory}"
+    return factory
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------------
+
+
+def _ivf(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _hnsw(index):
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return inner if hasattr(inner, "hnsw") else None
+
+
+def training_size(factory: str, n: int) -> int:
+    """How many vectors training needs: enough per inverted list (and for PQ's 256-centroid codebooks)."""
+    match = re.search(r"IVF(\d+)", factory)
+    wanted = int(match.group(1)) * TRAIN_POINTS_PER_LIST if match else 0
+    if "PQ" in factory or "OPQ" in factory:
+        wanted = max(wanted, PQ_MIN_TRAIN * 4)
+    return min(n, max(wanted, 1), MAX_TRAIN) if wanted else 0
+
+
+def new_index(factory: str, dim: int):
+    import faiss
+
+    return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+
+
+def train_index(index, sample: np.ndarray) -> dict:
+    """Train on a random sample (never the first vectors: those are one folder, one day, one camera), and
+    record the sample's quantisation error, the baseline that drift is later measured against."""
+    if index.is_trained:
+        return {"n_train": 0}
+    if len(sample) < 1:
+        raise BadInput("an approximate index needs vectors to train on: index some images first")
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return {"n_train": int(len(sample)), "quantisation_error": quantisation_error(index, sample)}
+
+
+def quantisation_error(index, vectors: np.ndarray) -> float | None:
+    """Mean squared distance from each vector to its nearest coarse centroid (IVF only): how well the
+    lists trained on one sample still describe these vectors."""
+    ivf = _ivf(index)
+    if ivf is None or len(vectors) == 0:
+        return None
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    import faiss
+
+    if isinstance(index, faiss.IndexPreTransform):  # OPQ: the lists live in the rotated space
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    scores, _ = ivf.quantizer.search(x, 1)
+    # IP quantiser: |x - c|^2 = |x|^2 + |c|^2 - 2 x.c with unit x and (nearly) unit centroids
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    c_norm = float(np.mean(np.sum(centroids * centroids, axis=1)))
+    return float(np.mean(np.sum(x * x, axis=1) + c_norm - 2 * scores[:, 0]))
+
+
+def add_chunks(index, chunks: Chunks) -> int:
+    added = 0
+    for ids, vecs in chunks:
+        index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        added += len(ids)
+    return added
+
+
+def index_ids(index) -> np.ndarray:
+    """The ids an index holds (IDMap2 keeps them in a map; IVF lists keep them per list)."""
+    import faiss
+
+    if index.ntotal == 0:
+        return np.empty(0, np.int64)
+    if isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = _ivf(index)
+    invlists = ivf.invlists
+    parts = []
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def list_count(index) -> int | None:
+    ivf = _ivf(index)
+    return None if ivf is None else int(ivf.nlist)
+
+
+def can_remove(index) -> bool:
+    """HNSW graphs cannot delete; their stale ids are filtered out of results instead."""
+    return _hnsw(index) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Searching with a depth and a filter
+# --------------------------------------------------------------------------------------------------
+
+
+def search_parameters(index, *, depth: int | None = None, selector=None):
+    """SearchParameters carrying the tuned depth (nprobe/efSearch) and an id filter, or None if neither."""
+    import faiss
+
+    if _ivf(index) is not None:
+        ivf = _ivf(index)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=depth or ivf.nprobe) if (selector or depth) else None
+    hnsw = _hnsw(index)
+    if hnsw is not None:
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=depth or hnsw.hnsw.efSearch) if (selector or depth) else None
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def set_depth(index, depth: int) -> None:
+    """Store the tuned depth in the index itself, so that it is saved with it and every reader uses it."""
+    if _ivf(index) is not None:
+        _ivf(index).nprobe = int(depth)
+    elif _hnsw(index) is not None:
+        _hnsw(index).hnsw.efSearch = int(depth)
+
+
+def depth_name(index) -> str | None:
+    return "nprobe" if _ivf(index) is not None else "efSearch" if _hnsw(index) is not None else None
+
+
+def read_index(path: str, *, mmap_factory: str | None = None):
+    """Read an index file, or with `mmap_factory` (the factory it was built from) map it instead of loading
+    it, so that an index bigger than memory is served from the page cache and a search opens in
+    milliseconds whatever the index's size. A mapped index is read-only."""
+    import faiss
+
+    if mmap_factory is None:
+        return faiss.read_index(path)
+    # IVF indexes map their inverted lists, the others their flat codes; faiss takes one flag or the other
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP if "IVF" in mmap_factory else faiss.IO_FLAG_MMAP_IFC)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground truth, tuning, measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_top(queries: np.ndarray, chunks: Chunks, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (scores, ids) of each query over vectors that arrive in chunks; memory stays at one chunk."""
+    nq = len(queries)
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, k), -1, dtype=np.int64)
+    for ids, vecs in chunks:
+        scores = queries @ np.asarray(vecs, dtype=np.float32).T
+        scores = np.concatenate([best_s, scores], axis=1)
+        cand = np.concatenate([best_i, np.broadcast_to(ids, (nq, len(ids)))], axis=1)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if scores.shape[1] > k else np.argsort(-scores, axis=1)
+        best_s = np.take_along_axis(scores, top, axis=1)
+        best_i = np.take_along_axis(cand, top, axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+
+
+@dataclass
+class GroundTruth:
+    """Held-out queries with their exact neighbours. The queries are indexed vectors themselves, so each one's
+    own id is dropped from both sides; `depth` neighbours are kept so that ties at rank k count as hits."""
+
+    queries: np.ndarray
+    query_ids: np.ndarray
+    scores: np.ndarray  # exact top, self removed, (nq, >= k)
+    ids: np.ndarray
+
+    @classmethod
+    def compute(cls, queries: np.ndarray, query_ids: np.ndarray, chunks: Chunks, k: int = TUNING_K,
+                depth: int = 50) -> "GroundTruth":
+        scores, ids = exact_top(queries, chunks, depth + 1)
+        return cls(queries, query_ids, *_drop_self(scores, ids, query_ids, depth))
+
+    def recall(self, found_ids: np.ndarray, k: int = TUNING_K) -> float:
+        """Fraction of each query's k results that are among its exact k nearest (ties at the k-th score count)."""
+        _, found = _drop_self(np.zeros(found_ids.shape, np.float32), found_ids, self.query_ids, k)
+        kth = self.scores[:, k - 1:k] - 1e-6
+        hits = 0
+        for row in range(len(found)):
+            good = set(self.ids[row][self.scores[row] >= kth[row]].tolist())
+            hits += sum(1 for i in found[row] if i in good)
+        return hits / (len(found) * k)
+
+
+def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray, keep: int):
+    mask = ids != self_ids[:, None]
+    out_s = np.full((len(ids), keep), -np.inf, dtype=np.float32)
+    out_i = np.full((len(ids), keep), -1, dtype=np.int64)
+    for row in range(len(ids)):
+        s, i = scores[row][mask[row]][:keep], ids[row][mask[row]][:keep]
+        out_s[row, :len(s)], out_i[row, :len(i)] = s, i
+    return out_s, out_i
+
+
+@dataclass
+class Tuning:
+    param: str | None  # nprobe, efSearch, or None for exact indexes
+    value: int | None
+    recall_at_10: float
+    reached: bool  # whether the target was reached at all (else value is the deepest tried)
+    target: float
+    p50_ms: float
+    p99_ms: float
+    queries: int
+    at_count: int  # vectors in the index when measured
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _depths(index) -> list[int]:
+    ivf = _ivf(index)
+    if ivf is not None:
+        out, d = [], 1
+        while d < ivf.nlist:
+            out.append(d)
+            d *= 2
+        return out + [ivf.nlist]
+    return [16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def recall_at(index, truth: GroundTruth, depth: int | None, k: int = TUNING_K) -> float:
+    params = search_parameters(index, depth=depth)
+    _, found = index.search(truth.queries, k + 1, params=params)
+    return truth.recall(found, k)
+
+
+def tune(index, truth: GroundTruth, target: float = TARGET_RECALL, k: int = TUNING_K) -> Tuning:
+    """The smallest depth reaching `target` recall@k: doubling, then bisection between the last miss and the
+    first hit. Stored into the index (set_depth), with the measured single-query latency."""
+    if not 0 < target <= 1:
+        raise BadInput("--target-recall must be in (0, 1]")
+    name = depth_name(index)
+    if name is None:
+        recall = recall_at(index, truth, None, k)
+        return _measured(index, truth, None, None, recall, recall >= target, target)
+    low, high, high_recall = 0, None, 0.0
+    for depth in _depths(index):
+        recall = recall_at(index, truth, depth, k)
+        if recall >= target:
+            high, high_recall = depth, recall
+            break
+        low, high_recall = depth, recall
+    if high is None:  # not reachable: use the deepest search tried
+        set_depth(index, low)
+        return _measured(index, truth, name, low, high_recall, False, target)
+    while high - low > max(1, high // 8):  # bisect to within an eighth: finer steps cost more than they save
+        mid = (low + high) // 2
+        recall = recall_at(index, truth, mid, k)
+        if recall >= target:
+            high, high_recall = mid, recall
+        else:
+            low = mid
+    set_depth(index, high)
+    return _measured(index, truth, name, high, high_recall, True, target)
+
+
+def _measured(index, truth, name, value, recall, reached, target) -> Tuning:
+    p50, p99 = single_query_latency(index, truth.queries)
+    return Tuning(name, value, round(recall, 4), bool(reached), target, p50, p99, len(truth.queries), int(index.ntotal))
+
+
+def single_query_latency(index, queries: np.ndarray, k: int = TUNING_K, repeats: int = 1,
+                         search: Callable | None = None) -> tuple[float, float]:
+    """p50 and p99 in milliseconds of one query at a time, the way a terminal search runs."""
+    search = search or (lambda q: index.search(q, k))
+    for q in queries[:5]:  # warm caches and thread pools
+        search(q[None])
+    times = []
+    for _ in range(repeats):
+        for q in queries:
+            start = time.perf_counter()
+            search(q[None])
+            times.append((time.perf_counter() - start) * 1000)
+    return round(float(np.percentile(times, 50)), 3), round(float(np.percentile(times, 99)), 3)
+
+
+def sample_ids(ids: np.ndarray, count: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """A sorted random sample of `ids`, none of them in `exclude`."""
+    pool = ids if exclude is None or exclude.size == 0 else np.setdiff1d(ids, exclude, assume_unique=True)
+    if count >= pool.size:
+        return np.sort(pool)
+    return np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
+
+
+def iter_array_chunks(ids: np.ndarray, vectors: np.ndarray, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(ids), chunk):
+        yield ids[start:start + chunk], vectors[start:start + chunk]
+
+
+class SearchableIndex:
+    """A faiss index together with the ids it still holds but must not return (an HNSW graph cannot
+    delete, so a removed file's id stays in it until the next rebuild), searched at its tuned depth."""
+
+    def __init__(self, index, excluded: np.ndarray | None = None):
+        self.index = index
+        self.excluded = excluded if excluded is not None and excluded.size else None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal) - (0 if self.excluded is None else int(self.excluded.size))
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query, only among `allowed` ids when given (already free of excluded ones)."""
+        import faiss
+
+        selector = inner = None  # both held here: faiss selectors do not own what they point to
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+        elif self.excluded is not None:
+            inner = faiss.IDSelectorBatch(self.excluded)
+            selector = faiss.IDSelectorNot(inner)
+        params = search_parameters(self.index, selector=selector)
+        k = max(1, min(k, self.index.ntotal))
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
