@@ -114,7 +114,9 @@ def index(
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
 
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
+    from clipengine.errors import BadInput
     from clipengine.indexing import index_folder
+    from clipengine.sharded import in_torchrun, index_folder_sharded
 
     if threads:
         import torch
@@ -133,14 +135,20 @@ def index(
         progress.update(task, completed=done, total=total)
 
     stages, on_stage = _stage_progress()
+    options = dict(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
+                   max_pixels=pixels, draft=not exact_decode, include_hidden=include_hidden,
+                   retry_skipped=retry_skipped, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
+                   progress=on_progress, build_progress=on_stage)
+    spec = _spec(model, pretrained, checkpoint, preprocess_from)
     with progress, stages:
-        report = index_folder(
-            folder, path, _spec(model, pretrained, checkpoint, preprocess_from), device=device,
-            batch_size=batch_size, workers=workers, commit_every=commit_every, max_pixels=pixels,
-            draft=not exact_decode, include_hidden=include_hidden, retry_skipped=retry_skipped,
-            rebuild=rebuild, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
-            progress=on_progress, build_progress=on_stage,
-        )
+        if in_torchrun():
+            if rebuild:
+                raise BadInput("--rebuild is not available under torchrun: delete the index first")
+            report = index_folder_sharded(folder, path, spec, **options)
+            if report is None:  # not rank 0: rank 0 reports for the job
+                return
+        else:
+            report = index_folder(folder, path, spec, rebuild=rebuild, **options)
     if as_json:
         _print_json(report.to_dict())
         return

@@ -130,10 +130,7 @@ def index_folder(
     differs from the index's retrains its search structure (see `IndexStore.save_faiss`).
     """
     started = time.perf_counter()
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise BadInput(f"{folder} is not a folder" if root.exists() else f"folder not found: {folder}")
-    root_str = os.path.abspath(root)
+    root_str = os.path.abspath(ensure_folder(folder))
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
     index_path = Path(index_path)
@@ -162,6 +159,13 @@ def index_folder(
         report.faiss = store.faiss_state()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def ensure_folder(folder: str | os.PathLike) -> Path:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise BadInput(f"{folder} is not a folder" if root.exists() else f"folder not found: {folder}")
+    return root
 
 
 def _commit(store: IndexStore, report: IndexReport, records: list[FileRecord], remove_ids=()) -> None:
