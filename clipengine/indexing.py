@@ -245,11 +245,11 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             created_at=store.manifest["created_at"],
             size_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
             faiss_current=store.faiss_current(),
-            advice=_advice(store.faiss_state(), counts["count"], path),
+            advice=_advice(store.faiss_state(), counts["count"], path, store.faiss_policy),
         )
 
 
-def _advice(state: dict, count: int, path: Path) -> list[str]:
+def _advice(state: dict, count: int, path: Path, policy: dict) -> list[str]:
     """What the measurements say about the search structure: drifted, outgrown, or off its recall target."""
     fix = f"run `clipengine reindex --index {path}`"
     advice = []
@@ -259,7 +259,7 @@ def _advice(state: dict, count: int, path: Path) -> list[str]:
         advice.append(f"new vectors sit {ratio:.1f}x further from the trained lists than the training sample "
                       f"did (data has drifted): {fix} to retrain")
     lists = state.get("lists")
-    if lists and n_lists(count) >= 4 * lists:
+    if lists and not policy["factory"] and n_lists(count) >= 4 * lists:  # a named factory stays as named
         advice.append(f"{count:,} vectors have outgrown {lists} inverted lists (searches slow down): {fix}")
     stale = drift.get("stale_in_index", 0)
     if stale and stale > 0.2 * max(count, 1):

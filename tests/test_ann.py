@@ -1,0 +1,200 @@
+"""Approximate indexes: the choice rules, tuning to a recall target, growing and shrinking each kind
+without retraining, drift and reindex, memory-mapped serving, threads and the BLAS threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipengine import ann
+from clipengine.errors import BadInput
+from clipengine.indexing import FaissPolicy, index_info, reindex
+from clipengine.search import Searcher
+from clipengine.store import FAISS_FILE, FileRecord, IndexStore
+from clipengine.synthetic import clustered_unit_vectors
+
+DIM = 32
+
+
+def source():
+    return {"source": "random", "arch": "tiny", "seed": 0, "identity": "random:tiny:seed0", "embed_dim": DIM,
+            "preprocess": {}}
+
+
+def records(vectors: np.ndarray, start: int = 0) -> list[FileRecord]:
+    return [FileRecord(f"/photos/{start + i:06d}.jpg", 1, start + i, f"h{start + i}", 4, 3, v)
+            for i, v in enumerate(vectors)]
+
+
+def make_store(tmp_path, vectors: np.ndarray, factory: str | None = None, **policy) -> IndexStore:
+    store = IndexStore.create(tmp_path / "idx", source(), {"factory": factory, **policy})
+    store.commit(records(vectors))
+    store.save_faiss()
+    return store
+
+
+# ---- choosing ---------------------------------------------------------------------------------
+
+
+def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fits():
+    assert ann.choose_index(10_000, 512).kind == "flat"
+    assert ann.choose_index(100_000, 512).kind == "hnsw"
+    assert ann.choose_index(1_000_000, 512, 4 * 10**9).kind == "ivf-flat"
+    assert ann.choose_index(1_000_000, 512, 1.5 * 10**9).kind == "ivf-fp16"
+    assert ann.choose_index(1_000_000, 512, 10**9).kind == "ivf-sq8"
+    pq = ann.choose_index(1_000_000, 512, 200 * 10**6)
+    assert pq.kind == "ivf-pq" and pq.factory.endswith("PQ64") and pq.bytes <= 200 * 10**6
+    with pytest.raises(BadInput, match="memory budget"):
+        ann.choose_index(1_000_000, 512, 10**6)
+
+
+def test_list_counts_follow_the_square_root_rule_and_an_hnsw_quantiser_comes_above_a_million():
+    for n in (60_000, 250_000, 1_000_000, 10_000_000):
+        assert 4 * np.sqrt(n) / 1.5 <= ann.n_lists(n) <= 16 * np.sqrt(n)
+    assert ann.choose_index(500_000, 512).factory == "IVF2048,Flat"
+    assert ann.choose_index(2_000_000, 512).factory == "IVF4096_HNSW32,Flat"
+
+
+def test_a_factory_string_overrides_the_choice_and_gets_ids():
+    assert ann.choose_index(100, 64, factory="HNSW16").factory == "IDMap2,HNSW16"
+    assert ann.choose_index(100, 64, factory="IVF64,SQ8").factory == "IVF64,SQ8"
+    with pytest.raises(BadInput, match="index_factory"):
+        ann.choose_index(100, 64, factory="NotAnIndex")
+
+
+def test_memory_sizes_parse():
+    assert ann.parse_memory("4GB") == 4 * 10**9 and ann.parse_memory("512MiB") == 512 * 2**20
+    for bad in ("lots", "-1GB", "4 parsecs"):
+        with pytest.raises(BadInput):
+            ann.parse_memory(bad)
+
+
+def test_training_samples_are_random_not_the_first_vectors():
+    ids = np.arange(100_000)
+    sample = ann.sample_ids(ids, 1000, seed=0)
+    assert sample.size == 1000 and sample.max() > 90_000 and sample.min() < 10_000
+    held_out = ann.sample_ids(ids, 500, seed=1, exclude=sample)
+    assert not np.intersect1d(held_out, sample).size
+
+
+# ---- tuning -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    vectors = clustered_unit_vectors(20_000, DIM, clusters=200, seed=3)
+    queries = clustered_unit_vectors(400, DIM, clusters=200, seed=3, draw=1)
+    no_self = np.full(200, -1)
+    chunks = lambda: ann.iter_array_chunks(np.arange(len(vectors)), vectors)  # noqa: E731
+    tune = ann.GroundTruth.compute(queries[:200], no_self, chunks())
+    test = ann.GroundTruth.compute(queries[200:], no_self, chunks())
+    return vectors, tune, test
+
+
+@pytest.mark.parametrize("factory", ["IVF128,Flat", "IDMap2,HNSW16"])
+@pytest.mark.parametrize("target", [0.8, 0.97])
+def test_tuning_picks_the_smallest_depth_that_reaches_the_target(clustered, factory, target):
+    vectors, tune_truth, test_truth = clustered
+    index = ann.new_index(factory, DIM)
+    ann.train_index(index, vectors[ann.sample_ids(np.arange(len(vectors)), 128 * 40, seed=0)])
+    index.add_with_ids(vectors, np.arange(len(vectors)))
+    tuning = ann.tune(index, tune_truth, target)
+    assert tuning.reached and tuning.recall_at_10 >= target
+    shallower = tuning.value - max(1, tuning.value // 8)  # tuning bisects to within an eighth
+    assert tuning.value == 1 or ann.recall_at(index, tune_truth, shallower) < target
+    assert ann.recall_at(index, test_truth, None) >= target - 0.05  # the depth is stored in the index itself
+    assert tuning.p50_ms > 0 and tuning.p99_ms >= tuning.p50_ms
+
+
+def test_recall_counts_ties_at_rank_k_as_hits():
+    truth = ann.GroundTruth(np.zeros((1, 2), np.float32), np.array([-1]),
+                            np.array([[0.9, 0.5, 0.5]], np.float32), np.array([[7, 8, 9]]))
+    assert truth.recall(np.array([[7, 9]]), k=2) == 1.0  # 9 ties with 8 at rank 2
+    assert truth.recall(np.array([[7, 3]]), k=2) == 0.5
+
+
+# ---- growing and shrinking every kind through the store -------------------------------------
+
+KINDS = {"flat": None, "flat-fp16": "SQfp16", "hnsw": "HNSW16", "ivf-flat": "IVF32,Flat",
+         "ivf-fp16": "IVF32,SQfp16", "ivf-sq8": "IVF32,SQ8", "ivf-pq": "IVF32,PQ8"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_grows_without_retraining_and_never_returns_a_deleted_file(tmp_path, kind):
+    vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=1)
+    with make_store(tmp_path, vectors[:2500], KINDS[kind]) as store:
+        state = store.faiss_state()
+        assert state["kind"] == kind and state["tuning"]["recall_at_10"] > 0
+        trained = state["trained"]
+        doomed = store.ids_of_paths(["/photos/000005.jpg", "/photos/000006.jpg"])
+        store.commit(records(vectors[2500:], start=2500), remove_ids=list(doomed.values()))
+        store.save_faiss()
+        assert store.faiss_state()["trained"] == trained  # added and removed without retraining
+        new_id = store.ids_of_paths(["/photos/002700.jpg"])["/photos/002700.jpg"]
+    with Searcher(tmp_path / "idx") as searcher:
+        assert searcher.faiss.ntotal == 2998
+        for i in (5, 6):
+            assert all(h.path != f"/photos/{i:06d}.jpg" for h in searcher.search_vector(vectors[i], 50))
+        assert new_id in [h.id for h in searcher.search_vector(vectors[2700], 10)]
+
+
+def test_a_kind_change_as_the_collection_grows_retrains(tmp_path, monkeypatch):
+    monkeypatch.setattr(ann, "FLAT_MAX", 1000)
+    monkeypatch.setattr(ann, "HNSW_MAX", 1000)
+    vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=2)
+    with make_store(tmp_path, vectors[:800]) as store:
+        assert store.faiss_state()["kind"] == "flat"
+        store.commit(records(vectors[800:], start=800))
+        store.save_faiss()
+        state = store.faiss_state()
+        assert state["kind"] == "ivf-flat" and state["trained"]["n_train"] > 0 and state["tuning"]["reached"]
+
+
+def test_drift_is_measured_and_reindex_retrains(tmp_path):
+    here = clustered_unit_vectors(3000, DIM, clusters=30, seed=4)
+    elsewhere = -clustered_unit_vectors(2000, DIM, clusters=30, seed=5)  # a part of the space training never saw
+    with make_store(tmp_path, here, "IVF32,Flat") as store:
+        store.commit(records(elsewhere, start=3000))
+        store.save_faiss()
+        drift = store.faiss_state()["drift"]
+    assert drift["added_since_training"] == 2000 and drift["error_ratio"] > ann.DRIFT_RATIO
+    assert any("drifted" in a and "clipengine reindex" in a for a in index_info(tmp_path / "idx").advice)
+    info = reindex(tmp_path / "idx", FaissPolicy(target_recall=0.9))
+    assert info.faiss["trained"]["at_count"] == 5000 and not info.advice
+    assert info.faiss_policy["target_recall"] == 0.9 and info.faiss["tuning"]["target"] == 0.9
+
+
+def test_hnsw_deletions_are_reported_until_a_reindex_drops_them(tmp_path):
+    vectors = clustered_unit_vectors(500, DIM, clusters=10, seed=6)
+    with make_store(tmp_path, vectors, "HNSW16") as store:
+        store.commit(remove_ids=list(store.ids_of_paths(f"/photos/{i:06d}.jpg" for i in range(200)).values()))
+        store.save_faiss()
+    assert any("deleted vectors" in a for a in index_info(tmp_path / "idx").advice)
+    assert reindex(tmp_path / "idx").faiss["trained"]["at_count"] == 300
+    assert not index_info(tmp_path / "idx").advice
+
+
+# ---- serving ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [None, "IVF32,SQ8", "HNSW16"])
+def test_a_searcher_maps_the_index_file_instead_of_loading_it(tmp_path, factory):
+    vectors = clustered_unit_vectors(2000, DIM, clusters=20, seed=7)
+    make_store(tmp_path, vectors, factory).close()
+    faiss_file = str((tmp_path / "idx" / FAISS_FILE).resolve())
+    with IndexStore.open(tmp_path / "idx") as store:
+        loaded = store.faiss_view().search(vectors[:20], 5)
+    with Searcher(tmp_path / "idx") as searcher:
+        mapped = searcher.faiss.search(vectors[:20], 5)
+        maps = open("/proc/self/maps").read()
+        assert faiss_file in maps
+    np.testing.assert_array_equal(loaded[1], mapped[1])
+
+
+def test_threads_and_the_blas_threshold_are_set_explicitly():
+    import faiss
+
+    assert ann.configure_threads(512, threads=1) == 1
+    assert faiss.omp_get_max_threads() == 1
+    assert faiss.cvar.distance_compute_blas_threshold == ann.BLAS_MIN_QUERIES * 512
+    ann.configure_threads(512)
