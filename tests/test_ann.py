@@ -48,11 +48,12 @@ def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fit
         ann.choose_index(1_000_000, 512, 10**6)
 
 
-def test_list_counts_follow_the_square_root_rule_and_an_hnsw_quantiser_comes_above_a_million():
+def test_list_counts_follow_the_square_root_rule_and_an_hnsw_quantiser_comes_with_many_lists():
     for n in (60_000, 250_000, 1_000_000, 10_000_000):
         assert 4 * np.sqrt(n) / 1.5 <= ann.n_lists(n) <= 16 * np.sqrt(n)
     assert ann.choose_index(500_000, 512).factory == "IVF2048,Flat"
-    assert ann.choose_index(2_000_000, 512).factory == "IVF4096_HNSW32,Flat"
+    assert ann.choose_index(2_000_000, 512).factory == "IVF4096,Flat"
+    assert ann.choose_index(20_000_000, 512, 50 * 10**9).factory == "IVF16384_HNSW32,Flat"
 
 
 def test_a_factory_string_overrides_the_choice_and_gets_ids():

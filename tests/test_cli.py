@@ -90,11 +90,26 @@ def test_skipped_files_are_reported_and_listed(tmp_path):
     (["search", "--vector", "/no/q.npy", "--index", "photos"], "cannot read query vector"),
     (["index", "/no/such/folder", "--index", "photos"], "folder not found"),
     (["index", ".", "--index", "photos", "--model", "ViT-B-16"], "name the weights of ViT-B-16"),
+    (["index", ".", "--index", "photos", "--faiss", "IVFxyz"], "not a faiss index_factory string"),
+    (["index", ".", "--index", "photos", "--memory-budget", "lots"], "give a size such as 4GB"),
+    (["reindex", "--index", "photos", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
+    (["reindex", "--index", "nothing-here"], "no index at"),
 ])
 def test_user_mistakes_are_one_line_errors(indexed, args, message):
     result = run(*args, code=1)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_a_named_faiss_index_is_built_tuned_shown_and_reindexed(indexed):
+    report = json.loads(run("index", indexed, "--index", "photos", "--faiss", "HNSW8", "--json").stdout)
+    assert report["faiss"]["factory"] == "IDMap2,HNSW8" and report["faiss"]["tuning"]["param"] == "efSearch"
+    info = run("info", "--index", "photos").stdout
+    assert "search    hnsw (IDMap2,HNSW8), efSearch" in info and "recall@10" in info and "ms/query" in info
+    again = json.loads(run("reindex", "--index", "photos", "--target-recall", "0.99", "--json").stdout)
+    assert again["faiss"]["tuning"]["target"] == 0.99 and again["faiss_policy"]["factory"] == "HNSW8"
+    hits = json.loads(run("search", "--image", sorted(indexed.rglob("*.jpg"))[0], "--index", "photos", "--json").stdout)
+    assert hits[0]["path"] == str(sorted(indexed.rglob("*.jpg"))[0])
 
 
 def test_corrupt_manifest_is_a_one_line_error(indexed, tmp_path):
