@@ -12,6 +12,7 @@ at tighter ones) is marked. Also: faiss's BLAS threshold and thread count, measu
     python benchmarks/bench_ann.py                  # N = 1,000,000 (about 25 minutes on 2 cores)
     python benchmarks/bench_ann.py --quick          # N = 100,000
     python benchmarks/bench_ann.py --kinds hnsw     # only some kinds
+    python benchmarks/bench_ann.py --store          # also the whole path through an index on disk
 """
 
 from __future__ import annotations
@@ -82,11 +83,53 @@ def bench_kind(plan: ann.IndexPlan, vectors: np.ndarray, tune_truth: ann.GroundT
     return row
 
 
+def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
+    """The whole user path at N: vectors committed to an index (as `clipengine index` does after embedding),
+    the automatic choice built, trained and tuned by save_faiss, then searched through Searcher (memory-mapped)
+    and through a fresh `clipengine search --vector` process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from clipengine.models import ModelSpec, resolve_source
+    from clipengine.search import Searcher
+    from clipengine.store import FileRecord, IndexStore
+
+    source = {**resolve_source(ModelSpec("ViT-B-32", "none")), "embed_dim": DIM}
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent / "indexes") as tmp:
+        path = Path(tmp) / "big"
+        with IndexStore.create(path, source) as store:
+            commit_s, _ = timed(lambda: [store.commit([
+                FileRecord(f"/bench/img_{i:07d}.jpg", 1000, 0, f"{i:064x}", 640, 480, vectors[i])
+                for i in range(start, min(start + 20_000, len(vectors)))]) for start in range(0, len(vectors), 20_000)])
+            build_s, _ = timed(store.save_faiss)
+            state = store.faiss_state()
+        open_s, searcher = timed(lambda: Searcher(path))
+        with searcher:
+            first_s, _ = timed(lambda: searcher.search_vector(queries[0], K))
+            p50, p99 = ann.single_query_latency(None, queries[:300], search=lambda q: searcher.search_vector(q[0], K))
+        np.save(Path(tmp) / "q.npy", queries[0])
+        command = [sys.executable, "-m", "clipengine", "search", "--vector", str(Path(tmp) / "q.npy"),
+                   "--index", str(path), "--json"]
+        cli_s, _ = timed(lambda: subprocess.run(command, check=True, capture_output=True))
+        size = sum(f.stat().st_size for f in path.iterdir())
+    row = {"n": len(vectors), "commit_s": round(commit_s, 1), "save_faiss_s": round(build_s, 1),
+           "kind": state["kind"], "factory": state["factory"], "tuning": state["tuning"],
+           "open_s": round(open_s, 3), "first_query_ms": round(first_s * 1000, 2),
+           "searcher_p50_ms": p50, "searcher_p99_ms": p99, "cli_search_vector_s": round(cli_s, 2),
+           "index_bytes_on_disk": size}
+    print(f"store path: commit {commit_s:.0f} s, build+tune {build_s:.0f} s ({state['factory']}, "
+          f"{state['tuning']['param']}={state['tuning']['value']}, recall@10 {state['tuning']['recall_at_10']}), "
+          f"Searcher p50 {p50:.2f} ms p99 {p99:.2f} ms, `clipengine search --vector` {cli_s:.2f} s", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, help="vectors in the index (default 1,000,000; --quick 100,000)")
     parser.add_argument("--kinds", help="comma-separated kinds to build (default: all that suit N, plus hnsw)")
+    parser.add_argument("--store", action="store_true", help="also run the whole path through an index on disk")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/ann-DATE.json)")
     args = parser.parse_args()
     n = args.n or (100_000 if args.quick else 1_000_000)
@@ -130,11 +173,12 @@ def main() -> None:
     if auto:
         print(f"automatic choice {auto['kind']}: p50 {auto['p50_ms']:.2f} ms at recall@10 {auto['recall_at_10']:.3f}, "
               f"{auto['speedup_vs_flat']}x faster than exact flat ({flat_p50:.1f} ms)")
+    store = bench_store_path(vectors, queries) if args.store else None
     record = {"benchmark": "ann", "date": dt.date.today().isoformat(), "n": n, "dim": DIM, "threads": threads,
               "queries": {"tune": 500, "test": 500}, "target_recall": ann.TARGET_RECALL,
               "data": f"clustered_unit_vectors(n, {DIM}, clusters={n // 100}, seed={seed})",
               "flat": {"p50_ms": flat_p50, "p99_ms": flat_p99}, "blas_threshold_ms": blas,
-              "choices": choices, "kinds": rows, "auto": auto}
+              "choices": choices, "kinds": rows, "auto": auto, "store_path": store}
     save_result("ann", record, args.out, args.quick)
 
 

@@ -34,6 +34,7 @@ HNSW_M = 32
 TARGET_RECALL = 0.95
 TUNING_K = 10
 TUNING_QUERIES = 500
+REFINE_K_FACTOR = 8  # re-rank 8k fast-scan candidates exactly: +0.02 recall over 4 for ~3% time (bench_ann.py)
 TRAIN_POINTS_PER_LIST = 64  # faiss warns under 39 per centroid; 64 is its k-means default cap's quarter
 PQ_MIN_TRAIN = 256 * 39  # PQ sub-quantisers have 256 centroids each
 MAX_TRAIN = 300_000
@@ -129,6 +130,11 @@ def candidate_plans(n: int, dim: int) -> list[IndexPlan]:
     if n <= HNSW_MAX:
         plans.append(IndexPlan("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", n * (4 * dim + HNSW_M * 2 * 4 * 1.05 + idmap),
                                "graph search: fastest at high recall, and affordable to build at this size"))
+    if dim % 2 == 0:
+        plans.append(IndexPlan(
+            "ivf-pq-refine", f"IDMap2,{coarse},PQ{dim // 2}x4fs,RFlat", centroids + n * (4 * dim + dim // 4 + ids + idmap),
+            f"{lists} lists of 4-bit fast-scan codes, the best {REFINE_K_FACTOR}k re-ranked on full vectors: "
+            "at 1M x 512 as accurate as IVF-Flat and 9x faster per query, for 6% more memory"))
     plans += [
         IndexPlan("ivf-flat", f"{coarse},Flat", centroids + n * (4 * dim + ids), f"{lists} inverted lists of full vectors"),
         IndexPlan("ivf-fp16", f"{coarse},SQfp16", centroids + n * (2 * dim + ids), f"{lists} lists of float16 vectors"),
@@ -159,6 +165,8 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None, factory: st
 
 def kind_of_factory(factory: str) -> str:
     text = factory.replace("IDMap2,", "").replace("IDMap,", "")
+    if "IVF" in text and ("RFlat" in text or "Refine(" in text):
+        return "ivf-pq-refine" if "PQ" in text else "custom"
     if "IVF" in text:
         for code, kind in (("PQ", "ivf-pq"), ("SQ8", "ivf-sq8"), ("SQfp16", "ivf-fp16"), (",Flat", "ivf-flat")):
             if code in text.split("IVF", 1)[1]:
@@ -171,7 +179,8 @@ def kind_of_factory(factory: str) -> str:
 
 def normalise_factory(factory: str, dim: int) -> str:
     """Check a user's factory string by building it, and give it ids: IVF indexes keep their own, others
-    are wrapped in IDMap2 (whose id map also lets deletions be found)."""
+    are wrapped in IDMap2 (whose id map also lets deletions be found), and so are re-ranking IVF indexes,
+    whose refinement stage has no ids of its own."""
     import faiss
 
     factory = factory.strip()
@@ -180,7 +189,7 @@ def normalise_factory(factory: str, dim: int) -> str:
     except RuntimeError as e:
         raise BadInput(f"--faiss {factory!r} is not a faiss index_factory string "
                        f"({str(e).strip().splitlines()[-1][:120]})") from None
-    if _ivf(index) is None and not factory.startswith("IDMap"):
+    if (_ivf(index) is None or _refine(index) is not None) and not factory.startswith("IDMap"):
         factory = f"IDMap2,{factory}"
     return factory
 
@@ -197,6 +206,14 @@ def _ivf(index):
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def _refine(index):
+    """The IndexRefine inside (IDMap2 around) a re-ranking index, or None."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return inner if isinstance(inner, faiss.IndexRefine) else None
 
 
 def _hnsw(index):
@@ -283,8 +300,8 @@ def list_count(index) -> int | None:
 
 
 def can_remove(index) -> bool:
-    """HNSW graphs cannot delete; their stale ids are filtered out of results instead."""
-    return _hnsw(index) is None
+    """HNSW graphs and re-ranking indexes cannot delete; their stale ids are filtered out of results instead."""
+    return _hnsw(index) is None and _refine(index) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +321,11 @@ def search_parameters(index, *, depth: int | None = None, selector=None):
         params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
         if _hnsw(faiss.downcast_index(ivf.quantizer)) is not None:  # the graph must look at least nprobe deep
             params.quantizer_params = faiss.SearchParametersHNSW(efSearch=_quantizer_ef(nprobe))
+        refine = _refine(index)
+        if refine is not None:  # the refinement stage takes the IVF's parameters as its base's
+            outer = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=params)
+            outer.referenced = params  # keep the inner object alive as long as the outer one
+            return outer
         return params
     hnsw = _hnsw(index)
     if hnsw is not None:
@@ -344,7 +366,9 @@ def read_index(path: str, *, mmap_factory: str | None = None):
     if mmap_factory is None:
         return faiss.read_index(path)
     # IVF indexes map their inverted lists, the others their flat codes; faiss takes one flag or the other
-    return faiss.read_index(path, faiss.IO_FLAG_MMAP if "IVF" in mmap_factory else faiss.IO_FLAG_MMAP_IFC)
+    # (a re-ranking index maps its full vectors, the bulk of it, and loads its small fast-scan lists)
+    lists = "IVF" in mmap_factory and "RFlat" not in mmap_factory and "Refine(" not in mmap_factory
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP if lists else faiss.IO_FLAG_MMAP_IFC)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +440,7 @@ class Tuning:
     p99_ms: float
     queries: int
     at_count: int  # vectors in the index when measured
+    k_factor: int | None = None  # re-ranking indexes: candidates re-ranked per result
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -440,9 +465,23 @@ def recall_at(index, truth: GroundTruth, depth: int | None, k: int = TUNING_K) -
 
 def tune(index, truth: GroundTruth, target: float = TARGET_RECALL, k: int = TUNING_K) -> Tuning:
     """The smallest depth reaching `target` recall@k: doubling, then bisection between the last miss and the
-    first hit. Stored into the index (set_depth), with the measured single-query latency."""
+    first hit. Stored into the index (set_depth), with the measured single-query latency. A re-ranking
+    index whose candidates are too coarse to reach the target re-ranks more of them (k_factor x2, up to 64)."""
     if not 0 < target <= 1:
         raise BadInput("--target-recall must be in (0, 1]")
+    refine = _refine(index)
+    if refine is None:
+        return _tune_depth(index, truth, target, k)
+    for k_factor in (REFINE_K_FACTOR, 2 * REFINE_K_FACTOR, 4 * REFINE_K_FACTOR, 8 * REFINE_K_FACTOR):
+        refine.k_factor = k_factor
+        tuning = _tune_depth(index, truth, target, k)
+        if tuning.reached:
+            break
+    tuning.k_factor = int(refine.k_factor)
+    return tuning
+
+
+def _tune_depth(index, truth: GroundTruth, target: float, k: int) -> Tuning:
     name = depth_name(index)
     if name is None:
         recall = recall_at(index, truth, None, k)
@@ -517,6 +556,8 @@ class SearchableIndex:
         """Top-k (scores, ids) per query, only among `allowed` ids when given (already free of excluded ones)."""
         import faiss
 
+        if _refine(self.index) is not None and (allowed is not None or self.excluded is not None):
+            return self._search_refine(queries, k, allowed)
         selector = inner = None  # both held here: faiss selectors do not own what they point to
         if allowed is not None:
             selector = faiss.IDSelectorBatch(allowed)
@@ -526,3 +567,26 @@ class SearchableIndex:
         params = search_parameters(self.index, selector=selector)
         k = max(1, min(k, self.index.ntotal))
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+
+    def _search_refine(self, queries: np.ndarray, k: int, allowed: np.ndarray | None):
+        """A filtered search of a re-ranking index. IDMap2 translates a filter into internal positions only for
+        the index right under it, and IndexRefine hands its base only the base's own parameters, so the
+        filter is translated here and given to the IVF stage directly."""
+        import faiss
+
+        id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        order = np.argsort(id_map, kind="stable")
+        wanted = allowed if allowed is not None else self.excluded
+        sorted_ids = id_map[order]
+        at = np.searchsorted(sorted_ids, wanted)
+        present = at < sorted_ids.size
+        present[present] = sorted_ids[at[present]] == wanted[present]
+        positions = order[at[present]]
+        inner = faiss.IDSelectorBatch(positions)
+        selector = inner if allowed is not None else faiss.IDSelectorNot(inner)
+        refine, ivf = _refine(self.index), _ivf(self.index)
+        base = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=base)
+        k = max(1, min(k, self.index.ntotal))
+        scores, found = refine.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        return scores, np.where(found >= 0, id_map[np.maximum(found, 0)], -1)

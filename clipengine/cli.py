@@ -177,6 +177,8 @@ def _describe_faiss(state: dict) -> str:
     tuning = state.get("tuning")
     if tuning:
         depth = f"{tuning['param']} {tuning['value']}: " if tuning["param"] else ""
+        if tuning.get("k_factor"):
+            depth = f"{tuning['param']} {tuning['value']}, re-ranking {tuning['k_factor']}x: "
         text += (f", {depth}recall@10 {tuning['recall_at_10']:.3f} vs exact, {tuning['p50_ms']:.2f} ms/query p50 "
                  f"({tuning['p99_ms']:.2f} p99) at {tuning['at_count']:,} vectors")
         if not tuning["reached"]:

@@ -459,11 +459,15 @@ class IndexStore:
         command never modifies the index.
         """
         ann.configure_threads(self.dim)
-        live = self._live_ids()
+        live = None  # read only when needed: a million ids cost a third of a second
         index = self._read_faiss(mmap) if self.faiss_current() else None
         if index is None:
+            live = self._live_ids()
             index = self._synced(self._read_faiss() or self._new_flat(), live)
-        excluded = None if ann.can_remove(index) else np.setdiff1d(ann.index_ids(index), live, assume_unique=True)
+        excluded = None
+        if not ann.can_remove(index):
+            live = self._live_ids() if live is None else live
+            excluded = np.setdiff1d(ann.index_ids(index), live, assume_unique=True)
         return ann.SearchableIndex(index, excluded)
 
     def _new_flat(self):

@@ -39,7 +39,8 @@ def make_store(tmp_path, vectors: np.ndarray, factory: str | None = None, **poli
 def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fits():
     assert ann.choose_index(10_000, 512).kind == "flat"
     assert ann.choose_index(100_000, 512).kind == "hnsw"
-    assert ann.choose_index(1_000_000, 512, 4 * 10**9).kind == "ivf-flat"
+    assert ann.choose_index(1_000_000, 512, 4 * 10**9).kind == "ivf-pq-refine"
+    assert ann.choose_index(1_000_000, 512, 2.1 * 10**9).kind == "ivf-flat"
     assert ann.choose_index(1_000_000, 512, 1.5 * 10**9).kind == "ivf-fp16"
     assert ann.choose_index(1_000_000, 512, 10**9).kind == "ivf-sq8"
     pq = ann.choose_index(1_000_000, 512, 200 * 10**6)
@@ -51,14 +52,16 @@ def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fit
 def test_list_counts_follow_the_square_root_rule_and_an_hnsw_quantiser_comes_with_many_lists():
     for n in (60_000, 250_000, 1_000_000, 10_000_000):
         assert 4 * np.sqrt(n) / 1.5 <= ann.n_lists(n) <= 16 * np.sqrt(n)
-    assert ann.choose_index(500_000, 512).factory == "IVF2048,Flat"
-    assert ann.choose_index(2_000_000, 512).factory == "IVF4096,Flat"
-    assert ann.choose_index(20_000_000, 512, 50 * 10**9).factory == "IVF16384_HNSW32,Flat"
+    assert ann.choose_index(500_000, 512).factory == "IDMap2,IVF2048,PQ256x4fs,RFlat"
+    assert ann.choose_index(2_000_000, 512, 4.3 * 10**9).factory == "IVF4096,Flat"
+    assert ann.choose_index(20_000_000, 512, 50 * 10**9).factory == "IDMap2,IVF16384_HNSW32,PQ256x4fs,RFlat"
 
 
 def test_a_factory_string_overrides_the_choice_and_gets_ids():
     assert ann.choose_index(100, 64, factory="HNSW16").factory == "IDMap2,HNSW16"
     assert ann.choose_index(100, 64, factory="IVF64,SQ8").factory == "IVF64,SQ8"
+    refine = ann.choose_index(100, 64, factory="IVF64,PQ32x4fs,RFlat")
+    assert refine.factory == "IDMap2,IVF64,PQ32x4fs,RFlat" and refine.kind == "ivf-pq-refine"
     with pytest.raises(BadInput, match="index_factory"):
         ann.choose_index(100, 64, factory="NotAnIndex")
 
@@ -117,7 +120,7 @@ def test_recall_counts_ties_at_rank_k_as_hits():
 # ---- growing and shrinking every kind through the store -------------------------------------
 
 KINDS = {"flat": None, "flat-fp16": "SQfp16", "hnsw": "HNSW16", "ivf-flat": "IVF32,Flat",
-         "ivf-fp16": "IVF32,SQfp16", "ivf-sq8": "IVF32,SQ8", "ivf-pq": "IVF32,PQ8"}
+         "ivf-fp16": "IVF32,SQfp16", "ivf-sq8": "IVF32,SQ8", "ivf-pq": "IVF32,PQ8", "ivf-pq-refine": "IVF32,PQ16x4fs,RFlat"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,7 +151,7 @@ def test_a_kind_change_as_the_collection_grows_retrains(tmp_path, monkeypatch):
         store.commit(records(vectors[800:], start=800))
         store.save_faiss()
         state = store.faiss_state()
-        assert state["kind"] == "ivf-flat" and state["trained"]["n_train"] > 0 and state["tuning"]["reached"]
+        assert state["kind"] == "ivf-pq-refine" and state["trained"]["n_train"] > 0 and state["tuning"]["reached"]
 
 
 def test_drift_is_measured_and_reindex_retrains(tmp_path):
@@ -178,7 +181,7 @@ def test_hnsw_deletions_are_reported_until_a_reindex_drops_them(tmp_path):
 # ---- serving ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory", [None, "IVF32,SQ8", "HNSW16"])
+@pytest.mark.parametrize("factory", [None, "IVF32,SQ8", "HNSW16", "IVF32,PQ16x4fs,RFlat"])
 def test_a_searcher_maps_the_index_file_instead_of_loading_it(tmp_path, factory):
     vectors = clustered_unit_vectors(2000, DIM, clusters=20, seed=7)
     make_store(tmp_path, vectors, factory).close()
