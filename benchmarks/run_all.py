@@ -3,6 +3,7 @@
 Runs, each in its own process and side by side with its baseline:
   bench_index.py   embedding throughput (ours vs the naive loop vs the model alone), memory, no-op re-index
   bench_search.py  search latency (ours vs numpy brute force) and the CLI's text search wall time
+  bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
   bench_train.py   training throughput (ours vs open_clip's trainer) and recall on the built-in scenes
   bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
 The Markdown table is the one README.md shows.
@@ -25,11 +26,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("index", "search", "train", "recall")
+BENCHMARKS = ("index", "search", "ann", "train", "recall")
+EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
 def run(name: str, quick: bool, out: Path) -> dict:
-    command = [sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(out)] + (["--quick"] if quick else [])
+    command = ([sys.executable, str(HERE / f"bench_{name}.py"), "--out", str(out)] + (["--quick"] if quick else [])
+               + EXTRA_ARGS.get(name, []))
     print(f"== bench_{name}.py", flush=True)
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
@@ -56,6 +59,25 @@ def markdown(results: dict) -> str:
                           f"{s['ours_ms']['median']:.2f} ms (p95 {s['ours_ms']['p95']:.2f})",
                           f"numpy brute force {s['naive_ms']['median']:.2f} ms", f"{s['naive_over_ours']:.2f}x"))
         lines.append(_row("`clipengine search TEXT`, fresh process", f"{s['cli_text_search_s']:.2f} s", "", ""))
+    if "ann" in results:
+        a = results["ann"]
+        auto, flat = a["auto"], a["flat"]
+        if auto:
+            lines.append(_row(f"search {a['n']:,} clustered vectors, automatic ANN index ({auto['kind']}), per query",
+                              f"{auto['p50_ms']:.2f} ms p50 at recall@10 {auto['recall_at_10']:.3f}",
+                              f"exact flat {flat['p50_ms']:.1f} ms", f"{flat['p50_ms'] / auto['p50_ms']:.0f}x"))
+        blas = a["blas_threshold_ms"]
+        two = [key for key in blas if not key.startswith("1 ")]
+        if two:
+            default, ours = (blas[k] for k in sorted(two))  # "... default threshold" sorts before "... ours ..."
+            lines.append(_row("flat search of 100,000 vectors, batch of 16 queries", f"{ours['16']:.1f} ms",
+                              f"faiss default BLAS threshold {default['16']:.1f} ms", f"{default['16'] / ours['16']:.1f}x"))
+        store = a.get("store_path")
+        if store:
+            lines.append(_row(f"index of {store['n']:,} vectors on disk: build + tune, then Searcher per query",
+                              f"{store['save_faiss_s']:.0f} s; {store['searcher_p50_ms']:.2f} ms p50 "
+                              f"(recall@10 {store['tuning']['recall_at_10']:.3f})", "", ""))
+            lines.append(_row("`clipengine search --vector` on it, fresh process", f"{store['cli_search_vector_s']:.2f} s", "", ""))
     if "train" in results:
         t = results["train"]["summary"]
         lines.append(_row(f"train {results['train']['config']['model']}, batch {results['train']['config']['batch']}",

@@ -2,11 +2,13 @@
 
     <index>/
       manifest.json   format version, the model source (identity, embedding dim, preprocessing),
-                      metric and faiss index kind; written once, when the index is created
+                      metric and the faiss policy (memory budget, factory override, target recall);
+                      rewritten, atomically, only when the policy changes
       meta.sqlite     the source of truth: files (path, size, mtime, content hash, or skip reason),
                       vectors (content hash -> float32 embedding, width, height), folders indexed,
-                      and the commit generation
-      vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id)
+                      the commit generation, and what the faiss file is (kind, training, tuning, drift)
+      vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id): exact or
+                      approximate as clipengine.ann chooses
       lock            flock()ed by the single process allowed to write
 
 Why this shape. Every change is one sqlite transaction (synchronous=FULL), so a `kill -9` leaves
