@@ -38,7 +38,7 @@ def make_store(tmp_path, vectors: np.ndarray, factory: str | None = None, **poli
 
 def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fits():
     assert ann.choose_index(10_000, 512).kind == "flat"
-    assert ann.choose_index(100_000, 512).kind == "hnsw"
+    assert ann.choose_index(100_000, 512).kind == "ivf-pq-refine"
     assert ann.choose_index(1_000_000, 512, 4 * 10**9).kind == "ivf-pq-refine"
     assert ann.choose_index(1_000_000, 512, 2.1 * 10**9).kind == "ivf-flat"
     assert ann.choose_index(1_000_000, 512, 1.5 * 10**9).kind == "ivf-fp16"
@@ -144,7 +144,6 @@ def test_each_kind_grows_without_retraining_and_never_returns_a_deleted_file(tmp
 
 def test_a_kind_change_as_the_collection_grows_retrains(tmp_path, monkeypatch):
     monkeypatch.setattr(ann, "FLAT_MAX", 1000)
-    monkeypatch.setattr(ann, "HNSW_MAX", 1000)
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=2)
     with make_store(tmp_path, vectors[:800]) as store:
         assert store.faiss_state()["kind"] == "flat"
