@@ -547,6 +547,8 @@ class SearchableIndex:
     def __init__(self, index, excluded: np.ndarray | None = None):
         self.index = index
         self.excluded = excluded if excluded is not None and excluded.size else None
+        self._id_order = None  # (ids by position, sorting order, sorted ids), for filters on a re-ranking index
+        self._excluded_positions = None
 
     @property
     def ntotal(self) -> int:
@@ -590,19 +592,36 @@ class SearchableIndex:
         filter is translated here and given to the IVF stage directly."""
         import faiss
 
-        id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        order = np.argsort(id_map, kind="stable")
-        wanted = allowed if allowed is not None else self.excluded
-        sorted_ids = id_map[order]
-        at = np.searchsorted(sorted_ids, wanted)
-        present = at < sorted_ids.size
-        present[present] = sorted_ids[at[present]] == wanted[present]
-        positions = order[at[present]]
-        inner = faiss.IDSelectorBatch(positions)
-        selector = inner if allowed is not None else faiss.IDSelectorNot(inner)
+        if allowed is not None:
+            inner = faiss.IDSelectorBatch(self._positions(allowed))
+            selector = inner
+        else:
+            if self._excluded_positions is None:  # the same for every search of this view: computed once
+                self._excluded_positions = self._positions(self.excluded)
+            inner = faiss.IDSelectorBatch(self._excluded_positions)
+            selector = faiss.IDSelectorNot(inner)
         refine, ivf = _refine(self.index), _ivf(self.index)
         base = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
         params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=base)
         k = max(1, min(k, self.index.ntotal))
         scores, found = refine.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        id_map = self._ids_by_position()
         return scores, np.where(found >= 0, id_map[np.maximum(found, 0)], -1)
+
+    def _ids_by_position(self) -> np.ndarray:
+        if self._id_order is None:
+            import faiss
+
+            id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            order = np.argsort(id_map, kind="stable")
+            self._id_order = (id_map, order, id_map[order])
+        return self._id_order[0]
+
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Internal positions of those of `ids` the index holds."""
+        self._ids_by_position()
+        _, order, sorted_ids = self._id_order
+        at = np.searchsorted(sorted_ids, ids)
+        present = at < sorted_ids.size
+        present[present] = sorted_ids[at[present]] == ids[present]
+        return order[at[present]]

@@ -230,7 +230,7 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
     """What an index holds: its model, how many files are searchable, and what was skipped and why."""
     path = Path(index_path)
     with IndexStore.open(path) as store:
-        counts = store.counts()
+        counts, state = store.counts(), store.faiss_state()
         return IndexInfo(
             path=str(path),
             model=store.manifest["model"],
@@ -239,13 +239,13 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             unique_vectors=counts["unique_vectors"],
             dim=store.dim,
             metric=store.manifest["metric"],
-            faiss=store.faiss_state(),
+            faiss=state,
             faiss_policy=store.faiss_policy,
             folders=[p for p, _ in store.folders()],
             created_at=store.manifest["created_at"],
             size_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
             faiss_current=store.faiss_current(),
-            advice=_advice(store.faiss_state(), counts["count"], path, store.faiss_policy),
+            advice=_advice(state, counts["count"], path, store.faiss_policy),
         )
 
 
