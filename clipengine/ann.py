@@ -268,11 +268,14 @@ def quantisation_error(index, vectors: np.ndarray) -> float | None:
     return float(np.mean(np.sum(x * x, axis=1) + c_norm - 2 * scores[:, 0]))
 
 
-def add_chunks(index, chunks: Chunks) -> int:
+def add_chunks(index, chunks: Chunks, on_added: Callable[[int], None] | None = None) -> int:
+    """Add vectors chunk by chunk (memory stays at one chunk); `on_added` hears the running total."""
     added = 0
     for ids, vecs in chunks:
         index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
         added += len(ids)
+        if on_added:
+            on_added(added)
     return added
 
 
@@ -600,11 +603,9 @@ class SearchableIndex:
                 self._excluded_positions = self._positions(self.excluded)
             inner = faiss.IDSelectorBatch(self._excluded_positions)
             selector = faiss.IDSelectorNot(inner)
-        refine, ivf = _refine(self.index), _ivf(self.index)
-        base = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-        params = faiss.IndexRefineSearchParameters(k_factor=refine.k_factor, base_index_params=base)
+        params = search_parameters(self.index, selector=selector)  # the selector goes to the IVF stage
         k = max(1, min(k, self.index.ntotal))
-        scores, found = refine.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        scores, found = _refine(self.index).search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         id_map = self._ids_by_position()
         return scores, np.where(found >= 0, id_map[np.maximum(found, 0)], -1)
 

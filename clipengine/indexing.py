@@ -13,13 +13,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterator
 
 from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
-from clipengine.scan import FoundFile, plan_update, scan_folder
-from clipengine.ann import DRIFT_RATIO, n_lists, normalise_factory
+from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
+from clipengine.ann import DRIFT_RATIO, n_lists
 from clipengine.store import FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
@@ -82,9 +82,7 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
             if model is not None:
                 require_same_source(store.manifest["model"], model.source, f"index {index_path}")
-            if policy.factory:
-                normalise_factory(policy.factory, store.dim)  # refuse a bad string before any work
-            return store, model, store.set_faiss_policy(**policy.changes())
+            return store, model, store.set_faiss_policy(**policy.changes())  # checked before any work
         except BaseException:
             store.close()
             raise
@@ -98,8 +96,6 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         model = load_model(resolve_source(spec), device=device)
     else:
         check_same_model(model.source, spec, "the model passed in")
-    if policy.factory:
-        normalise_factory(policy.factory, int(model.source["embed_dim"]))
     return IndexStore.create(index_path, model.source, policy.changes()), model, False
 
 
@@ -137,13 +133,7 @@ def index_folder(
     store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
         report = IndexReport(index=str(index_path), folder=root_str, model=describe_source(store.manifest["model"]))
-        plan = plan_update(scan_folder(root_str, include_hidden=include_hidden),
-                           store.recorded_under(root_str), retry_skipped=retry_skipped)
-        report.unchanged, report.changed = plan.unchanged, plan.changed
-        if plan.remove_ids or plan.problems:
-            problems = [FileRecord(f.path, f.size, f.mtime_ns, skip_reason=f.problem) for f in plan.problems]
-            _commit(store, report, problems, plan.remove_ids)
-        report.removed = len(plan.remove_ids)
+        plan = plan_and_drop(store, root_str, report, include_hidden=include_hidden, retry_skipped=retry_skipped)
         if plan.to_embed:
             if model is None:
                 from clipengine.models import load_model
@@ -168,18 +158,46 @@ def ensure_folder(folder: str | os.PathLike) -> Path:
     return root
 
 
+def plan_and_drop(store: IndexStore, root: str, report: IndexReport, *, include_hidden: bool,
+                  retry_skipped: bool) -> Plan:
+    """Compare the folder with the index, commit what needs no model (files gone, unreadable entries),
+    and return the plan of what is left to embed."""
+    plan = plan_update(scan_folder(root, include_hidden=include_hidden), store.recorded_under(root),
+                       retry_skipped=retry_skipped)
+    report.unchanged, report.changed, report.removed = plan.unchanged, plan.changed, len(plan.remove_ids)
+    if plan.remove_ids or plan.problems:
+        problems = [FileRecord(f.path, f.size, f.mtime_ns, skip_reason=f.problem) for f in plan.problems]
+        _commit(store, report, problems, plan.remove_ids)
+    return plan
+
+
 def _commit(store: IndexStore, report: IndexReport, records: list[FileRecord], remove_ids=()) -> None:
-    """Commit, then report the skips that are now on disk."""
+    """Commit, then count what is now on disk: embedded, reused by content hash, or skipped (and why)."""
     store.commit(records, remove_ids)
     for r in records:
         if r.skip_reason:
             report.skipped += 1
             report.skips.append({"path": r.path, "reason": r.skip_reason})
+        elif r.vector is None:
+            report.reused += 1
+        else:
+            report.embedded += 1
 
 
 def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: IndexReport, *,
                       batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
                       progress: ProgressCallback | None) -> None:
+    groups = embed_records(model, files, store.known_hashes(), batch_size=batch_size, workers=workers,
+                           commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
+    for records in groups:
+        _commit(store, report, records)
+
+
+def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], *, batch_size: int | None,
+                  workers: int | None, commit_every: int, max_pixels: int, draft: bool,
+                  progress: ProgressCallback | None) -> Iterator[list[FileRecord]]:
+    """Embed files into records ready to commit, yielded in groups of at least `commit_every` (the last one
+    smaller): each group is what one commit, or one shard's part file, holds."""
     from clipengine.embed import embed_images
 
     by_path = {f.path: f for f in files}
@@ -188,21 +206,20 @@ def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: 
     if progress:
         progress(0, len(files))
     outcomes = embed_images(model, [f.path for f in files], batch_size=batch_size, workers=workers,
-                            known_hashes=store.known_hashes(), max_pixels=max_pixels, draft=draft)
+                            known_hashes=known_hashes, max_pixels=max_pixels, draft=draft)
     for batch in outcomes:
         for e in batch:
             f = by_path[e.path]
             pending.append(FileRecord(f.path, f.size, f.mtime_ns, e.hash, e.width, e.height, e.vector,
                                       e.skip_reason))
-            report.embedded += e.vector is not None
-            report.reused += e.reused
         done += len(batch)
         if len(pending) >= commit_every:
-            _commit(store, report, pending)
+            yield pending
             pending = []
         if progress:
             progress(done, len(files))
-    _commit(store, report, pending)
+    if pending:
+        yield pending
 
 
 @dataclass
@@ -263,7 +280,7 @@ def _advice(state: dict, count: int, path: Path, policy: dict) -> list[str]:
         advice.append(f"{count:,} vectors have outgrown {lists} inverted lists (searches slow down): {fix}")
     stale = drift.get("stale_in_index", 0)
     if stale and stale > 0.2 * max(count, 1):
-        advice.append(f"{stale:,} deleted vectors still take space in the graph: {fix} to drop them")
+        advice.append(f"{stale:,} deleted vectors still take space in the index: {fix} to drop them")
     tuning = state.get("tuning") or {}
     if tuning and not tuning.get("reached", True):
         advice.append(f"measured recall@10 is {tuning['recall_at_10']:.3f}, under the target {tuning['target']}: "
@@ -277,8 +294,6 @@ def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPoli
     under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
     path = Path(index_path)
     with IndexStore.open(path, writable=True) as store:
-        if faiss_policy.factory:
-            normalise_factory(faiss_policy.factory, store.dim)
         store.set_faiss_policy(**faiss_policy.changes())
         store.save_faiss(rebuild=True, progress=progress)
     return index_info(path)

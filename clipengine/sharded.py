@@ -29,9 +29,10 @@ import numpy as np
 
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
-from clipengine.indexing import (FaissPolicy, IndexReport, ProgressCallback, _commit, _open_or_create, ensure_folder)
+from clipengine.indexing import (FaissPolicy, IndexReport, ProgressCallback, _commit, _open_or_create, ensure_folder,
+                                 embed_records, plan_and_drop)
 from clipengine.models import ModelSpec, describe_source
-from clipengine.scan import FoundFile, plan_update, scan_folder
+from clipengine.scan import FoundFile
 from clipengine.store import FileRecord, IndexStore, StageProgress
 
 SHARDS_DIR = "shards"
@@ -126,12 +127,7 @@ def _plan(root: str, index_path: Path, spec: ModelSpec, device: str | None, incl
     try:
         report = IndexReport(index=str(index_path), folder=root, model=describe_source(store.manifest["model"]))
         _merge_parts(store, index_path, report)  # an interrupted run's work, kept
-        plan = plan_update(scan_folder(root, include_hidden=include_hidden), store.recorded_under(root),
-                           retry_skipped=retry_skipped)
-        report.unchanged, report.changed, report.removed = plan.unchanged, plan.changed, len(plan.remove_ids)
-        if plan.remove_ids or plan.problems:
-            problems = [FileRecord(f.path, f.size, f.mtime_ns, skip_reason=f.problem) for f in plan.problems]
-            _commit(store, report, problems, plan.remove_ids)
+        plan = plan_and_drop(store, root, report, include_hidden=include_hidden, retry_skipped=retry_skipped)
         files = [(f.path, f.size, f.mtime_ns) for f in plan.to_embed]
         job = {"files": files, "source": store.manifest["model"], "known_hashes": sorted(store.known_hashes()),
                "policy_changed": policy_changed}
@@ -150,7 +146,6 @@ def _embed_share(job: dict, rank: int, world: int, index_path: Path, *, device: 
         return
     import torch
 
-    from clipengine.embed import embed_images
     from clipengine.models import load_model
 
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -163,22 +158,10 @@ def _embed_share(job: dict, rank: int, world: int, index_path: Path, *, device: 
         workers = min(workers, cores) if workers is not None else min(cores - 1, 2)
     folder = index_path / SHARDS_DIR / f"rank-{rank:05d}"
     folder.mkdir(parents=True, exist_ok=True)
-    by_path = {f.path: f for f in share}
-    pending: list[FileRecord] = []
-    done = 0
-    batches = embed_images(model, [f.path for f in share], batch_size=batch_size, workers=workers,
-                           known_hashes=set(job["known_hashes"]), max_pixels=max_pixels, draft=draft)
-    for batch in batches:
-        for e in batch:
-            f = by_path[e.path]
-            pending.append(FileRecord(f.path, f.size, f.mtime_ns, e.hash, e.width, e.height, e.vector, e.skip_reason))
-        done += len(batch)
-        if len(pending) >= commit_every:
-            _write_part(folder, pending, model.embed_dim)
-            pending = []
-        if progress:
-            progress(done, len(share))
-    _write_part(folder, pending, model.embed_dim)
+    groups = embed_records(model, share, set(job["known_hashes"]), batch_size=batch_size, workers=workers,
+                           commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
+    for records in groups:
+        _write_part(folder, records, model.embed_dim)
 
 
 def _write_part(folder: Path, records: list[FileRecord], dim: int) -> None:
@@ -231,7 +214,5 @@ def _merge_parts(store: IndexStore, index_path: Path, report: IndexReport) -> No
             raise BadInput(f"shard file {part} is damaged ({e}): delete it and run again") from None
         _commit(store, report, records)
         known.update(r.hash for r in records if r.vector is not None)
-        report.embedded += sum(r.vector is not None for r in records)
-        report.reused += sum(r.vector is None and r.skip_reason is None for r in records)
         part.unlink()
     shutil.rmtree(shards, ignore_errors=True)

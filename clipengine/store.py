@@ -248,6 +248,8 @@ class IndexStore:
         path = Path(path)
         if path.exists():
             raise BadInput(f"{path} already exists")
+        if (faiss_policy or {}).get("factory"):
+            ann.normalise_factory(faiss_policy["factory"], int(model_source["embed_dim"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -362,12 +364,7 @@ class IndexStore:
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every searchable file's id and vector, in id order: the gallery for exact search."""
-        chunks = list(self._vectors_of(self._live_ids()))
-        if not chunks:
-            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
-        ids = np.concatenate([c[0] for c in chunks])
-        order = np.argsort(ids, kind="stable")
-        return ids[order], np.concatenate([c[1] for c in chunks])[order]
+        return self._gather(self._live_ids())
 
     def _live_ids(self) -> np.ndarray:
         rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")
@@ -419,6 +416,8 @@ class IndexStore:
         """Change the policy (keys of `faiss_policy`; None values are left alone). Returns whether it changed;
         the structure follows at the next `save_faiss(rebuild=True)`."""
         self._require_writable()
+        if changes.get("factory"):
+            ann.normalise_factory(str(changes["factory"]), self.dim)  # a bad string is refused here, not mid-build
         policy = {**self.faiss_policy, **{k: v for k, v in changes.items() if v is not None}}
         if policy == self.faiss_policy:
             return False
@@ -441,17 +440,19 @@ class IndexStore:
             return None
         return index if index.d == self.dim else None
 
-    def _synced(self, index, live: np.ndarray):
-        """Bring a faiss index up to date with the live rows, by id-set difference. Indexes that cannot delete
-        (HNSW) keep stale ids; `faiss_view` filters those out of results."""
+    def _synced(self, index, live: np.ndarray) -> np.ndarray:
+        """Bring a faiss index up to date with the live rows, by id-set difference, in place. Returns the
+        stale ids it still holds: indexes that cannot delete (HNSW, re-ranking) keep them, to be filtered
+        out of results."""
         import faiss
 
         have = ann.index_ids(index)
         stale = np.setdiff1d(have, live, assume_unique=True)
         if stale.size and ann.can_remove(index):
             index.remove_ids(faiss.IDSelectorBatch(stale))
+            stale = stale[:0]
         ann.add_chunks(index, self._vectors_of(np.setdiff1d(live, have, assume_unique=True)))
-        return index
+        return stale
 
     def faiss_view(self, *, mmap: bool = False) -> ann.SearchableIndex:
         """The faiss index of every searchable file, current with the database, ready to search.
@@ -461,15 +462,13 @@ class IndexStore:
         command never modifies the index.
         """
         ann.configure_threads(self.dim)
-        live = None  # read only when needed: a million ids cost a third of a second
         index = self._read_faiss(mmap) if self.faiss_current() else None
         if index is None:
-            live = self._live_ids()
-            index = self._synced(self._read_faiss() or self._new_flat(), live)
-        excluded = None
+            index = self._read_faiss() or self._new_flat()
+            return ann.SearchableIndex(index, self._synced(index, self._live_ids()))
+        excluded = None  # the live ids are read only when needed: a million of them cost a third of a second
         if not ann.can_remove(index):
-            live = self._live_ids() if live is None else live
-            excluded = np.setdiff1d(ann.index_ids(index), live, assume_unique=True)
+            excluded = np.setdiff1d(ann.index_ids(index), self._live_ids(), assume_unique=True)
         return ann.SearchableIndex(index, excluded)
 
     def _new_flat(self):
@@ -497,8 +496,9 @@ class IndexStore:
         if on_disk is None or not same_kind:
             index, state = self._build(plan, live, generation, progress)
         else:
-            index = self._synced(on_disk, live)
-            state = self._refresh_state(index, state, live, generation)
+            index = on_disk
+            stale = self._synced(index, live)
+            state = self._refresh_state(index, state, live, stale, generation)
         tmp = self.path / f".{FAISS_FILE}.tmp-{os.getpid()}"
         faiss.write_index(index, str(tmp))
         _replace_durably(tmp, self.path / FAISS_FILE)
@@ -512,12 +512,9 @@ class IndexStore:
         train_ids = ann.sample_ids(live, ann.training_size(plan.factory, live.size), seed)
         if progress:
             progress("training", 0, 1)
-        training = ann.train_index(index, self._gather(train_ids)) if train_ids.size else {"n_train": 0}
-        added = 0
-        for ids, vecs in self._vectors_of(live):
-            added += ann.add_chunks(index, [(ids, vecs)])
-            if progress:
-                progress("adding", added, live.size)
+        training = ann.train_index(index, self._gather(train_ids)[1]) if train_ids.size else {"n_train": 0}
+        ann.add_chunks(index, self._vectors_of(live),
+                       on_added=(lambda added: progress("adding", added, live.size)) if progress else None)
         state = {"kind": plan.kind, "factory": plan.factory, "reason": plan.reason, "estimated_bytes": plan.bytes,
                  "lists": ann.list_count(index),
                  "trained": {**training, "at_count": int(live.size), "max_id": int(live.max()) if live.size else 0}}
@@ -533,10 +530,10 @@ class IndexStore:
         query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1, exclude=train_ids)
         if query_ids.size < min(ann.TUNING_QUERIES, live.size) // 2:
             query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1)
-        truth = ann.GroundTruth.compute(self._gather(query_ids), query_ids, self._vectors_of(live))
+        truth = ann.GroundTruth.compute(self._gather(query_ids)[1], query_ids, self._vectors_of(live))
         return ann.tune(index, truth, self.faiss_policy["target_recall"]).to_dict()
 
-    def _refresh_state(self, index, state: dict, live: np.ndarray, seed: int) -> dict:
+    def _refresh_state(self, index, state: dict, live: np.ndarray, stale: np.ndarray, seed: int) -> dict:
         """After an incremental sync: re-tune if the count moved by a fifth, and measure drift."""
         state = dict(state)
         tuned_at = (state.get("tuning") or {}).get("at_count", 0)
@@ -544,22 +541,22 @@ class IndexStore:
             state["tuning"] = self._tune(index, live, np.empty(0, np.int64), seed)
         trained = state.get("trained", {})
         new = live[live > trained.get("max_id", 0)]
-        drift = {"added_since_training": int(new.size),
-                 "stale_in_index": int(np.setdiff1d(ann.index_ids(index), live, assume_unique=True).size)}
+        drift = {"added_since_training": int(new.size), "stale_in_index": int(stale.size)}
         baseline = trained.get("quantisation_error")
         if baseline and new.size:
             sample = ann.sample_ids(new, 2000, seed)
-            drift["error_ratio"] = round(ann.quantisation_error(index, self._gather(sample)) / baseline, 3)
+            drift["error_ratio"] = round(ann.quantisation_error(index, self._gather(sample)[1]) / baseline, 3)
         state["drift"] = drift
         return state
 
-    def _gather(self, ids: np.ndarray) -> np.ndarray:
-        """Vectors of the given (sorted) ids, in that order."""
+    def _gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of `ids` that have a vector, in id order."""
         chunks = list(self._vectors_of(ids))
         if not chunks:
-            return np.empty((0, self.dim), np.float32)
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         got = np.concatenate([c[0] for c in chunks])
-        return np.concatenate([c[1] for c in chunks])[np.argsort(got, kind="stable")]
+        order = np.argsort(got, kind="stable")
+        return got[order], np.concatenate([c[1] for c in chunks])[order]
 
     def faiss_current(self) -> bool:
         return (self.path / FAISS_FILE).is_file() and self._meta("faiss_generation") == self.generation
