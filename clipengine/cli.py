@@ -9,18 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
-from clipengine.errors import ClipEngineError
-from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
+from clipengine.errors import ClipEngineError, FallbackNotice
 from clipengine.models import ModelSpec
 from clipengine.store import INDEX_DIR_ENV, resolve_index_path
 
@@ -30,8 +27,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Index a folder of images with a CLIP model and search it by text or by image.",
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: `search` prints plain lines and never needs rich, whose import
+    costs ~30 ms of a command that should take a third of a second."""
+
+    def __init__(self, stderr: bool = False):
+        self._stderr = stderr
+        self._console = None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = _LazyConsole()
+err = _LazyConsole(stderr=True)
 
 IndexArg = Annotated[str, typer.Option("--index", "-i", help="Index name (kept in the index directory) or a path.")]
 IndexDirArg = Annotated[Optional[Path], typer.Option(
@@ -65,6 +84,7 @@ def _user_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.ERROR)  # open_clip logs routine notices as root warnings
         warnings.filterwarnings("ignore", module="open_clip")
+        warnings.showwarning = _show_notice
         try:
             return command(*args, **kwargs)
         except ClipEngineError as e:
@@ -77,13 +97,37 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library notices (FallbackNotice) as one line on stderr; other warnings as Python shows them."""
+    if issubclass(category, FallbackNotice):
+        err.print(f"note: {message}", markup=False)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:.1f} img/s" if task.speed else "", style="progress.data.speed")
+def _progress(*columns: Any):
+    """A transient progress bar on stderr, shown only on a terminal. `columns` are rich column objects or
+    strings (text columns); a bar, a count and the time remaining are added around them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    first, *rest = [TextColumn(c) if isinstance(c, str) else c for c in columns]
+    return Progress(first, BarColumn(), MofNCompleteColumn(), *rest, TimeRemainingColumn(), console=err.console,
+                    transient=True, disable=not err.is_terminal)
+
+
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "", style="progress.data.speed")
+
+    return RateColumn()
 
 
 @app.command()
@@ -101,7 +145,8 @@ def index(
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
     commit_every: Annotated[int, typer.Option(help="Commit progress every N files.")] = 256,
-    max_pixels: Annotated[str, typer.Option(help="Skip images needing more decoded pixels than this.")] = str(DEFAULT_MAX_PIXELS),
+    max_pixels: Annotated[Optional[str], typer.Option(
+        help="Skip images needing more decoded pixels than this (default: 200M).")] = None,
     exact_decode: Annotated[bool, typer.Option(help="Decode JPEGs at full size (slower; exact open_clip preprocessing).")] = False,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     retry_skipped: Annotated[bool, typer.Option(help="Try previously skipped files again.")] = False,
@@ -109,12 +154,16 @@ def index(
     memory_budget: MemoryBudgetArg = None,
     faiss_factory: FaissArg = None,
     target_recall: TargetRecallArg = None,
+    export: Annotated[Optional[bool], typer.Option(
+        "--export/--no-export", help="Export the query encoders that let searches start without torch "
+                                     "(default: when the index is created).")] = None,
     as_json: JsonArg = False,
 ) -> None:
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
 
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
     from clipengine.errors import BadInput
+    from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
     from clipengine.indexing import index_folder
     from clipengine.sharded import in_torchrun, index_folder_sharded
 
@@ -123,12 +172,11 @@ def index(
 
         torch.set_num_threads(threads)
     try:
-        pixels = parse_pixels(max_pixels)
+        pixels = parse_pixels(max_pixels) if max_pixels else DEFAULT_MAX_PIXELS
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-pixels") from None
     path = resolve_index_path(index_name, index_dir)
-    progress = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                        TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    progress = _progress("embedding", _rate_column())
     task = progress.add_task("embedding", total=None)
 
     def on_progress(done: int, total: int) -> None:
@@ -138,7 +186,7 @@ def index(
     options = dict(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
                    max_pixels=pixels, draft=not exact_decode, include_hidden=include_hidden,
                    retry_skipped=retry_skipped, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
-                   progress=on_progress, build_progress=on_stage)
+                   export=export, progress=on_progress, build_progress=on_stage)
     spec = _spec(model, pretrained, checkpoint, preprocess_from)
     with progress, stages:
         if in_torchrun():
@@ -163,6 +211,29 @@ def index(
     out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
     if report.faiss:
         out.print(f"  search: {_describe_faiss(report.faiss)}", markup=False)
+    if report.query_encoders:
+        out.print(f"  queries: {_describe_encoders(report.query_encoders)}", markup=False)
+    for advice in report.advice:
+        out.print(f"  advice: {advice}", markup=False)
+
+
+def _describe_encoders(record: dict | None) -> str:
+    """One line on the exported query encoders: per tower, verified (how closely) or why not."""
+    if not record:
+        return "torch (no exported query encoders)"
+    parts = []
+    for tower, what in (("text", "prompts"), ("image", "images")):
+        t = record.get(tower) or {}
+        if t.get("status") == "verified":
+            text = f"{tower} onnx, within {t['max_abs_diff']:.1e} of torch on {t['checked']} {what}"
+            int8 = t.get("int8")
+            if int8:
+                text += f" (int8: recall@10 {-100 * int8['recall_drop']:+.2f} points, " \
+                        f"{'used' if int8['preferred'] else 'only with --precision int8'})"
+            parts.append(text)
+        else:
+            parts.append(f"{tower} torch ({t.get('reason', 'not exported')})")
+    return "; ".join(parts)
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
@@ -224,6 +295,11 @@ def search(
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
     device: DeviceArg = None,
+    runtime: Annotated[Optional[str], typer.Option(
+        help="onnx: the index's exported query encoders (default; no torch, a fraction of a second); "
+             "torch: the model itself.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32 or int8 query encoders (default: int8 only where its measured recall change is within 0.5 points).")] = None,
     paths_only: Annotated[bool, typer.Option(help="Print only the paths, one per line (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
@@ -236,7 +312,8 @@ def search(
     if sum(x is not None for x in (query, image, vector)) != 1:
         raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
     path = resolve_index_path(index_name, index_dir)
-    with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device) as searcher:
+    with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
+                  precision=precision, one_shot=True) as searcher:
         where = path_prefix(prefix) if prefix else None
         if query is not None:
             hits = searcher.search_text(query, k, where)
@@ -255,8 +332,7 @@ def search(
     elif not hits:
         err.print("no results" + (f" under {where}" if where else ""), markup=False)
     else:
-        for h in hits:
-            out.print(f"{h.rank:>4}  {h.score:+.4f}  {h.path}", markup=False)
+        sys.stdout.write("".join(f"{h.rank:>4}  {h.score:+.4f}  {h.path}\n" for h in hits))
 
 
 @app.command()
@@ -275,6 +351,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"images    {report.count} searchable, {len(report.skipped)} skipped, {report.unique_vectors} distinct",
         f"search    {_describe_faiss(report.faiss)}{'' if report.faiss_current else '; behind: rebuilt on load'}",
+        f"queries   {_describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
     ]
@@ -285,6 +362,28 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         out.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False)
     if len(report.skipped) > 50:
         out.print(f"  ... and {len(report.skipped) - 50} more (--json lists all)", markup=False)
+
+
+@app.command()
+@_user_errors
+def export(
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Export the index model's text and image towers to ONNX, verified against torch, so that searches
+    start in a fraction of a second without loading torch. Replaces an earlier export."""
+    from clipengine.export import export_index
+
+    stages, on_stage = _stage_progress()
+    with stages:
+        record = export_index(resolve_index_path(index_name, index_dir), progress=on_stage)
+    if as_json:
+        _print_json(record)
+        return
+    out.print(f"queries: {_describe_encoders(record)}", markup=False)
+    if not record.get("dir"):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -380,8 +479,7 @@ def train(
             raise BadInput("name the training data: --data captions.csv (see `clipengine train --help`)")
         config = TrainConfig(out=str(out_dir), **{k: v for k, v in given.items() if v is not None})
 
-    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    progress = _progress("training", "{task.fields[info]}")
     task = progress.add_task("training", total=None, info="")
 
     def on_progress(event: dict) -> None:
@@ -434,9 +532,8 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def _stage_progress(prefix: str = "") -> tuple[Progress, Callable[[str, int, int], None]]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=err, transient=True, disable=not err.is_terminal)
+def _stage_progress(prefix: str = "") -> tuple[Any, Callable[[str, int, int], None]]:
+    progress = _progress("{task.description}")
     tasks: dict[str, Any] = {}
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -616,8 +713,27 @@ def bench_compare(
         out.print(f"  differs: {diff['field']}: {diff['a']!r} vs {diff['b']!r}", markup=False)
 
 
+# Read-only commands leave with os._exit once their output is flushed: Python's orderly shutdown of faiss,
+# onnxruntime and numpy takes ~75 ms (measured), a quarter of a cold `search`, and they have nothing to clean up.
+FAST_EXIT_COMMANDS = ("search", "info")
+
+
 def main() -> None:
-    app()
+    fast_exit = len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS
+    try:
+        app()
+    except SystemExit as e:
+        if not fast_exit:
+            raise
+        code = e.code if isinstance(e.code, int) else (e.code is not None)
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:  # the reader (`| head`) has gone: nothing left to say
+            pass
+        os._exit(code)
 
 
 if __name__ == "__main__":

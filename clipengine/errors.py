@@ -28,3 +28,8 @@ class ModelUnavailable(ClipEngineError):
 
 class BadInput(ClipEngineError):
     pass
+
+
+class FallbackNotice(UserWarning):
+    """Something works, but more slowly than it could, and the user can fix that (the CLI prints it as a
+    one-line note): e.g. a search that must load torch because the index's exported encoders are missing."""

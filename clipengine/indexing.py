@@ -40,6 +40,8 @@ class IndexReport:
     seconds: float = 0.0
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
     faiss: dict = field(default_factory=dict)  # the search structure after the run (IndexStore.faiss_state)
+    query_encoders: dict | None = None  # the exported towers' record, as `info` shows it (None: never exported)
+    advice: list[str] = field(default_factory=list)  # what the user can do to make the index better to use
 
     @property
     def images_per_second(self) -> float:
@@ -71,8 +73,8 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
                     policy: FaissPolicy):
     """Open the index for writing, creating it (which needs the model, for its dimension) if absent.
 
-    Returns (store, loaded model or None, whether the faiss policy changed): the model is loaded only
-    when it had to be.
+    Returns (store, loaded model or None, whether the faiss policy changed, whether it was created): the
+    model is loaded only when it had to be.
     """
     if rebuild:
         remove_index(index_path)
@@ -82,7 +84,7 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
             if model is not None:
                 require_same_source(store.manifest["model"], model.source, f"index {index_path}")
-            return store, model, store.set_faiss_policy(**policy.changes())  # checked before any work
+            return store, model, store.set_faiss_policy(**policy.changes()), False  # checked before any work
         except BaseException:
             store.close()
             raise
@@ -96,7 +98,7 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         model = load_model(resolve_source(spec), device=device)
     else:
         check_same_model(model.source, spec, "the model passed in")
-    return IndexStore.create(index_path, model.source, policy.changes()), model, False
+    return IndexStore.create(index_path, model.source, policy.changes()), model, False, True
 
 
 def index_folder(
@@ -115,6 +117,7 @@ def index_folder(
     retry_skipped: bool = False,
     rebuild: bool = False,
     faiss_policy: FaissPolicy = FaissPolicy(),
+    export: bool | None = None,
     progress: ProgressCallback | None = None,
     build_progress: StageProgress | None = None,
 ) -> IndexReport:
@@ -123,14 +126,16 @@ def index_folder(
     `spec` names the model for a new index; for an existing one it may be left empty (the index's own
     model is used) and anything else named is refused unless it is the same model. `model`, an already
     loaded `LoadedModel`, saves loading it again when indexing several folders. A `faiss_policy` that
-    differs from the index's retrains its search structure (see `IndexStore.save_faiss`).
+    differs from the index's retrains its search structure (see `IndexStore.save_faiss`). `export`: write
+    the query encoders that let searches start without torch (`clipengine.export`); None does it for a new
+    index, and advises it for an older one that has none.
     """
     started = time.perf_counter()
     root_str = os.path.abspath(ensure_folder(folder))
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
     index_path = Path(index_path)
-    store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
+    store, model, policy_changed, created = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
         report = IndexReport(index=str(index_path), folder=root_str, model=describe_source(store.manifest["model"]))
         plan = plan_and_drop(store, root_str, report, include_hidden=include_hidden, retry_skipped=retry_skipped)
@@ -145,10 +150,41 @@ def index_folder(
         if policy_changed or not plan.is_noop or not store.faiss_current():
             store.save_faiss(rebuild=policy_changed, progress=build_progress)
         store.record_folder(root_str)
-        report.count = store.counts()["count"]
-        report.faiss = store.faiss_state()
+        finish_index(store, report, model, export=created if export is None else export, progress=build_progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool,
+                 progress: StageProgress | None) -> None:
+    """The last step of every indexing run: export the query encoders if asked, and report the result."""
+    if export:
+        from clipengine.export import export_query_encoders
+        from clipengine.models import load_model
+
+        export_query_encoders(model or load_model(store.manifest["model"], device="cpu"), store, progress=progress)
+    report.count = store.counts()["count"]
+    report.faiss = store.faiss_state()
+    report.query_encoders = store.query_encoders
+    report.advice = encoders_advice(store)
+
+
+def encoders_advice(store: IndexStore) -> list[str]:
+    """What to do when searches must load torch though they need not: no query encoders, or damaged ones.
+    (A model that does not export has nothing to do: `info` shows why, tower by tower.)"""
+    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
+
+    record = store.query_encoders
+    fix = f"`clipengine export --index {store.path}`"
+    if record is None:
+        return [f"this index has no exported query encoders, so each search loads torch (seconds): {fix} makes "
+                "searches start in a fraction of a second"]
+    if record.get("dir"):
+        try:
+            QueryEncoders.open(store.path, record)
+        except EncodersUnavailable as e:
+            return [f"searches load torch because {e}: {fix} writes the query encoders again"]
+    return []
 
 
 def ensure_folder(folder: str | os.PathLike) -> Path:
@@ -237,7 +273,8 @@ class IndexInfo:
     created_at: str
     size_bytes: int
     faiss_current: bool
-    advice: list[str]  # what to do about the search structure, if anything
+    query_encoders: dict | None  # the exported towers: verified (how closely) or failed (why); None: not exported
+    advice: list[str]  # what to do about the search structure or the query encoders, if anything
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,9 +297,10 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             faiss_policy=store.faiss_policy,
             folders=[p for p, _ in store.folders()],
             created_at=store.manifest["created_at"],
-            size_bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+            size_bytes=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
             faiss_current=store.faiss_current(),
-            advice=_advice(state, counts["count"], path, store.faiss_policy),
+            query_encoders=store.query_encoders,
+            advice=_advice(state, counts["count"], path, store.faiss_policy) + encoders_advice(store),
         )
 
 

@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
 FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "lock"
+ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.export)
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -160,6 +161,16 @@ def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
     if not readonly:
         conn.execute("PRAGMA synchronous = FULL")
     return conn
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _hint(path: Path) -> str:
@@ -425,6 +436,26 @@ class IndexStore:
         write_json_atomic(self.path / MANIFEST, manifest)
         self.manifest = manifest
         return True
+
+    # ---- exported query encoders ---------------------------------------------------------------
+
+    @property
+    def query_encoders(self) -> dict | None:
+        """What `clipengine.export` recorded: per tower, verified (and how closely) or failed (and why)."""
+        return self.manifest.get("query_encoders")
+
+    def set_query_encoders(self, record: dict) -> None:
+        """Point the index at a new encoders directory (one atomic manifest write), then delete the others."""
+        self._require_writable()
+        manifest = {**self.manifest, "query_encoders": record}
+        write_json_atomic(self.path / MANIFEST, manifest)
+        self.manifest = manifest
+        for old in self.path.glob(f"{ENCODERS_PREFIX}*"):
+            if old.name != record.get("dir"):
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in self.path.glob(f".{ENCODERS_PREFIX}*.tmp-*"):  # left by an export that was killed
+            if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def faiss_state(self) -> dict:
         """What the faiss file on disk is: kind, factory, training sample, measured recall and latency, drift."""

@@ -21,10 +21,17 @@ def tiny_model():
     return load_model(ModelSpec(arch="tiny"), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def _export_cache(tmp_path_factory) -> Path:
+    """One export cache for the session: each model is exported to ONNX once, and verified at every use."""
+    return tmp_path_factory.mktemp("export-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_index_dir(tmp_path, monkeypatch):
-    """Named indexes go to a temporary directory, never the checkout's indexes/."""
+def _isolated_index_dir(tmp_path, monkeypatch, _export_cache):
+    """Named indexes go to a temporary directory, never the checkout's indexes/; exports are cached per session."""
     monkeypatch.setenv("CLIPENGINE_INDEX_DIR", str(tmp_path / "indexes"))
+    monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
