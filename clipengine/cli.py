@@ -83,10 +83,12 @@ def _user_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         logging.basicConfig(level=logging.ERROR)  # open_clip logs routine notices as root warnings
-        warnings.filterwarnings("ignore", module="open_clip")
-        warnings.showwarning = _show_notice
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module="open_clip")
+                warnings.simplefilter("always", FallbackNotice)
+                warnings.showwarning = _show_notice
+                return command(*args, **kwargs)
         except ClipEngineError as e:
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(1) from None
@@ -219,7 +221,9 @@ def index(
 
 def _describe_encoders(record: dict | None) -> str:
     """One line on the exported query encoders: per tower, verified (how closely) or why not."""
-    if not record:
+    from clipengine.query_encoders import never_exported
+
+    if never_exported(record):
         return "torch (no exported query encoders)"
     parts = []
     for tower, what in (("text", "prompts"), ("image", "images")):

@@ -30,14 +30,13 @@ from typing import Callable
 import numpy as np
 
 from clipengine import query_encoders as qe
-from clipengine.store import ENCODERS_PREFIX, IndexStore
+from clipengine.store import ENCODERS_PREFIX, IndexStore, StageProgress
 from clipengine.tokenizer import save_tokenizer
 
 MAX_ABS_DIFF = 1e-4
 EXPORT_FORMAT = 1
 CACHE_DIR_ENV = "CLIPENGINE_CACHE_DIR"
 INT8_MAX_RECALL_DROP = 0.005  # int8 is used by default only if recall@10 against fp32 drops by at most 0.5 points
-StageProgress = Callable[[str, int, int], None]
 
 _SUBJECTS = ["dog", "cat", "red car", "sunset over the sea", "bowl of ramen", "mountain lake", "child with a kite",
              "old bicycle", "neon sign", "snowy forest", "two red circles", "a blue square", "wedding cake",
@@ -239,32 +238,33 @@ def _cache_key(source: dict, tower: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _cached_export(source: dict, tower: str, directory: Path, names: list[str], export: Callable[[Path], dict]) -> dict:
-    """Run `export` into `directory`, or copy its files (`names`, plus the returned record) from the cache."""
-    entry = cache_dir() / "encoders" / _cache_key(source, tower)
-    record_file = entry / "record.json"
-    if record_file.is_file():
-        try:
-            record = json.loads(record_file.read_text())
-            for name in record["files"]:
-                shutil.copyfile(entry / name, directory / name)
-            return record["record"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry: export afresh
-    record = export(directory)
-    files = [n for n in names if (directory / n).exists()]
+def _from_cache(key: str, directory: Path) -> dict | None:
+    """Copy a cached tower's files into `directory`; returns its record, or None if there is none (or it is damaged)."""
+    entry = cache_dir() / "encoders" / key
     try:
-        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+        cached = json.loads((entry / "record.json").read_text())
+        for name in cached["files"]:
+            shutil.copyfile(entry / name, directory / name)
+        return cached["record"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _to_cache(key: str, directory: Path, names: list[str], record: dict) -> None:
+    """Keep a verified tower's files for the next index of the same model (written aside, then renamed)."""
+    entry = cache_dir() / "encoders" / key
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        files = [n for n in names if (directory / n).exists()]
         for name in files:
             shutil.copyfile(directory / name, tmp / name)
         (tmp / "record.json").write_text(json.dumps({"files": files, "record": record}))
         shutil.rmtree(entry, ignore_errors=True)
         os.rename(tmp, entry)
-    except OSError:
-        pass  # the cache only saves time; a read-only home must not stop an export
-    return record
+    except OSError:  # the cache only saves time: a read-only home must not stop an export
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,9 +330,16 @@ def _export_into(model, directory: Path, progress: StageProgress | None) -> dict
         if progress:
             progress("exporting query encoders", i, len(steps))
         names = names + [names[0] + qe.EXTERNAL_DATA_SUFFIX]
+        key = _cache_key(model.source, tower)
         try:
-            exported = _cached_export(model.source, tower, directory, names, lambda d, f=export: f(model, d))
-            record[tower] = {**exported, "file": names[0], **verify(model, directory, exported, names[0])}
+            exported = _from_cache(key, directory)
+            verdict = verify(model, directory, exported, names[0]) if exported is not None else None
+            if verdict is None or verdict["status"] != "verified":  # not cached, or a cached copy that fails
+                exported = export(model, directory)
+                verdict = verify(model, directory, exported, names[0])
+                if verdict["status"] == "verified":
+                    _to_cache(key, directory, names, exported)
+            record[tower] = {**exported, "file": names[0], **verdict}
         except Exception as e:  # a model that does not export keeps the torch path; the reason is recorded
             record[tower] = {"status": "failed", "reason": f"export failed: {type(e).__name__}: {_first_line(e)}"}
         if record[tower]["status"] != "verified":

@@ -20,6 +20,7 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.ann import DRIFT_RATIO, n_lists
+from clipengine.query_encoders import PENDING
 from clipengine.store import FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
@@ -73,8 +74,8 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
                     policy: FaissPolicy):
     """Open the index for writing, creating it (which needs the model, for its dimension) if absent.
 
-    Returns (store, loaded model or None, whether the faiss policy changed, whether it was created): the
-    model is loaded only when it had to be.
+    Returns (store, loaded model or None, whether the faiss policy changed): the model is loaded only when
+    it had to be.
     """
     if rebuild:
         remove_index(index_path)
@@ -84,7 +85,7 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
             if model is not None:
                 require_same_source(store.manifest["model"], model.source, f"index {index_path}")
-            return store, model, store.set_faiss_policy(**policy.changes()), False  # checked before any work
+            return store, model, store.set_faiss_policy(**policy.changes())  # checked before any work
         except BaseException:
             store.close()
             raise
@@ -98,7 +99,7 @@ def _open_or_create(index_path: Path, spec: ModelSpec, model, device: str | None
         model = load_model(resolve_source(spec), device=device)
     else:
         check_same_model(model.source, spec, "the model passed in")
-    return IndexStore.create(index_path, model.source, policy.changes()), model, False, True
+    return IndexStore.create(index_path, model.source, policy.changes()), model, False
 
 
 def index_folder(
@@ -135,7 +136,7 @@ def index_folder(
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
     index_path = Path(index_path)
-    store, model, policy_changed, created = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
+    store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
         report = IndexReport(index=str(index_path), folder=root_str, model=describe_source(store.manifest["model"]))
         plan = plan_and_drop(store, root_str, report, include_hidden=include_hidden, retry_skipped=retry_skipped)
@@ -150,15 +151,16 @@ def index_folder(
         if policy_changed or not plan.is_noop or not store.faiss_current():
             store.save_faiss(rebuild=policy_changed, progress=build_progress)
         store.record_folder(root_str)
-        finish_index(store, report, model, export=created if export is None else export, progress=build_progress)
+        finish_index(store, report, model, export=export, progress=build_progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool,
+def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool | None,
                  progress: StageProgress | None) -> None:
-    """The last step of every indexing run: export the query encoders if asked, and report the result."""
-    if export:
+    """The last step of every indexing run: export the query encoders if asked (None: if the index is new and
+    has not had its export yet, even when its first run was interrupted), and report the result."""
+    if export or (export is None and store.query_encoders == PENDING):
         from clipengine.export import export_query_encoders
         from clipengine.models import load_model
 
@@ -172,11 +174,11 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool,
 def encoders_advice(store: IndexStore) -> list[str]:
     """What to do when searches must load torch though they need not: no query encoders, or damaged ones.
     (A model that does not export has nothing to do: `info` shows why, tower by tower.)"""
-    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
+    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, never_exported
 
     record = store.query_encoders
     fix = f"`clipengine export --index {store.path}`"
-    if record is None:
+    if never_exported(record):
         return [f"this index has no exported query encoders, so each search loads torch (seconds): {fix} makes "
                 "searches start in a fraction of a second"]
     if record.get("dir"):

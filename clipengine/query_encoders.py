@@ -73,6 +73,15 @@ def _check_files(directory: Path, files: dict[str, dict]) -> None:
             raise EncodersUnavailable(f"{path} changed since it was verified")
 
 
+PENDING = {"status": "pending"}  # the record of a new index, until its first export
+
+
+def never_exported(record: dict | None) -> bool:
+    """Whether an index's encoders record says no export was attempted: an index from before query encoders
+    (no record), or a new one whose export has not run yet. (A failed export is a record of why it failed.)"""
+    return not record or record.get("status") == PENDING["status"]
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -222,8 +231,10 @@ class QueryEncoders:
              one_shot: bool = False) -> "QueryEncoders":
         """The encoders an index manifest's `query_encoders` record describes, with their files checked.
         Raises EncodersUnavailable with the reason when there are none that can be used."""
-        if not record or not record.get("dir"):
+        if never_exported(record):
             raise EncodersUnavailable("this index has no exported query encoders")
+        if not record.get("dir"):
+            raise EncodersUnavailable("its model's towers did not export or did not pass the check")
         directory = Path(index_path) / record["dir"]
         _check_files(directory, record.get("files", {}))
         return cls(directory, record, precision=precision, one_shot=one_shot)

@@ -19,7 +19,7 @@ import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
 from clipengine.models import ModelSpec, check_same_model
-from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
+from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, never_exported
 from clipengine.store import IndexStore
 
 
@@ -109,10 +109,10 @@ class Searcher:
     def _fall_back(self, e: EncodersUnavailable) -> None:
         self._encoders = False
         record = self.store.query_encoders
-        if record and not record.get("dir"):
+        if not never_exported(record) and not record.get("dir"):
             return  # the model did not export: `info` says why, and there is nothing to fix per search
         fix = f"`clipengine export --index {self.store.path}`"
-        if not record:
+        if never_exported(record):
             warnings.warn(f"{e}, so this search loads torch (seconds): run {fix} once to search in a fraction "
                           "of a second", FallbackNotice, stacklevel=3)
         else:

@@ -99,8 +99,7 @@ def index_folder_sharded(
                 store.drop_unused_vectors()
                 store.save_faiss(rebuild=job["policy_changed"], progress=build_progress)
                 store.record_folder(root)
-                created = job["created"] if export is None else export
-                finish_index(store, report, None, export=created, progress=build_progress)
+                finish_index(store, report, None, export=export, progress=build_progress)
             report.seconds = time.perf_counter() - started
         dist.barrier()  # the job ends when the index is ready, on every rank
         failed = [e for e in errors if e]
@@ -124,14 +123,14 @@ def _plan(root: str, index_path: Path, spec: ModelSpec, device: str | None, incl
     """Rank 0: open the index, merge any shards an interrupted run left, and plan the update."""
     if commit_every < 1:
         raise BadInput("--commit-every must be at least 1")
-    store, _, policy_changed, created = _open_or_create(index_path, spec, None, device, False, faiss_policy)
+    store, _, policy_changed = _open_or_create(index_path, spec, None, device, False, faiss_policy)
     try:
         report = IndexReport(index=str(index_path), folder=root, model=describe_source(store.manifest["model"]))
         _merge_parts(store, index_path, report)  # an interrupted run's work, kept
         plan = plan_and_drop(store, root, report, include_hidden=include_hidden, retry_skipped=retry_skipped)
         files = [(f.path, f.size, f.mtime_ns) for f in plan.to_embed]
         job = {"files": files, "source": store.manifest["model"], "known_hashes": sorted(store.known_hashes()),
-               "policy_changed": policy_changed, "created": created}
+               "policy_changed": policy_changed}
         return store, report, job
     except BaseException:
         store.close()

@@ -276,6 +276,7 @@ class IndexStore:
             "faiss": {"faiss_metric": "inner_product",
                       "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL,
                                  **(faiss_policy or {})}},
+            "query_encoders": {"status": "pending"},  # until the first run's export (clipengine.export)
         }
         conn = sqlite3.connect(tmp / DATABASE)
         conn.executescript(SCHEMA)

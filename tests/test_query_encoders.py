@@ -1,0 +1,228 @@
+"""Exported query encoders: verified at export, the same hits as torch, no torch on the cold path, and a
+fall-back to torch (with one line saying how to fix it) whenever they are missing, damaged or failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import clipengine.export as export_module
+from clipengine.cli import app
+from clipengine.indexing import index_folder, index_info
+from clipengine.models import ModelSpec
+from clipengine.search import Searcher
+from clipengine.store import MANIFEST, IndexStore
+from clipengine.synthetic import photo_like
+
+TINY = ModelSpec(arch="tiny")
+QUERIES = ["a photo", "two red circles on the left of a large blue square", "🐶 on a beach, 犬", "caf\u00e9 &amp; cr\u00e8me",
+           "control\x00chars\x1b[31m and\ttabs", "x " * 5000, "<end_of_text> in the middle", "A"]
+runner = CliRunner()
+
+
+def cli(*args, code: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return result
+
+
+def record_of(index) -> dict | None:
+    return json.loads((index / MANIFEST).read_text()).get("query_encoders")
+
+
+def encoders_dir(index):
+    return index / record_of(index)["dir"]
+
+
+@pytest.fixture
+def index(photos, tmp_path):
+    index_folder(photos, tmp_path / "idx", TINY, workers=0)
+    return tmp_path / "idx"
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A query image that is not in the index."""
+    path = tmp_path / "query.jpg"
+    photo_like(300, 200, seed=77).save(path)
+    return path
+
+
+def same_hits(a, b):
+    assert [h.path for h in a] == [h.path for h in b]
+    assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-4)
+
+
+def test_a_new_index_exports_verified_towers(index):
+    record = record_of(index)
+    assert record["text"]["status"] == record["image"]["status"] == "verified"
+    assert record["text"]["max_abs_diff"] <= 1e-4 and record["text"]["checked"] >= 200
+    assert record["image"]["max_abs_diff"] <= 1e-4 and record["image"]["checked"] >= 50
+    assert record["text"]["form"] == "split"  # causal tower: token table outside, cut at the end token
+    assert sorted(p.name for p in encoders_dir(index).iterdir()) == sorted(record["files"])
+    info = index_info(index)
+    assert info.query_encoders == record and not info.advice
+    assert "text onnx, within" in cli("info", "--index", index).stdout
+
+
+def test_onnx_queries_give_torch_hits_and_scores(index, outside):
+    with Searcher(index, one_shot=True) as onnx, Searcher(index, runtime="torch") as torch_path:
+        for query in QUERIES:
+            assert np.abs(onnx.text_vector(query) - torch_path.text_vector(query)).max() <= 1e-4
+            same_hits(onnx.search_text(query, k=12), torch_path.search_text(query, k=12))
+        same_hits(onnx.search_image(outside, k=12), torch_path.search_image(outside, k=12))
+        assert onnx._model is None  # the torch model was never loaded
+        assert torch_path.encoders is None
+
+
+def imported_modules(*args: str) -> tuple[set[str], subprocess.CompletedProcess]:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "clipengine", *args],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return {line.rsplit("|", 1)[1].strip() for line in lines}, result
+
+
+def test_cold_search_imports_neither_torch_nor_open_clip(index, outside):
+    heavy = ("torch", "open_clip", "torchvision", "timm")
+    for query in (["a dog on a beach"], ["--image", str(outside)]):
+        modules, result = imported_modules("search", *query, "--index", str(index), "--json")
+        assert {"numpy", "onnxruntime", "faiss"} <= modules  # the check sees what is imported
+        assert not {m for m in modules if m.split(".")[0] in heavy}, query
+        assert len(json.loads(result.stdout)) == 10 and result.stderr.count("note:") == 0
+    modules, _ = imported_modules("search", "a dog", "--index", str(index), "--runtime", "torch")
+    assert "torch" in modules and "open_clip" in modules
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "overwrite"])
+def test_damaged_encoders_fall_back_to_torch_with_one_note_until_exported_again(index, damage):
+    data = encoders_dir(index) / "text.onnx.data"
+    if damage == "delete":
+        data.unlink()
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[:1000])
+    else:  # same size, other content: what copying another model's export would do
+        data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
+    with Searcher(index, runtime="torch") as reference:
+        expected = reference.search_text("a red photo", k=5)
+    result = cli("search", "a red photo", "--index", index, "-k", "5", "--json")
+    assert [h["path"] for h in json.loads(result.stdout)] == [h.path for h in expected]
+    notes = result.stderr.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: searching with torch") and "text.onnx.data" in notes[0]
+    assert "clipengine export --index" in notes[0]
+    assert any("export" in a for a in index_info(index).advice)
+    cli("export", "--index", index)
+    again = cli("search", "a red photo", "--index", index, "-k", "5", "--json")
+    assert again.stderr == "" and json.loads(again.stdout)[0]["path"] == expected[0].path
+    assert not index_info(index).advice
+
+
+def test_an_older_index_searches_with_torch_and_says_how_to_get_the_fast_path(index, photos):
+    manifest = json.loads((index / MANIFEST).read_text())
+    del manifest["query_encoders"]  # as an index written before query encoders existed
+    (index / MANIFEST).write_text(json.dumps(manifest))
+    result = cli("search", "a photo", "--index", index, "-k", "3")
+    assert len(result.stdout.splitlines()) == 3
+    assert result.stderr.startswith("note: this index has no exported query encoders") and "clipengine export" in result.stderr
+    report = cli("index", photos, "--index", index, "--workers", "0").stdout  # offers, does not export unasked
+    assert "advice: this index has no exported query encoders" in report and record_of(index) is None
+    cli("index", photos, "--index", index, "--workers", "0", "--export")
+    assert record_of(index)["text"]["status"] == "verified"
+    assert cli("search", "a photo", "--index", index).stderr == ""
+
+
+def test_an_interrupted_first_run_exports_at_the_next_run(photos, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "_export_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(photos, tmp_path / "idx", TINY, workers=0)
+    assert record_of(tmp_path / "idx") == {"status": "pending"}
+    assert not list((tmp_path / "idx").glob(".encoders-*"))  # the half-written export is gone
+    monkeypatch.undo()
+    monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    index_folder(photos, tmp_path / "idx", workers=0)
+    assert record_of(tmp_path / "idx")["text"]["status"] == "verified"
+
+
+def test_a_tower_that_fails_its_check_is_not_used_and_info_says_why(photos, tmp_path, monkeypatch, outside):
+    monkeypatch.setattr(export_module, "MAX_ABS_DIFF", 1e-12)  # no export matches torch this closely
+    index_folder(photos, tmp_path / "idx", TINY, workers=0)
+    record = record_of(tmp_path / "idx")
+    assert record["dir"] is None and record["text"]["status"] == "failed"
+    assert "differs from torch's by" in record["text"]["reason"] and record["image"]["status"] == "failed"
+    assert not list((tmp_path / "idx").glob("encoders-*"))
+    info = cli("info", "--index", tmp_path / "idx").stdout
+    assert "queries   text torch (its output differs from torch's" in info
+    result = cli("search", "a photo", "--index", tmp_path / "idx", "-k", "3")
+    assert len(result.stdout.splitlines()) == 3 and result.stderr == ""  # nothing to fix per search: no note
+
+
+def test_a_tower_that_does_not_export_keeps_torch_and_the_other_tower_still_serves(photos, tmp_path, monkeypatch,
+                                                                                  outside):
+    def unsupported(model, directory):
+        raise RuntimeError("unsupported operator aten::frobnicate")
+
+    monkeypatch.setattr(export_module, "_export_text", unsupported)
+    monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    index_folder(photos, tmp_path / "idx", TINY, workers=0)
+    record = record_of(tmp_path / "idx")
+    assert record["text"] == {"status": "failed",
+                              "reason": "export failed: RuntimeError: unsupported operator aten::frobnicate"}
+    assert record["image"]["status"] == "verified" and not (encoders_dir(tmp_path / "idx") / "text.onnx").exists()
+    with Searcher(tmp_path / "idx") as searcher, Searcher(tmp_path / "idx", runtime="torch") as reference:
+        same_hits(searcher.search_image(outside), reference.search_image(outside))
+        assert searcher._model is None  # the image query needed no torch
+        same_hits(searcher.search_text("a photo"), reference.search_text("a photo"))
+
+
+def test_export_replaces_the_previous_one_and_a_second_index_reuses_the_verified_cache(index, photos, tmp_path,
+                                                                                    monkeypatch):
+    first = record_of(index)["dir"]
+    cli("export", "--index", index)
+    assert [p.name for p in index.glob("encoders-*")] == [record_of(index)["dir"]] != [first]
+
+    def must_not_export(*args):
+        raise AssertionError("exported again instead of using the cache")
+
+    monkeypatch.setattr(export_module, "_export_text", must_not_export)
+    monkeypatch.setattr(export_module, "_export_image", must_not_export)
+    index_folder(photos, tmp_path / "second", TINY, workers=0)
+    assert record_of(tmp_path / "second")["text"]["status"] == "verified"
+
+
+def test_a_damaged_cache_entry_is_exported_afresh(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    index_folder(photos, tmp_path / "a", TINY, workers=0)
+    for data in (tmp_path / "cache").rglob("text.onnx.data"):
+        data.write_bytes(bytes(data.stat().st_size))  # zeros: it loads, and gives wrong embeddings
+    index_folder(photos, tmp_path / "b", TINY, workers=0)
+    assert record_of(tmp_path / "b")["text"]["status"] == "verified"
+    with Searcher(tmp_path / "b") as s, Searcher(tmp_path / "b", runtime="torch") as reference:
+        same_hits(s.search_text("a photo"), reference.search_text("a photo"))
+
+
+@pytest.mark.parametrize("query,message", [
+    (["", "--index"], "the text query is empty"),
+    (["   \t", "--index"], "the text query is empty"),
+])
+def test_empty_queries_are_one_line_errors(index, query, message):
+    result = cli("search", *query, index, code=1)
+    assert result.stderr.strip() == f"error: {message}"
+
+
+def test_query_files_that_are_not_images_are_one_line_errors(index, tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, reason in (("notes.jpg", "not a recognised image format"), ("empty.png", "empty file")):
+        result = cli("search", "--image", tmp_path / name, "--index", index, code=1)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: cannot use") and reason in lines[0]
