@@ -69,6 +69,9 @@ MemoryBudgetArg = Annotated[Optional[str], typer.Option(
                             "the most accurate faiss index that fits is chosen and tuned.")]
 FaissArg = Annotated[Optional[str], typer.Option(
     "--faiss", help="A faiss index_factory string, e.g. 'IVF4096,PQ64', instead of the automatic choice.")]
+QuantizeArg = Annotated[Optional[str], typer.Option(
+    "--quantize", help="int8: also export int8 query encoders, used by default only if their measured "
+                       "recall@10 change on the index's own vectors is within 0.5 points.")]
 TargetRecallArg = Annotated[Optional[float], typer.Option(
     help="recall@10 against exact search that the search depth is tuned to reach (default 0.95).")]
 
@@ -159,6 +162,12 @@ def index(
     export: Annotated[Optional[bool], typer.Option(
         "--export/--no-export", help="Export the query encoders that let searches start without torch "
                                      "(default: when the index is created).")] = None,
+    quantize: QuantizeArg = None,
+    runtime: Annotated[Optional[str], typer.Option(
+        help="What embeds the images: torch, or onnx (the index's exported image tower). Default: on a CPU, "
+             "whichever measured faster on this machine; on a GPU, torch.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="With --runtime onnx: fp32 (default) or int8 (exported with --quantize int8).")] = None,
     as_json: JsonArg = False,
 ) -> None:
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
@@ -188,7 +197,8 @@ def index(
     options = dict(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
                    max_pixels=pixels, draft=not exact_decode, include_hidden=include_hidden,
                    retry_skipped=retry_skipped, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
-                   export=export, progress=on_progress, build_progress=on_stage)
+                   export=export, quantize=quantize, runtime=runtime, precision=precision, progress=on_progress,
+                   build_progress=on_stage)
     spec = _spec(model, pretrained, checkpoint, preprocess_from)
     with progress, stages:
         if in_torchrun():
@@ -203,7 +213,7 @@ def index(
         _print_json(report.to_dict())
         return
     out.print(f"index {report.index}  ({report.model})", markup=False)
-    rate = f" at {report.images_per_second:.1f} images/s" if report.embedded else ""
+    rate = f" at {report.images_per_second:.1f} images/s with {report.runtime}" if report.embedded else ""
     out.print(f"  embedded {report.embedded}{rate}, reused {report.reused}, skipped {report.skipped}, "
               f"removed {report.removed}, unchanged {report.unchanged}", markup=False)
     for skip in report.skips[:20]:
@@ -232,8 +242,9 @@ def _describe_encoders(record: dict | None) -> str:
             text = f"{tower} onnx, within {t['max_abs_diff']:.1e} of torch on {t['checked']} {what}"
             int8 = t.get("int8")
             if int8:
-                text += f" (int8: recall@10 {-100 * int8['recall_drop']:+.2f} points, " \
-                        f"{'used' if int8['preferred'] else 'only with --precision int8'})"
+                change = (f"recall@10 {-100 * int8['recall_drop']:+.2f} points vs fp32" if int8["recall_drop"] is not None
+                          else int8["reason"])
+                text += f" (int8: {change}; {'used' if int8['preferred'] else 'used only with --precision int8'})"
             parts.append(text)
         else:
             parts.append(f"{tower} torch ({t.get('reason', 'not exported')})")
@@ -373,6 +384,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
 def export(
     index_name: IndexArg = "default",
     index_dir: IndexDirArg = None,
+    quantize: QuantizeArg = None,
     as_json: JsonArg = False,
 ) -> None:
     """Export the index model's text and image towers to ONNX, verified against torch, so that searches
@@ -381,7 +393,7 @@ def export(
 
     stages, on_stage = _stage_progress()
     with stages:
-        record = export_index(resolve_index_path(index_name, index_dir), progress=on_stage)
+        record = export_index(resolve_index_path(index_name, index_dir), quantize=quantize, progress=on_stage)
     if as_json:
         _print_json(record)
         return
@@ -593,8 +605,8 @@ def _report_bench(result, json_file: str | None) -> None:
         result.write(json_file)
     counts = ", ".join(f"{v} {k.removeprefix('n_').replace('_', ' ')}" for k, v in result.counts.items() if v)
     out.print(f"{result.task} on {data['dataset']['path']}  ({counts})", markup=False)
-    out.print(f"model {data['weights']}  [{result.settings.get('device')}, {result.settings.get('precision')}]",
-              markup=False)
+    out.print(f"model {data['weights']}  [{result.settings.get('runtime', 'torch')}, {result.settings.get('device')}, "
+              f"{result.settings.get('precision')}]", markup=False)
     out.print(_metrics_table(result.metrics))
     out.print("(percent)" + (f"; written to {json_file}" if json_file else "") + f"; {result.seconds:.1f} s",
               markup=False)
@@ -622,6 +634,10 @@ def bench_retrieval(
     device: DeviceArg = None,
     batch_size: BatchArg = None,
     workers: WorkersArg = None,
+    runtime: Annotated[Optional[str], typer.Option(
+        help="torch (default), or onnx: embed through the model's exported towers, as searches do.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="With --runtime onnx: fp32 (default) or int8 towers.")] = None,
     json_file: BenchJsonArg = None,
 ) -> None:
     """Recall@k for text→image and image→text retrieval, as the CLIP paper and CLIP_benchmark compute it."""
@@ -634,7 +650,7 @@ def bench_retrieval(
                    image_root=images, split=split, ks=ks, device=device)
     else:
         _run_bench(retrieval_benchmark, json_file, data, spec=spec, image_root=images, split=split, ks=ks,
-                   device=device, batch_size=batch_size, workers=workers)
+                   device=device, batch_size=batch_size, workers=workers, runtime=runtime, precision=precision)
 
 
 @bench_app.command("zeroshot")

@@ -132,7 +132,10 @@ class PixelNormalizer:
 
 
 def encode_pixels(model: LoadedModel, x: torch.Tensor) -> np.ndarray:
-    """Normalised float pixels -> L2-normalised float32 embeddings (numpy, on the CPU)."""
+    """Normalised float pixels -> L2-normalised float32 embeddings (numpy, on the CPU), through the exported
+    image tower when the model carries one (`model.onnx`), else through torch."""
+    if model.onnx is not None and model.onnx.available("image"):
+        return model.onnx.encode_pixels(x.cpu().numpy())
     with torch.inference_mode(), model.autocast():
         features = model.model.encode_image(x)
     return F.normalize(features.float(), dim=-1).cpu().numpy()
@@ -187,11 +190,19 @@ def embed_pil_images(model: LoadedModel, images: Sequence[Image.Image]) -> np.nd
 
 
 def embed_texts(model: LoadedModel, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
-    """Texts -> L2-normalised float32 embeddings, shape (len(texts), dim)."""
+    """Texts -> L2-normalised float32 embeddings, shape (len(texts), dim) (through the exported text tower when
+    the model carries one)."""
     out = np.empty((len(texts), model.embed_dim), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
-        tokens = model.tokenizer(list(texts[start:start + batch_size])).to(model.device)
-        with torch.inference_mode(), model.autocast():
-            features = model.model.encode_text(tokens)
-        out[start:start + len(tokens)] = F.normalize(features.float(), dim=-1).cpu().numpy()
+        batch = list(texts[start:start + batch_size])
+        out[start:start + len(batch)] = _encode_texts(model, batch)
     return out
+
+
+def _encode_texts(model: LoadedModel, texts: list[str]) -> np.ndarray:
+    if model.onnx is not None and model.onnx.available("text"):
+        return model.onnx.encode_texts(texts)
+    tokens = model.tokenizer(texts).to(model.device)
+    with torch.inference_mode(), model.autocast():
+        features = model.model.encode_text(tokens)
+    return F.normalize(features.float(), dim=-1).cpu().numpy()

@@ -23,13 +23,15 @@ import io
 import json
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 
 from clipengine import query_encoders as qe
+from clipengine.errors import BadInput
 from clipengine.store import ENCODERS_PREFIX, IndexStore, StageProgress
 from clipengine.tokenizer import save_tokenizer
 
@@ -136,7 +138,6 @@ def _tower_modules():
 
 def _export(module, args: tuple, names: list[str], dynamic: tuple, path: Path) -> None:
     """torch.onnx's dynamo exporter, weights saved as one external data file next to the graph."""
-    import onnx
     import torch
 
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
@@ -144,7 +145,14 @@ def _export(module, args: tuple, names: list[str], dynamic: tuple, path: Path) -
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic, input_names=names,
                                     output_names=["embedding"], external_data=False, verbose=False)
-    onnx.save_model(program.model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+    _save_external(program.model_proto, path)
+
+
+def _save_external(model_proto, path: Path) -> None:
+    """An ONNX graph with its weights in one external data file beside it, which onnxruntime memory-maps."""
+    import onnx
+
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + qe.EXTERNAL_DATA_SUFFIX, size_threshold=1024)
     shutil.copymode(path, path.with_name(path.name + qe.EXTERNAL_DATA_SUFFIX))  # onnx writes it owner-only
 
@@ -187,35 +195,100 @@ def _export_image(model, directory: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _verify_text(model, directory: Path, record: dict, file: str) -> dict:
-    from clipengine.embed import embed_texts
-
-    prompts = check_prompts()
-    tower = qe.TextTower(directory, record, file=file, one_shot=True)
-    ours_ids, their_ids = tower.tokenizer(prompts), model.tokenizer(prompts).numpy()
-    differ = int((ours_ids != their_ids).any(axis=1).sum())
-    if differ:
-        return {"status": "failed", "reason": f"the torch-free tokenizer differs from open_clip's on {differ} of "
-                                              f"{len(prompts)} check prompts"}
-    diff = float(np.abs(tower(prompts) - embed_texts(model, prompts)).max())
-    return _verdict(diff, len(prompts), "prompts")
+def _check_inputs(tower: str) -> list:
+    return check_prompts() if tower == "text" else check_images()
 
 
-def _verify_image(model, directory: Path, record: dict, file: str) -> dict:
-    from clipengine.embed import embed_pil_images
-
-    images = check_images()
-    tower = qe.ImageTower(directory, record, file=file, one_shot=True)
-    diff = float(np.abs(tower(images) - embed_pil_images(model, images)).max())
-    return _verdict(diff, len(images), "images")
+def _onnx_embed(tower: str, directory: Path, record: dict, file: str, inputs: list) -> np.ndarray:
+    kind = qe.TextTower if tower == "text" else qe.ImageTower
+    return kind(directory, record, file=file, one_shot=True)(inputs)
 
 
-def _verdict(diff: float, n: int, what: str) -> dict:
-    checked = {"max_abs_diff": diff, "checked": n}
+def _torch_embed(tower: str, model, inputs: list) -> np.ndarray:
+    from clipengine.embed import embed_pil_images, embed_texts
+
+    return embed_texts(model, inputs) if tower == "text" else embed_pil_images(model, inputs)
+
+
+def _verify(tower: str, model, directory: Path, record: dict, file: str) -> tuple[dict, np.ndarray | None]:
+    """Check an exported tower the way queries use it, against open_clip and torch; returns the verdict and the
+    tower's embeddings of the check inputs."""
+    inputs = _check_inputs(tower)
+    what = "prompts" if tower == "text" else "images"
+    if tower == "text":
+        ours, theirs = qe.TextTower(directory, record, file=file, one_shot=True).tokenizer(inputs), model.tokenizer(inputs)
+        differ = int((ours != theirs.numpy()).any(axis=1).sum())
+        if differ:
+            return {"status": "failed", "reason": f"the torch-free tokenizer differs from open_clip's on {differ} of "
+                                                  f"{len(inputs)} check prompts"}, None
+    embedded = _onnx_embed(tower, directory, record, file, inputs)
+    diff = float(np.abs(embedded - _torch_embed(tower, model, inputs)).max())
+    checked = {"max_abs_diff": diff, "checked": len(inputs)}
     if not np.isfinite(diff) or diff > MAX_ABS_DIFF:
-        return {**checked, "status": "failed",
-                "reason": f"its output differs from torch's by {diff:.2e} on {n} check {what} (limit {MAX_ABS_DIFF:.0e})"}
-    return {**checked, "status": "verified"}
+        return {**checked, "status": "failed", "reason": f"its output differs from torch's by {diff:.2e} on "
+                                                         f"{len(inputs)} check {what} (limit {MAX_ABS_DIFF:.0e})"}, None
+    return {**checked, "status": "verified"}, embedded
+
+
+def top_k_overlap(gallery: np.ndarray, reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> float:
+    """recall@k of `candidate` queries against the top k that `reference` queries find in `gallery`."""
+    k = min(k, len(gallery))
+    expected = np.argsort(-(reference @ gallery.T), axis=1)[:, :k]
+    found = np.argsort(-(candidate @ gallery.T), axis=1)[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(expected, found)]))
+
+
+GALLERY_MIN = 100  # fewer indexed vectors than this cannot say whether int8 changes rankings
+GALLERY_SIZE = 20_000  # at most this many of the index's vectors (a random sample) for that measurement
+
+
+def _quantize(tower: str, directory: Path, record: dict, fp32: np.ndarray, gallery: np.ndarray | None) -> dict:
+    """Write the tower's dynamically quantised (int8 weights) twin and measure what it changes: the largest
+    difference from the fp32 tower, and recall@10 of its results against fp32's over the index's own vectors."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    file = f"{tower}-int8.onnx"
+    single = directory / f".{file}.single"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        quantize_dynamic(directory / record["file"], single, weight_type=QuantType.QInt8)
+    _save_external(onnx.load(str(single)), directory / file)
+    single.unlink()
+    int8 = _onnx_embed(tower, directory, record, file, _check_inputs(tower))
+    result = {"file": file, "max_abs_diff": float(np.abs(int8 - fp32).max()),
+              "min_cosine": float((int8 * fp32).sum(axis=1).min())}
+    if gallery is None or len(gallery) < GALLERY_MIN:
+        return {**result, "recall_drop": None, "preferred": False,
+                "reason": f"fewer than {GALLERY_MIN} indexed vectors to measure its recall on"}
+    recall = top_k_overlap(gallery, fp32, int8)
+    return {**result, "gallery": len(gallery), "recall_at_10_vs_fp32": recall, "recall_drop": round(1 - recall, 6),
+            "preferred": 1 - recall <= INT8_MAX_RECALL_DROP}
+
+
+def _image_speed(model, directory: Path, record: dict) -> dict:
+    """ms per image of the image tower through torch and through onnxruntime (each precision it has), on a
+    batch of check images: what `clipengine index --runtime` decides by."""
+    import torch
+
+    from clipengine.embed import encode_pixels
+
+    pixels = qe.ImagePreprocess.from_config(record["preprocess"])(check_images()[:16])
+    runners = {"torch": lambda: encode_pixels(model, torch.from_numpy(pixels))}
+    for precision, file in (("onnx", record["file"]), ("onnx-int8", (record.get("int8") or {}).get("file"))):
+        if file:
+            session = qe.create_session(directory / file, one_shot=False)
+            runners[precision] = lambda s=session: s.run(None, {"pixels": pixels})
+    speed = {}
+    for name, run in runners.items():
+        run()  # warm-up: allocations, pre-packing
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        speed[name] = round(min(times) * 1e3 / len(pixels), 3)
+    return {"ms_per_image": speed, "cores": qe.usable_cores(), "batch": len(pixels)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,12 +349,14 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
-def export_query_encoders(model, store: IndexStore, *, progress: StageProgress | None = None) -> dict:
+def export_query_encoders(model, store: IndexStore, *, quantize: str | None = None,
+                          progress: StageProgress | None = None) -> dict:
     """Export, verify and install `model`'s towers into an index opened writable (whose model it must be).
 
     Returns the record written to the index manifest (`query_encoders`): per tower, "verified" with the
     largest difference from torch, or "failed" with the reason. Nothing is installed if neither tower passes;
     an earlier export stays in place until a new one is complete, and is then replaced in one manifest write.
+    `quantize` "int8" adds int8 twins, measured on the index's own vectors (see `_quantize`).
     """
     from clipengine.models import load_model, require_same_source
 
@@ -292,7 +367,11 @@ def export_query_encoders(model, store: IndexStore, *, progress: StageProgress |
     tmp = store.path / f".{ENCODERS_PREFIX}{stamp}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        record = _export_into(model, tmp, progress)
+        gallery = None
+        if quantize:
+            ids, gallery = store.vectors()
+            gallery = gallery[np.random.default_rng(0).permutation(len(ids))[:GALLERY_SIZE]]
+        record = export_towers(model, tmp, quantize=quantize, gallery=gallery, progress=progress)
         record["dir"] = None
         if any(record[t]["status"] == "verified" for t in ("text", "image")):
             record["files"] = {p.name: qe.fingerprint(p) for p in sorted(tmp.iterdir())}
@@ -304,46 +383,77 @@ def export_query_encoders(model, store: IndexStore, *, progress: StageProgress |
     return record
 
 
-def export_index(index_path: str | os.PathLike, *, progress: StageProgress | None = None) -> dict:
+@contextlib.contextmanager
+def onnx_runtime(model, precision: str = "fp32") -> Iterator:
+    """`model` embedding through its exported towers, exported (or taken from the cache) into a temporary
+    directory and verified as an index's are: how `clipengine bench --runtime onnx` measures what the ONNX
+    towers (and int8) change."""
+    import dataclasses
+    import tempfile
+
+    from clipengine.models import load_model
+
+    cpu = model if model.device.type == "cpu" else load_model(model.source, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="clipengine-towers-") as tmp:
+        record = export_towers(cpu, tmp, quantize="int8" if precision == "int8" else None)
+        failed = [f"{t}: {record[t]['reason']}" for t in ("text", "image") if record[t]["status"] != "verified"]
+        if failed:
+            raise BadInput("the model's towers cannot run in onnxruntime (" + "; ".join(failed) + "): use --runtime torch")
+        yield dataclasses.replace(cpu, onnx=qe.QueryEncoders(Path(tmp), record, precision=precision))
+
+
+def export_index(index_path: str | os.PathLike, *, quantize: str | None = None,
+                 progress: StageProgress | None = None) -> dict:
     """Export (again) the query encoders of an existing index with its own model: `clipengine export`."""
     from clipengine.models import load_model
 
     with IndexStore.open(Path(index_path), writable=True) as store:
         model = load_model(store.manifest["model"], device="cpu")
-        return export_query_encoders(model, store, progress=progress)
+        return export_query_encoders(model, store, quantize=quantize, progress=progress)
 
 
-def _export_into(model, directory: Path, progress: StageProgress | None) -> dict:
+def export_towers(model, directory: str | os.PathLike, *, quantize: str | None = None,
+                  gallery: np.ndarray | None = None, progress: StageProgress | None = None) -> dict:
+    """Export and verify `model`'s towers (a CPU `LoadedModel`) into `directory`; `quantize` "int8" also writes
+    int8 twins, measured against fp32 on `gallery` (the index's vectors). Returns the encoders record that
+    `QueryEncoders(directory, record)` loads; the files of a tower that fails are removed."""
     import onnxruntime
     import torch
 
+    if quantize not in (None, "int8"):
+        raise BadInput(f"unknown quantisation '{quantize}': the one there is, is int8")
+    directory = Path(directory)
     record: dict = {"format": EXPORT_FORMAT, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
-    steps = [("text", _export_text, _verify_text, [qe.TEXT_FILE, qe.TOKEN_TABLE_FILE, qe.POSITIONS_FILE]),
-             ("image", _export_image, _verify_image, [qe.IMAGE_FILE])]
+    steps = [("text", _export_text, [qe.TEXT_FILE, qe.TOKEN_TABLE_FILE, qe.POSITIONS_FILE]),
+             ("image", _export_image, [qe.IMAGE_FILE])]
     try:
         save_tokenizer(model.tokenizer, directory)
     except (ValueError, AttributeError) as e:
         steps = steps[1:]
         record["text"] = {"status": "failed", "reason": f"{_first_line(e)}"}
-    for i, (tower, export, verify, names) in enumerate(steps):
+    for i, (tower, export, names) in enumerate(steps):
         if progress:
             progress("exporting query encoders", i, len(steps))
         names = names + [names[0] + qe.EXTERNAL_DATA_SUFFIX]
         key = _cache_key(model.source, tower)
         try:
             exported = _from_cache(key, directory)
-            verdict = verify(model, directory, exported, names[0]) if exported is not None else None
+            verdict, embedded = _verify(tower, model, directory, exported, names[0]) if exported else (None, None)
             if verdict is None or verdict["status"] != "verified":  # not cached, or a cached copy that fails
                 exported = export(model, directory)
-                verdict = verify(model, directory, exported, names[0])
+                verdict, embedded = _verify(tower, model, directory, exported, names[0])
                 if verdict["status"] == "verified":
                     _to_cache(key, directory, names, exported)
             record[tower] = {**exported, "file": names[0], **verdict}
+            if verdict["status"] == "verified" and quantize:
+                record[tower]["int8"] = _quantize(tower, directory, record[tower], embedded, gallery)
+            if verdict["status"] == "verified" and tower == "image":
+                record[tower]["speed"] = _image_speed(model, directory, record[tower])
         except Exception as e:  # a model that does not export keeps the torch path; the reason is recorded
             record[tower] = {"status": "failed", "reason": f"export failed: {type(e).__name__}: {_first_line(e)}"}
         if record[tower]["status"] != "verified":
-            for name in names:
+            for name in names + [f"{tower}-int8.onnx", f"{tower}-int8.onnx{qe.EXTERNAL_DATA_SUFFIX}"]:
                 (directory / name).unlink(missing_ok=True)
     if progress:
         progress("exporting query encoders", len(steps), len(steps))

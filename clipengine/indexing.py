@@ -41,6 +41,7 @@ class IndexReport:
     seconds: float = 0.0
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
     faiss: dict = field(default_factory=dict)  # the search structure after the run (IndexStore.faiss_state)
+    runtime: str = ""  # what embedded the images, and why (embedding_runtime); empty when nothing was embedded
     query_encoders: dict | None = None  # the exported towers' record, as `info` shows it (None: never exported)
     advice: list[str] = field(default_factory=list)  # what the user can do to make the index better to use
 
@@ -119,6 +120,9 @@ def index_folder(
     rebuild: bool = False,
     faiss_policy: FaissPolicy = FaissPolicy(),
     export: bool | None = None,
+    quantize: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
     progress: ProgressCallback | None = None,
     build_progress: StageProgress | None = None,
 ) -> IndexReport:
@@ -129,12 +133,15 @@ def index_folder(
     loaded `LoadedModel`, saves loading it again when indexing several folders. A `faiss_policy` that
     differs from the index's retrains its search structure (see `IndexStore.save_faiss`). `export`: write
     the query encoders that let searches start without torch (`clipengine.export`); None does it for a new
-    index, and advises it for an older one that has none.
+    index, and advises it for an older one that has none; `quantize` "int8" adds int8 query encoders.
+    `runtime`/`precision`: what embeds the images (see `embedding_runtime`).
     """
     started = time.perf_counter()
     root_str = os.path.abspath(ensure_folder(folder))
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
+    if runtime not in (None, "torch", "onnx") or precision not in (None, "fp32", "int8"):
+        raise BadInput("--runtime is torch or onnx, --precision fp32 or int8")
     index_path = Path(index_path)
     store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
@@ -145,18 +152,19 @@ def index_folder(
                 from clipengine.models import load_model
 
                 model = load_model(store.manifest["model"], device=device)
-            _embed_and_commit(store, model, plan.to_embed, report, batch_size=batch_size, workers=workers,
+            embedder, report.runtime = embedding_runtime(store, model, runtime, precision)
+            _embed_and_commit(store, embedder, plan.to_embed, report, batch_size=batch_size, workers=workers,
                               commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
             store.drop_unused_vectors()
         if policy_changed or not plan.is_noop or not store.faiss_current():
             store.save_faiss(rebuild=policy_changed, progress=build_progress)
         store.record_folder(root_str)
-        finish_index(store, report, model, export=export, progress=build_progress)
+        finish_index(store, report, model, export=export, quantize=quantize, progress=build_progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool | None,
+def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool | None, quantize: str | None = None,
                  progress: StageProgress | None) -> None:
     """The last step of every indexing run: export the query encoders if asked (None: if the index is new and
     has not had its export yet, even when its first run was interrupted), and report the result."""
@@ -164,7 +172,8 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool 
         from clipengine.export import export_query_encoders
         from clipengine.models import load_model
 
-        export_query_encoders(model or load_model(store.manifest["model"], device="cpu"), store, progress=progress)
+        export_query_encoders(model or load_model(store.manifest["model"], device="cpu"), store, quantize=quantize,
+                              progress=progress)
     report.count = store.counts()["count"]
     report.faiss = store.faiss_state()
     report.query_encoders = store.query_encoders
@@ -187,6 +196,42 @@ def encoders_advice(store: IndexStore) -> list[str]:
         except EncodersUnavailable as e:
             return [f"searches load torch because {e}: {fix} writes the query encoders again"]
     return []
+
+
+def embedding_runtime(store: IndexStore, model, runtime: str | None, precision: str | None) -> tuple[object, str]:
+    """The model images are embedded with, and a few words saying which runtime and why.
+
+    "torch", or "onnx" (the index's verified image tower, `precision` fp32 or int8). None chooses by
+    measurement: on a CPU, whichever of torch and onnxruntime embedded the export's check images faster on
+    this machine (`info` shows the numbers); on a GPU, torch, which keeps the hot path there.
+    """
+    import dataclasses
+
+    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
+
+    if precision == "int8" and runtime == "torch":
+        raise BadInput("--precision int8 embeds through the exported int8 image tower: use --runtime onnx")
+    image = (store.query_encoders or {}).get("image") or {}
+    speed = (image.get("speed") or {}).get("ms_per_image", {})
+    reason = "asked for"
+    if runtime is None and precision is None:
+        if model.device.type != "cpu":
+            return model, "torch (on a GPU)"
+        if "onnx" not in speed:
+            return model, "torch (no exported image tower)"
+        reason = f"measured {speed['onnx']:.3g} ms/image, torch {speed['torch']:.3g}"
+        runtime = "onnx" if speed["onnx"] < speed["torch"] else "torch"
+    if runtime == "torch":
+        return model, f"torch ({reason})"
+    try:
+        encoders = QueryEncoders.open(store.path, store.query_encoders, precision=precision or "fp32")
+        if not encoders.available("image"):
+            raise EncodersUnavailable(f"its image tower did not pass the export check ({image.get('reason')})")
+        encoders.file_for("image")
+    except EncodersUnavailable as e:
+        raise BadInput(f"cannot embed with onnxruntime: {e}: `clipengine export --index {store.path}"
+                       f"{' --quantize int8' if precision == 'int8' else ''}`") from None
+    return dataclasses.replace(model, onnx=encoders), f"onnx {precision or 'fp32'} ({reason})"
 
 
 def ensure_folder(folder: str | os.PathLike) -> Path:

@@ -374,6 +374,7 @@ class LoadedModel:
     preprocess_cfg: dict
     source: dict
     device: Any  # torch.device
+    onnx: Any = None  # QueryEncoders: when set, its verified towers embed instead of `model` (clipengine.embed)
 
     @property
     def embed_dim(self) -> int:

@@ -58,11 +58,18 @@ def index_folder_sharded(
     retry_skipped: bool = False,
     faiss_policy: FaissPolicy = FaissPolicy(),
     export: bool | None = None,
+    quantize: str | None = None,
+    runtime: str | None = None,
+    precision: str | None = None,
     progress: ProgressCallback | None = None,
     build_progress: StageProgress | None = None,
 ) -> IndexReport | None:
-    """`index_folder` for a process of a torchrun job. Returns the report on rank 0, None on the others."""
+    """`index_folder` for a process of a torchrun job. Returns the report on rank 0, None on the others.
+    Every rank embeds with torch (one GPU each, or its share of the node's cores)."""
     import torch.distributed as dist
+
+    if runtime == "onnx" or precision == "int8":
+        raise BadInput("under torchrun images are embedded with torch: drop --runtime onnx / --precision int8")
 
     started = time.perf_counter()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -99,7 +106,7 @@ def index_folder_sharded(
                 store.drop_unused_vectors()
                 store.save_faiss(rebuild=job["policy_changed"], progress=build_progress)
                 store.record_folder(root)
-                finish_index(store, report, None, export=export, progress=build_progress)
+                finish_index(store, report, None, export=export, quantize=quantize, progress=build_progress)
             report.seconds = time.perf_counter() - started
         dist.barrier()  # the job ends when the index is ready, on every rank
         failed = [e for e in errors if e]

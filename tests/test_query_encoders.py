@@ -142,7 +142,7 @@ def test_an_interrupted_first_run_exports_at_the_next_run(photos, tmp_path, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "_export_into", interrupted)
+    monkeypatch.setattr(export_module, "export_towers", interrupted)
     with pytest.raises(KeyboardInterrupt):
         index_folder(photos, tmp_path / "idx", TINY, workers=0)
     assert record_of(tmp_path / "idx") == {"status": "pending"}

@@ -8,10 +8,11 @@ top k of each caption, next to the exact recall on the same queries: what the in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,10 +36,33 @@ class EmbeddedPairs:
 
 
 def model_settings(model: LoadedModel) -> dict:
-    """What decides the embeddings besides the weights: device, precision and preprocessing."""
+    """What decides the embeddings besides the weights: runtime, device, precision and preprocessing."""
+    if model.onnx is not None:
+        precision = model.onnx.precision or "fp32"
+        return {"runtime": "onnxruntime", "device": "cpu", "precision": "float32" if precision == "fp32" else "int8 weights",
+                "preprocess": dict(model.preprocess_cfg)}
     dtype = autocast_dtype(model.device)
-    return {"device": str(model.device), "precision": f"autocast {str(dtype).removeprefix('torch.')}" if dtype
-            else "float32", "preprocess": dict(model.preprocess_cfg)}
+    return {"runtime": "torch", "device": str(model.device),
+            "precision": f"autocast {str(dtype).removeprefix('torch.')}" if dtype else "float32",
+            "preprocess": dict(model.preprocess_cfg)}
+
+
+@contextlib.contextmanager
+def model_for(source: dict, device: str | None, runtime: str | None, precision: str | None) -> Iterator[LoadedModel]:
+    """The model a benchmark embeds with: torch (default), or its exported ONNX towers (`runtime` "onnx", in
+    `precision` fp32 or int8), so that what the query encoders change is a measured number."""
+    if runtime not in (None, "torch", "onnx"):
+        raise BadInput(f"unknown runtime '{runtime}': use torch or onnx")
+    if precision not in (None, "fp32", "int8") or (precision == "int8" and runtime != "onnx"):
+        raise BadInput("--precision is fp32, or int8 with --runtime onnx")
+    model = load_model(source, device="cpu" if runtime == "onnx" else device)
+    if runtime != "onnx":
+        yield model
+        return
+    from clipengine.export import onnx_runtime
+
+    with onnx_runtime(model, precision or "fp32") as exported:
+        yield exported
 
 
 def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | None = None,
@@ -94,15 +118,17 @@ def _dataset_info(data: str | os.PathLike, pairs: PairSet, image_root, split) ->
 
 def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), image_root=None,
                         split: str | None = None, ks: Sequence[int] = DEFAULT_KS, device: str | None = None,
-                        batch_size: int | None = None, workers: int | None = None,
-                        progress: Progress | None = None) -> BenchResult:
+                        batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
+                        precision: str | None = None, progress: Progress | None = None) -> BenchResult:
     """Recall@k of a model on an image–caption set (any layout `clipengine.pairs.read_pairs` reads;
-    a Karpathy split file gives its ``test`` split unless `split` says otherwise)."""
+    a Karpathy split file gives its ``test`` split unless `split` says otherwise). `runtime` "onnx" embeds
+    through the model's exported towers (`precision` fp32 or int8) instead of torch."""
     started = time.perf_counter()
     pairs = read_pairs(data, image_root, split, default_split="test")
     source = resolve_source(spec)
-    model = load_model(source, device=device)
-    embedded = embed_pairs(model, pairs, batch_size=batch_size, workers=workers, progress=progress)
+    with model_for(source, device, runtime, precision) as model:
+        embedded = embed_pairs(model, pairs, batch_size=batch_size, workers=workers, progress=progress)
+        settings = model_settings(model)
     if not len(embedded.image_emb):
         raise BadInput(f"none of the {len(pairs)} images in {data} could be decoded "
                        f"(first: {embedded.skipped[0][0]}: {embedded.skipped[0][1]})")
@@ -111,8 +137,8 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
         task="retrieval", dataset=_dataset_info(data, pairs, image_root, split), model=source, metrics=metrics,
         counts={"n_images": len(embedded.image_emb), "n_captions": len(embedded.text_emb),
                 "n_skipped_images": len(embedded.skipped), "n_dropped_rows": len(pairs.dropped)},
-        settings={"ks": sorted(set(ks)), "decode": "full size", **model_settings(model),
-                  "batch_size": batch_size, "workers": workers},
+        settings={"ks": sorted(set(ks)), "decode": "full size", **settings, "batch_size": batch_size,
+                  "workers": workers},
         seconds=time.perf_counter() - started, skipped=embedded.skipped)
 
 
