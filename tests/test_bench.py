@@ -191,3 +191,25 @@ def test_recall_sees_a_wrong_ground_truth():
     right = retrieval_recall(norm(images), norm(texts), owners)
     wrong = retrieval_recall(norm(images), norm(texts), rng.permutation(owners))
     assert right["text_to_image_R@1"] > 0.9 and wrong["text_to_image_R@1"] < 0.1
+
+
+def test_retrieval_through_the_onnx_towers_matches_torch_and_int8_is_measured_not_assumed(scenes):
+    from clipengine.bench.retrieval import model_for
+    from clipengine.models import resolve_source
+
+    source = resolve_source(TINY)
+    pairs = read_pairs(scenes)
+    embedded = {}
+    for runtime, precision in (("torch", None), ("onnx", "fp32"), ("onnx", "int8")):
+        with model_for(source, "cpu", runtime, precision) as model:
+            embedded[precision or runtime] = embed_pairs(model, pairs, workers=0)
+    for name in ("image_emb", "text_emb"):
+        reference, fp32, int8 = (getattr(embedded[k], name) for k in ("torch", "fp32", "int8"))
+        np.testing.assert_allclose(fp32, reference, atol=1e-4)
+        assert np.abs(int8 - fp32).max() > 1e-4  # int8 really ran ...
+        assert (int8 * fp32).sum(axis=1).min() > 0.99  # ... and stays close
+    result = json.loads(run("bench", "retrieval", "--data", scenes, "--model", "tiny", "--workers", "0",
+                            "--runtime", "onnx", "--precision", "int8", "--json", "-").stdout)
+    assert result["settings"]["runtime"] == "onnxruntime" and result["settings"]["precision"] == "int8 weights"
+    error = run("bench", "retrieval", "--data", scenes, "--model", "tiny", "--precision", "int8", code=1).stderr
+    assert error.startswith("error: --precision is fp32, or int8 with --runtime onnx")

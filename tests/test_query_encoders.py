@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import clipengine.export as export_module
 from clipengine.cli import app
+from clipengine.errors import BadInput
 from clipengine.indexing import index_folder, index_info
 from clipengine.models import ModelSpec
 from clipengine.search import Searcher
@@ -226,3 +227,78 @@ def test_query_files_that_are_not_images_are_one_line_errors(index, tmp_path):
         result = cli("search", "--image", tmp_path / name, "--index", index, code=1)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: cannot use") and reason in lines[0]
+
+
+def write_record(index, record) -> None:
+    manifest = json.loads((index / MANIFEST).read_text())
+    manifest["query_encoders"] = record
+    (index / MANIFEST).write_text(json.dumps(manifest))
+
+
+def stored_vectors(index) -> dict[str, np.ndarray]:
+    with IndexStore.open(index) as store:
+        ids, vectors = store.vectors()
+        rows = store.rows(ids)
+    return {rows[int(i)].path: v for i, v in zip(ids, vectors)}
+
+
+def test_indexing_runtime_follows_the_measured_speed_and_onnx_vectors_equal_torchs(index, photos, tmp_path):
+    record = record_of(index)
+    assert set(record["image"]["speed"]["ms_per_image"]) == {"torch", "onnx"}
+    new = photos / "new"
+    new.mkdir()
+    for seed, (onnx_ms, torch_ms, expected) in enumerate(((1.0, 9.0, "onnx fp32 (measured"),
+                                                          (9.0, 1.0, "torch (measured"))):
+        record["image"]["speed"]["ms_per_image"] = {"torch": torch_ms, "onnx": onnx_ms}
+        write_record(index, record)
+        for i in range(4):  # new content: embedded, not recognised by hash
+            photo_like(320, 240, seed=500 + 10 * seed + i).save(new / f"{i}.jpg")
+        report = index_folder(photos, index, workers=0)
+        assert report.embedded == 4 and report.runtime.startswith(expected), report.runtime
+        vectors = stored_vectors(index)
+        with Searcher(index, runtime="torch") as reference:
+            for f in new.iterdir():
+                assert np.abs(vectors[str(f)] - reference.image_vector(f)).max() < 1e-4
+
+
+def test_int8_towers_are_measured_on_the_index_and_used_only_when_asked_or_close_enough(index, photos, tmp_path):
+    from clipengine.export import export_index
+    from clipengine.query_encoders import QueryEncoders
+
+    with pytest.raises(BadInput, match="--quantize int8"):  # no int8 tower exported yet
+        _embed_one(photos, index, precision="int8")
+    record = export_index(index, quantize="int8")
+    for tower in ("text", "image"):
+        int8 = record[tower]["int8"]
+        assert int8["reason"].startswith("fewer than 100 indexed vectors")  # 12 photos: too few to measure
+        assert int8["preferred"] is False and int8["max_abs_diff"] > 1e-4 and int8["min_cosine"] > 0.99
+    encoders = QueryEncoders.open(index, record_of(index))
+    assert encoders.file_for("text") == "text.onnx"
+    assert QueryEncoders.open(index, record_of(index), precision="int8").file_for("text") == "text-int8.onnx"
+    preferred = record_of(index)
+    preferred["text"]["int8"]["preferred"] = True
+    assert QueryEncoders.open(index, preferred).file_for("text") == "text-int8.onnx"
+    assert QueryEncoders.open(index, preferred, precision="fp32").file_for("text") == "text.onnx"
+    with Searcher(index, precision="int8") as int8, Searcher(index, runtime="torch") as reference:
+        a, b = int8.text_vector("a red photo"), reference.text_vector("a red photo")
+        assert 1e-4 < np.abs(a - b).max() and float(a @ b) > 0.99
+    report = _embed_one(photos, index, precision="int8")
+    assert report.runtime == "onnx int8 (asked for)"
+
+
+def _embed_one(photos, index, precision):
+    extra = photos / "extra"
+    extra.mkdir(exist_ok=True)
+    photo_like(200, 150, seed=len(list(extra.iterdir())) + 900).save(extra / f"{len(list(extra.iterdir()))}.jpg")
+    return index_folder(photos, index, workers=0, runtime="onnx", precision=precision)
+
+
+def test_int8_recall_is_measured_against_fp32_top_10():
+    from clipengine.export import top_k_overlap
+
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)
+    assert top_k_overlap(gallery, queries, queries) == 1.0
+    assert top_k_overlap(gallery, queries, queries + 0.01 * rng.standard_normal(queries.shape)) > 0.9
+    assert top_k_overlap(gallery, queries, -queries) == 0.0

@@ -136,3 +136,38 @@ def test_tokenising_imports_neither_torch_nor_open_clip(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     expected = SimpleTokenizer()("a dog on a beach")[0, :8].tolist()
     assert out.strip() == f"{expected} []"
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory):
+    """A Hugging Face fast tokenizer (BERT-style WordPiece, trained here on real sentences), saved as a model
+    repository would ship it, for open_clip's HFTokenizer to load."""
+    from tokenizers import Tokenizer as HfCore, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = HfCore(models.WordPiece(unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.train_from_iterator(real_sentences(), trainers.WordPieceTrainer(
+        vocab_size=2000, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    directory = tmp_path_factory.mktemp("hf-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]").save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("options", [{}, {"clean": "lower", "strip_sep_token": True}])
+def test_hugging_face_tokenizers_equal_open_clips_wrapper_on_over_10000_strings(texts, hf_tokenizer_dir, tmp_path,
+                                                                                 options):
+    from open_clip.tokenizer import HFTokenizer
+
+    reference = HFTokenizer(str(hf_tokenizer_dir), context_length=32, **options)
+    config = save_tokenizer(reference, tmp_path)
+    assert config["kind"] == "hf" and (config["strip_sep_id"] == 3) == bool(options)
+    expected, got = reference(texts).numpy(), load_tokenizer(tmp_path)(texts)
+    mismatched = [texts[i] for i in np.flatnonzero((expected != got).any(axis=1))]
+    assert not mismatched, f"{len(mismatched)} strings tokenised differently, e.g. {mismatched[:3]!r}"
+    full = ((expected != 0).sum(axis=1) >= 31).sum()  # truncated (the last, separator, may be stripped to 0)
+    assert full > 100 and (expected[:, 5] == 0).any()  # truncated and padded ones both checked
