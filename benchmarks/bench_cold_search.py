@@ -125,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/cold-search-DATE.json)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/cold_search-DATE.json)")
     parser.add_argument("--split", help=argparse.SUPPRESS)  # internal: one timed run in this fresh process
     args = parser.parse_args()
     if args.split:
@@ -173,7 +173,7 @@ def main() -> None:
                   f"(p95 {record['warm_text_ms']['p95_ms']:.1f})")
             print(f"{name}: where a cold text search's time goes (ms, medians): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in record["split_ms"].items()), flush=True)
-    save_result("cold-search", result, args.out, args.quick)
+    save_result("cold_search", result, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def recall(root: Path, quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/embed-runtime-DATE.json)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/embed_runtime-DATE.json)")
     args = parser.parse_args()
     result = {"date": dt.date.today().isoformat(), "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +108,7 @@ def main() -> None:
         result["speed"] = speed(Path(tmp), 48 if args.quick else 256, 1 if args.quick else 3)
         print("== recall through each runtime (trained tiny, held-out scenes, percent)", flush=True)
         result["recall"] = recall(Path(tmp), args.quick)
-    save_result("embed-runtime", result, args.out, args.quick)
+    save_result("embed_runtime", result, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ An index of N random 512-d unit vectors (ViT-B-32's width) is committed through 
 (embedding is measured by bench_index.py; here only the search path counts). Per query:
   ours   Searcher.search_vector: faiss inner-product search plus the sqlite rows of the hits
   naive  numpy: scores = vectors @ q, argpartition for the top k, sort them (vectors already in memory)
-Both run interleaved on the same queries; medians and p95 are reported, with naive/ours. Then the wall
-time of the `clipengine search TEXT` command as a user runs it (a fresh process: imports, model, query).
+Both run interleaved on the same queries; medians and p95 are reported, with naive/ours. (The wall time
+of `clipengine search TEXT` as a user runs it, in a fresh process, is bench_cold_search.py's.)
 
     python benchmarks/bench_search.py            # N = 100,000
     python benchmarks/bench_search.py --quick    # N = 10,000
@@ -17,8 +17,6 @@ import argparse
 import datetime as dt
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,24 +73,15 @@ def main() -> None:
                 top = top[np.argsort(-scores[top])]
                 naive.append(time.perf_counter() - t)
                 assert [h.path for h in hits] == [f"/bench/img_{i:07d}.jpg" for i in top]
-        cli = []
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        for _ in range(3):
-            t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "clipengine", "search", "a red car", "--index", str(index),
-                            "-k", str(K), "--json"], check=True, capture_output=True, env=env)
-            cli.append(time.perf_counter() - t)
     result = {
         "date": dt.date.today().isoformat(), "cores": os.cpu_count(), "vectors": n, "dim": DIM, "k": K,
         "queries": QUERIES,
         "ours_ms": {"median": statistics.median(ours) * 1e3, "p95": percentile(ours, 95) * 1e3},
         "naive_ms": {"median": statistics.median(naive) * 1e3, "p95": percentile(naive, 95) * 1e3},
         "naive_over_ours": statistics.median(naive) / statistics.median(ours),
-        "cli_text_search_s": statistics.median(cli),
     }
     print(f"{n} vectors, k={K}: ours {result['ours_ms']['median']:.2f} ms (p95 {result['ours_ms']['p95']:.2f}), "
           f"naive numpy {result['naive_ms']['median']:.2f} ms: {result['naive_over_ours']:.2f}x")
-    print(f"`clipengine search TEXT` (fresh process, ViT-B-32): {result['cli_text_search_s']:.2f} s")
     save_result("search", result, args.out, args.quick)
 
 

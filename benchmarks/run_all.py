@@ -2,7 +2,9 @@
 
 Runs, each in its own process and side by side with its baseline:
   bench_index.py   embedding throughput (ours vs the naive loop vs the model alone), memory, no-op re-index
-  bench_search.py  search latency (ours vs numpy brute force) and the CLI's text search wall time
+  bench_search.py  search latency (ours vs numpy brute force)
+  bench_cold_search.py  `clipengine search` in a fresh process: the ONNX query path vs the torch one, where the time goes
+  bench_embed_runtime.py  embedding images on the CPU: torch vs onnxruntime fp32 vs int8, and what each changes in recall
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
   bench_train.py   training throughput (ours vs open_clip's trainer) and recall on the built-in scenes
   bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
@@ -26,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("index", "search", "ann", "train", "recall")
+BENCHMARKS = ("index", "search", "cold_search", "embed_runtime", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -58,7 +60,22 @@ def markdown(results: dict) -> str:
         lines.append(_row(f"search {s['vectors']:,} vectors (dim {s['dim']}, k={s['k']}), per query",
                           f"{s['ours_ms']['median']:.2f} ms (p95 {s['ours_ms']['p95']:.2f})",
                           f"numpy brute force {s['naive_ms']['median']:.2f} ms", f"{s['naive_over_ours']:.2f}x"))
-        lines.append(_row("`clipengine search TEXT`, fresh process", f"{s['cli_text_search_s']:.2f} s", "", ""))
+    if "cold_search" in results:
+        for name, m in results["cold_search"]["models"].items():
+            text, image = m["cold_text_s"], m["cold_image_s"]
+            lines.append(_row(f"`clipengine search TEXT`, fresh process, {name}", f"{text['new']:.2f} s",
+                              f"torch path {text['old']:.2f} s", f"{text['speedup']:.1f}x"))
+            lines.append(_row(f"`clipengine search --image FILE` (not in the index), fresh process, {name}",
+                              f"{image['new']:.2f} s", f"torch path {image['old']:.2f} s", f"{image['speedup']:.1f}x"))
+            lines.append(_row(f"text query in a running `Searcher`, {name}", f"{m['warm_text_ms']['median_ms']:.1f} ms",
+                              "", ""))
+    if "embed_runtime" in results:
+        e = results["embed_runtime"]["speed"]
+        rates = e["images_per_second"]
+        for name in ("onnx fp32", "onnx int8"):
+            lines.append(_row(f"embed {e['size']} on CPU, {e['model']}, onnxruntime {name.split()[1]}",
+                              f"{rates[name]:.1f} img/s", f"torch {rates['torch']:.1f} img/s",
+                              f"{e['vs_torch'][name]:.2f}x"))
     if "ann" in results:
         a = results["ann"]
         auto, flat = a["auto"], a["flat"]

@@ -16,12 +16,8 @@ open_clip silently falls back to OpenAI's defaults.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import pickle
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -80,6 +76,8 @@ def _file_fingerprint(path: Path, trusted: dict | None) -> dict:
     if trusted and trusted.get("size") == st.st_size and trusted.get("mtime_ns") == st.st_mtime_ns:
         digest = trusted["sha256"]
     else:
+        import hashlib  # here, not at the top: a search imports this module and needs none of it
+
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -197,6 +195,9 @@ def hub_reachable(timeout: float = NETWORK_PROBE_SECONDS) -> bool:
 
     The probe runs in a daemon thread so that a resolver which hangs cannot hold us past the deadline.
     """
+    import socket
+    import threading
+
     if _env_offline():
         return False
     outcome: list[bool] = []
@@ -415,6 +416,8 @@ def load_model(source: dict | ModelSpec, device: str | None = None) -> LoadedMod
 
     Weights are never unpickled with code execution: safetensors, or torch.load(weights_only=True).
     """
+    import pickle
+
     import open_clip
     import torch
     from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
