@@ -637,7 +637,7 @@ def bench_retrieval(
     runtime: Annotated[Optional[str], typer.Option(
         help="torch (default), or onnx: embed through the model's exported towers, as searches do.")] = None,
     precision: Annotated[Optional[str], typer.Option(
-        help="With --runtime onnx: fp32 (default) or int8 towers.")] = None,
+        help="fp32 (default) or int8: through the exported int8 towers (implies --runtime onnx).")] = None,
     json_file: BenchJsonArg = None,
 ) -> None:
     """Recall@k for text→image and image→text retrieval, as the CLIP paper and CLIP_benchmark compute it."""

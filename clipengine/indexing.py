@@ -20,7 +20,7 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.ann import DRIFT_RATIO, n_lists
-from clipengine.query_encoders import PENDING
+from clipengine.query_encoders import PENDING, check_runtime
 from clipengine.store import FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
@@ -140,8 +140,7 @@ def index_folder(
     root_str = os.path.abspath(ensure_folder(folder))
     if commit_every < 1 or (batch_size is not None and batch_size < 1):
         raise BadInput("--commit-every and --batch-size must be at least 1")
-    if runtime not in (None, "torch", "onnx") or precision not in (None, "fp32", "int8"):
-        raise BadInput("--runtime is torch or onnx, --precision fp32 or int8")
+    check_runtime(runtime, precision)
     index_path = Path(index_path)
     store, model, policy_changed = _open_or_create(index_path, spec, model, device, rebuild, faiss_policy)
     with store:
@@ -183,18 +182,13 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool 
 def encoders_advice(store: IndexStore) -> list[str]:
     """What to do when searches must load torch though they need not: no query encoders, or damaged ones.
     (A model that does not export has nothing to do: `info` shows why, tower by tower.)"""
-    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, never_exported
+    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, fallback_advice
 
-    record = store.query_encoders
-    fix = f"`clipengine export --index {store.path}`"
-    if never_exported(record):
-        return [f"this index has no exported query encoders, so each search loads torch (seconds): {fix} makes "
-                "searches start in a fraction of a second"]
-    if record.get("dir"):
-        try:
-            QueryEncoders.open(store.path, record)
-        except EncodersUnavailable as e:
-            return [f"searches load torch because {e}: {fix} writes the query encoders again"]
+    try:
+        QueryEncoders.open(store.path, store.query_encoders)
+    except EncodersUnavailable as e:
+        advice = fallback_advice(store.query_encoders, e, store.path)
+        return [advice] if advice else []
     return []
 
 
@@ -209,8 +203,7 @@ def embedding_runtime(store: IndexStore, model, runtime: str | None, precision: 
 
     from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
 
-    if precision == "int8" and runtime == "torch":
-        raise BadInput("--precision int8 embeds through the exported int8 image tower: use --runtime onnx")
+    check_runtime(runtime, precision)
     image = (store.query_encoders or {}).get("image") or {}
     speed = (image.get("speed") or {}).get("ms_per_image", {})
     reason = "asked for"

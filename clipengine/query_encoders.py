@@ -82,6 +82,29 @@ def never_exported(record: dict | None) -> bool:
     return not record or record.get("status") == PENDING["status"]
 
 
+def check_runtime(runtime: str | None, precision: str | None) -> None:
+    """Refuse runtime/precision options that name nothing: one rule for search, index and bench."""
+    from clipengine.errors import BadInput
+
+    if runtime not in (None, "torch", "onnx"):
+        raise BadInput(f"unknown runtime '{runtime}': use torch or onnx")
+    if precision not in (None, "fp32", "int8"):
+        raise BadInput(f"unknown precision '{precision}': use fp32 or int8")
+    if precision == "int8" and runtime == "torch":
+        raise BadInput("--precision int8 runs the exported int8 towers: it needs --runtime onnx, not torch")
+
+
+def fallback_advice(record: dict | None, error: EncodersUnavailable, index_path: str | os.PathLike) -> str | None:
+    """What to tell a user whose searches load torch because of `error`, or None when there is nothing to fix
+    (the model's towers did not export or failed their check: `info` says why, once)."""
+    fix = f"`clipengine export --index {index_path}`"
+    if never_exported(record):
+        return f"{error}, so searches load torch (seconds): {fix} makes them start in a fraction of a second"
+    if not record.get("dir"):
+        return None
+    return f"searches load torch because {error}: {fix} writes the query encoders again"
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
 from clipengine.models import ModelSpec, check_same_model
-from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, never_exported
+from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.store import IndexStore
 
 
@@ -54,10 +54,7 @@ class Searcher:
 
     def __init__(self, index_path: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), device: str | None = None,
                  runtime: str | None = None, one_shot: bool = False, precision: str | None = None):
-        if runtime not in (None, "onnx", "torch"):
-            raise BadInput(f"unknown runtime '{runtime}': use onnx or torch")
-        if precision not in (None, "fp32", "int8"):
-            raise BadInput(f"unknown precision '{precision}': use fp32 or int8")
+        check_runtime(runtime, precision)
         self.store = IndexStore.open(Path(index_path))
         try:
             check_same_model(self.store.manifest["model"], spec, f"index {index_path}")
@@ -108,16 +105,9 @@ class Searcher:
 
     def _fall_back(self, e: EncodersUnavailable) -> None:
         self._encoders = False
-        record = self.store.query_encoders
-        if not never_exported(record) and not record.get("dir"):
-            return  # the model did not export: `info` says why, and there is nothing to fix per search
-        fix = f"`clipengine export --index {self.store.path}`"
-        if never_exported(record):
-            warnings.warn(f"{e}, so this search loads torch (seconds): run {fix} once to search in a fraction "
-                          "of a second", FallbackNotice, stacklevel=3)
-        else:
-            warnings.warn(f"searching with torch, because {e}: {fix} writes the query encoders again",
-                          FallbackNotice, stacklevel=3)
+        advice = fallback_advice(self.store.query_encoders, e, self.store.path)
+        if advice:
+            warnings.warn(advice, FallbackNotice, stacklevel=3)
 
     def _encode(self, tower: str, inputs: list, on_torch: Callable[[list], np.ndarray]) -> np.ndarray:
         encoders = self.encoders

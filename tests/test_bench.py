@@ -211,5 +211,6 @@ def test_retrieval_through_the_onnx_towers_matches_torch_and_int8_is_measured_no
     result = json.loads(run("bench", "retrieval", "--data", scenes, "--model", "tiny", "--workers", "0",
                             "--runtime", "onnx", "--precision", "int8", "--json", "-").stdout)
     assert result["settings"]["runtime"] == "onnxruntime" and result["settings"]["precision"] == "int8 weights"
-    error = run("bench", "retrieval", "--data", scenes, "--model", "tiny", "--precision", "int8", code=1).stderr
-    assert error.startswith("error: --precision is fp32, or int8 with --runtime onnx")
+    error = run("bench", "retrieval", "--data", scenes, "--model", "tiny", "--precision", "int8", "--runtime", "torch",
+                code=1).stderr
+    assert error.startswith("error: --precision int8 runs the exported int8 towers: it needs --runtime onnx")

@@ -116,7 +116,7 @@ def test_damaged_encoders_fall_back_to_torch_with_one_note_until_exported_again(
     result = cli("search", "a red photo", "--index", index, "-k", "5", "--json")
     assert [h["path"] for h in json.loads(result.stdout)] == [h.path for h in expected]
     notes = result.stderr.strip().splitlines()
-    assert len(notes) == 1 and notes[0].startswith("note: searching with torch") and "text.onnx.data" in notes[0]
+    assert len(notes) == 1 and notes[0].startswith("note: searches load torch because") and "text.onnx.data" in notes[0]
     assert "clipengine export --index" in notes[0]
     assert any("export" in a for a in index_info(index).advice)
     cli("export", "--index", index)

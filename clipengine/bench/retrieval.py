@@ -49,14 +49,14 @@ def model_settings(model: LoadedModel) -> dict:
 
 @contextlib.contextmanager
 def model_for(source: dict, device: str | None, runtime: str | None, precision: str | None) -> Iterator[LoadedModel]:
-    """The model a benchmark embeds with: torch (default), or its exported ONNX towers (`runtime` "onnx", in
-    `precision` fp32 or int8), so that what the query encoders change is a measured number."""
-    if runtime not in (None, "torch", "onnx"):
-        raise BadInput(f"unknown runtime '{runtime}': use torch or onnx")
-    if precision not in (None, "fp32", "int8") or (precision == "int8" and runtime != "onnx"):
-        raise BadInput("--precision is fp32, or int8 with --runtime onnx")
-    model = load_model(source, device="cpu" if runtime == "onnx" else device)
-    if runtime != "onnx":
+    """The model a benchmark embeds with: torch (default), or its exported ONNX towers (`runtime` "onnx", or
+    `precision` "int8"), so that what the query encoders change is a measured number."""
+    from clipengine.query_encoders import check_runtime
+
+    check_runtime(runtime, precision)
+    onnx = runtime == "onnx" or precision == "int8"
+    model = load_model(source, device="cpu" if onnx else device)
+    if not onnx:
         yield model
         return
     from clipengine.export import onnx_runtime
