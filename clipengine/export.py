@@ -117,23 +117,17 @@ def _tower_modules():
                 x = x @ self.projection
             return F.normalize(x, dim=-1)
 
-    class WholeTextTower(torch.nn.Module):
-        def __init__(self, model):
+    class Normalised(torch.nn.Module):
+        """One of the model's own encoders (`encode_text`, `encode_image`), L2-normalised."""
+
+        def __init__(self, model, method: str):
             super().__init__()
-            self.model = model
+            self.model, self.method = model, method
 
-        def forward(self, ids):
-            return F.normalize(self.model.encode_text(ids), dim=-1)
+        def forward(self, x):
+            return F.normalize(getattr(self.model, self.method)(x), dim=-1)
 
-    class ImageTower(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixels):
-            return F.normalize(self.model.encode_image(pixels), dim=-1)
-
-    return SplitTextTower, WholeTextTower, ImageTower
+    return SplitTextTower, Normalised
 
 
 def _export(module, args: tuple, names: list[str], dynamic: tuple, path: Path) -> None:
@@ -144,7 +138,7 @@ def _export(module, args: tuple, names: list[str], dynamic: tuple, path: Path) -
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic, input_names=names,
-                                    output_names=["embedding"], external_data=False, verbose=False)
+                                    output_names=["normalised_features"], external_data=False, verbose=False)
     _save_external(program.model_proto, path)
 
 
@@ -184,7 +178,7 @@ def _export_text(model, directory: Path) -> dict:
     import torch
     from torch.export import Dim
 
-    split_cls, whole_cls, _ = _tower_modules()
+    split_cls, normalised = _tower_modules()
     parts = _text_parts(model.model)
     context = int(model.tokenizer.context_length)
     if parts is not None:
@@ -198,7 +192,8 @@ def _export_text(model, directory: Path) -> dict:
         _export(split_cls(owner), example, ["x", "pool_index"], dynamic, directory / raw_name(qe.TEXT_FILE))
         return {"form": "split", "pool": pool, "eos_id": eos, "context_length": context}
     example = (model.tokenizer(["a photo", "two dogs"]),)
-    _export(whole_cls(model.model), example, ["ids"], ({0: Dim("batch")},), directory / raw_name(qe.TEXT_FILE))
+    _export(normalised(model.model, "encode_text"), example, ["ids"], ({0: Dim("batch")},),
+            directory / raw_name(qe.TEXT_FILE))
     return {"form": "whole", "context_length": context}
 
 
@@ -206,10 +201,11 @@ def _export_image(model, directory: Path) -> dict:
     import torch
     from torch.export import Dim
 
-    _, _, image_cls = _tower_modules()
+    _, normalised = _tower_modules()
     preprocess = qe.ImagePreprocess.from_config(model.preprocess_cfg)  # refuses what numpy cannot reproduce
     example = (torch.randn(2, 3, preprocess.size, preprocess.size),)
-    _export(image_cls(model.model), example, ["pixels"], ({0: Dim("batch")},), directory / raw_name(qe.IMAGE_FILE))
+    _export(normalised(model.model, "encode_image"), example, ["pixels"], ({0: Dim("batch")},),
+            directory / raw_name(qe.IMAGE_FILE))
     return {"preprocess": model.preprocess_cfg}
 
 

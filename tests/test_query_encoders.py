@@ -302,3 +302,16 @@ def test_int8_recall_is_measured_against_fp32_top_10():
     assert top_k_overlap(gallery, queries, queries) == 1.0
     assert top_k_overlap(gallery, queries, queries + 0.01 * rng.standard_normal(queries.shape)) > 0.9
     assert top_k_overlap(gallery, queries, -queries) == 0.0
+
+
+def test_a_text_tower_that_cannot_run_split_is_exported_whole_and_still_matches_torch(photos, tmp_path, monkeypatch):
+    """Towers that are not causal or pool elsewhere (hf-hub text encoders, SigLIP) take the full token ids."""
+    monkeypatch.setattr(export_module, "_text_parts", lambda model: None)
+    monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    index_folder(photos, tmp_path / "idx", TINY, workers=0)
+    record = record_of(tmp_path / "idx")
+    assert record["text"]["form"] == "whole" and record["text"]["status"] == "verified"
+    assert not (encoders_dir(tmp_path / "idx") / "token_embedding.npy").exists()
+    with Searcher(tmp_path / "idx", one_shot=True) as onnx, Searcher(tmp_path / "idx", runtime="torch") as reference:
+        for query in QUERIES[:4]:
+            same_hits(onnx.search_text(query), reference.search_text(query))
