@@ -476,7 +476,12 @@ def load_model(source: dict | ModelSpec, device: str | None = None) -> LoadedMod
 
     torch_device = pick_device(device)
     model = model.to(torch_device).eval()
-    tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    try:
+        tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    except OSError as e:  # a Hugging Face tokenizer (SigLIP, hf-hub) that is neither cached nor downloadable
+        if not hub_reachable():
+            raise _offline_error(f"the tokenizer of {arch}") from None
+        raise ModelUnavailable(f"loading the tokenizer of {arch} failed ({(str(e).splitlines() or [''])[0]})") from None
     with torch.inference_mode():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(torch_device)).shape[-1])
     source.update(embed_dim=embed_dim, preprocess=preprocess_cfg)
