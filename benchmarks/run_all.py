@@ -5,6 +5,7 @@ Runs, each in its own process and side by side with its baseline:
   bench_search.py  search latency (ours vs numpy brute force)
   bench_cold_search.py  `clipengine search` in a fresh process: the ONNX query path vs the torch one, where the time goes
   bench_embed_runtime.py  embedding images on the CPU: torch vs onnxruntime fp32 vs int8, and what each changes in recall
+  bench_export.py  which architectures export to query encoders, in how long, how close to torch
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
   bench_train.py   training throughput (ours vs open_clip's trainer) and recall on the built-in scenes
   bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
@@ -28,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("index", "search", "cold_search", "embed_runtime", "ann", "train", "recall")
+BENCHMARKS = ("index", "search", "cold_search", "embed_runtime", "export", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -76,6 +77,12 @@ def markdown(results: dict) -> str:
             lines.append(_row(f"embed {e['size']} on CPU, {e['model']}, onnxruntime {name.split()[1]}",
                               f"{rates[name]:.1f} img/s", f"torch {rates['torch']:.1f} img/s",
                               f"{e['vs_torch'][name]:.2f}x"))
+    if "export" in results:
+        for r in results["export"]["architectures"]:
+            if r["loaded"]:
+                towers = ", ".join(f"{t} {v['status']}" for t, v in r["towers"].items())
+                lines.append(_row(f"export + check query encoders, {r['arch']}", f"{r['export_and_check_s']:.0f} s: {towers}",
+                                  "", ""))
     if "ann" in results:
         a = results["ann"]
         auto, flat = a["auto"], a["flat"]
