@@ -222,8 +222,7 @@ def embedding_runtime(store: IndexStore, model, runtime: str | None, precision: 
             raise EncodersUnavailable(f"its image tower did not pass the export check ({image.get('reason')})")
         encoders.file_for("image")
     except EncodersUnavailable as e:
-        raise BadInput(f"cannot embed with onnxruntime: {e}: `clipengine export --index {store.path}"
-                       f"{' --quantize int8' if precision == 'int8' else ''}`") from None
+        raise BadInput(f"cannot embed with onnxruntime: {e}: `clipengine export --index {store.path}`") from None
     return dataclasses.replace(model, onnx=encoders), f"onnx {precision or 'fp32'} ({reason})"
 
 

@@ -273,8 +273,11 @@ class QueryEncoders:
         int8 = record.get("int8") or {}
         wanted = self.precision or ("int8" if int8.get("preferred") else "fp32")
         if wanted == "int8":
-            if not int8.get("file"):
-                raise EncodersUnavailable(f"no int8 {tower} tower was exported: `clipengine export --quantize int8`")
+            if not int8.get("file"):  # only when asked for: a preferred int8 tower exists by construction
+                from clipengine.errors import BadInput
+
+                raise BadInput(f"no int8 {tower} tower was exported for this index: "
+                               f"`clipengine export --index {self.directory.parent} --quantize int8`")
             return int8["file"]
         return record["file"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,12 @@ def tiny_model():
     from clipengine.models import ModelSpec, load_model
 
     return load_model(ModelSpec(arch="tiny"), device="cpu")
+
+
+def interruptible() -> None:
+    """preexec_fn for a child that a test stops with SIGINT: a test run launched as a background job ignores
+    SIGINT, the child would inherit that, and Python then never raises KeyboardInterrupt in it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

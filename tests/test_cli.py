@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from clipengine.cli import app
 from clipengine.store import MANIFEST
-from conftest import write_bad_inputs
+from conftest import interruptible, write_bad_inputs
 
 runner = CliRunner()
 
@@ -146,7 +146,8 @@ def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
     env = {**os.environ, "CLIPENGINE_INDEX_DIR": str(tmp_path / "indexes")}
     proc = subprocess.Popen([sys.executable, "-m", "clipengine", "index", str(tmp_path / "f"), "--index", "x",
                              "--model", "tiny", "--workers", "0", "--commit-every", "4", "--batch-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while not (tmp_path / "indexes" / "x").exists() and time.monotonic() < deadline:
         time.sleep(0.02)

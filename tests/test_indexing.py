@@ -23,7 +23,7 @@ from clipengine.models import ModelSpec
 from clipengine.search import Searcher
 from clipengine.store import DATABASE, MANIFEST, IndexStore
 from clipengine.synthetic import photo_like, write_photo_folder
-from conftest import write_bad_inputs
+from conftest import interruptible, write_bad_inputs
 
 TINY = ModelSpec(arch="tiny")
 
@@ -262,7 +262,7 @@ def test_killed_run_resumes_and_indexes_every_file_exactly_once(many_pngs, tmp_p
     folder = many_pngs
     index = tmp_path / "idx"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(folder), str(index)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while committed_count(index) < 8 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

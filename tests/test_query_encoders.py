@@ -267,6 +267,8 @@ def test_int8_towers_are_measured_on_the_index_and_used_only_when_asked_or_close
 
     with pytest.raises(BadInput, match="--quantize int8"):  # no int8 tower exported yet
         _embed_one(photos, index, precision="int8")
+    error = cli("search", "a photo", "--index", index, "--precision", "int8", code=1).stderr
+    assert error.startswith("error: no int8 text tower was exported") and "--quantize int8" in error
     record = export_index(index, quantize="int8")
     for tower in ("text", "image"):
         int8 = record[tower]["int8"]
