@@ -2,6 +2,11 @@
 so each message says what went wrong *and* what to do about it."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): what a one-line error can quote."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class ClipEngineError(Exception):
     """Base class: a problem with the user's input or environment, never a bug in clipengine."""
 

@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from clipengine import query_encoders as qe
-from clipengine.errors import BadInput
+from clipengine.errors import BadInput, first_line
 from clipengine.store import ENCODERS_PREFIX, IndexStore, StageProgress
 from clipengine.tokenizer import save_tokenizer
 
@@ -83,8 +83,8 @@ def check_images(n: int = 50) -> list:
 
 
 def _text_parts(model):
-    """(transformer, ln_final, projection, causal mask, pool type, eos id) of an open_clip text tower that
-    can run split (token embeddings computed outside), or None if it cannot."""
+    """(the module holding the text tower, pool type, eos id) of an open_clip text tower that can run split
+    (token embeddings computed outside: causal, pooled at the end token), or None if it cannot."""
     owner = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
     if owner is None or not hasattr(owner, "transformer") or not hasattr(owner, "token_embedding"):
         return None
@@ -223,9 +223,9 @@ def _check_inputs(tower: str) -> list:
     return check_prompts() if tower == "text" else check_images()
 
 
-def _onnx_embed(tower: str, directory: Path, record: dict, file: str, inputs: list) -> np.ndarray:
+def _onnx_tower(tower: str, directory: Path, record: dict, file: str) -> qe.TextTower | qe.ImageTower:
     kind = qe.TextTower if tower == "text" else qe.ImageTower
-    return kind(directory, record, file=file, one_shot=True)(inputs)
+    return kind(directory, record, file=file, one_shot=True)
 
 
 def _torch_embed(tower: str, model, inputs: list) -> np.ndarray:
@@ -239,13 +239,13 @@ def _verify(tower: str, model, directory: Path, record: dict, file: str) -> tupl
     tower's embeddings of the check inputs."""
     inputs = _check_inputs(tower)
     what = "prompts" if tower == "text" else "images"
+    onnx = _onnx_tower(tower, directory, record, file)
     if tower == "text":
-        ours, theirs = qe.TextTower(directory, record, file=file, one_shot=True).tokenizer(inputs), model.tokenizer(inputs)
-        differ = int((ours != theirs.numpy()).any(axis=1).sum())
+        differ = int((onnx.tokenizer(inputs) != model.tokenizer(inputs).numpy()).any(axis=1).sum())
         if differ:
             return {"status": "failed", "reason": f"the torch-free tokenizer differs from open_clip's on {differ} of "
                                                   f"{len(inputs)} check prompts"}, None
-    embedded = _onnx_embed(tower, directory, record, file, inputs)
+    embedded = onnx(inputs)
     diff = float(np.abs(embedded - _torch_embed(tower, model, inputs)).max())
     checked = {"max_abs_diff": diff, "checked": len(inputs)}
     if not np.isfinite(diff) or diff > MAX_ABS_DIFF:
@@ -280,7 +280,7 @@ def _quantize(tower: str, directory: Path, record: dict, fp32: np.ndarray, galle
     _save_external(onnx.load(str(single)), directory / raw_name(file))
     single.unlink()
     _optimise(directory / raw_name(file), directory / file)
-    int8 = _onnx_embed(tower, directory, record, file, _check_inputs(tower))
+    int8 = _onnx_tower(tower, directory, record, file)(_check_inputs(tower))
     result = {"file": file, "max_abs_diff": float(np.abs(int8 - fp32).max()),
               "min_cosine": float((int8 * fp32).sum(axis=1).min())}
     if gallery is None or len(gallery) < GALLERY_MIN:
@@ -370,10 +370,6 @@ def _to_cache(key: str, directory: Path, names: list[str], record: dict) -> None
 # --------------------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def export_query_encoders(model, store: IndexStore, *, quantize: str | None = None,
                           progress: StageProgress | None = None) -> dict:
     """Export, verify and install `model`'s towers into an index opened writable (whose model it must be).
@@ -394,8 +390,7 @@ def export_query_encoders(model, store: IndexStore, *, quantize: str | None = No
     try:
         gallery = None
         if quantize:
-            ids, gallery = store.vectors()
-            gallery = gallery[np.random.default_rng(0).permutation(len(ids))[:GALLERY_SIZE]]
+            gallery = store.vectors(sample=GALLERY_SIZE)[1]
         record = export_towers(model, tmp, quantize=quantize, gallery=gallery, progress=progress)
         record["dir"] = None
         if any(record[t]["status"] == "verified" for t in ("text", "image")):
@@ -456,7 +451,7 @@ def export_towers(model, directory: str | os.PathLike, *, quantize: str | None =
         save_tokenizer(model.tokenizer, directory)
     except (ValueError, AttributeError) as e:
         steps = steps[1:]
-        record["text"] = {"status": "failed", "reason": f"{_first_line(e)}"}
+        record["text"] = {"status": "failed", "reason": first_line(e)[:300]}
     for i, (tower, export, names) in enumerate(steps):
         if progress:
             progress("exporting query encoders", i, len(steps))
@@ -486,7 +481,7 @@ def export_towers(model, directory: str | os.PathLike, *, quantize: str | None =
             if verdict["status"] == "verified" and tower == "image":
                 record[tower]["speed"] = _image_speed(model, directory, record[tower])
         except Exception as e:  # a model that does not export keeps the torch path; the reason is recorded
-            record[tower] = {"status": "failed", "reason": f"export failed: {type(e).__name__}: {_first_line(e)}"}
+            record[tower] = {"status": "failed", "reason": f"export failed: {type(e).__name__}: {first_line(e)[:300]}"}
         int8 = [f"{tower}-int8.onnx", raw_name(f"{tower}-int8.onnx")]
         int8 = [n + suffix for n in int8 for suffix in ("", qe.EXTERNAL_DATA_SUFFIX)]
         unused = names + int8 if record[tower]["status"] != "verified" else raw[:2] + int8[2:]

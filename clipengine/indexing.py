@@ -20,8 +20,8 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.ann import DRIFT_RATIO, n_lists
-from clipengine.query_encoders import PENDING, check_runtime
-from clipengine.store import FileRecord, IndexStore, StageProgress, remove_index
+from clipengine.query_encoders import check_runtime
+from clipengine.store import ENCODERS_PENDING, FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
 
@@ -167,7 +167,7 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool 
                  progress: StageProgress | None) -> None:
     """The last step of every indexing run: export the query encoders if asked (None: if the index is new and
     has not had its export yet, even when its first run was interrupted), and report the result."""
-    if export or (export is None and store.query_encoders == PENDING):
+    if export or (export is None and store.query_encoders == ENCODERS_PENDING):
         from clipengine.export import export_query_encoders
         from clipengine.models import load_model
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from clipengine.errors import BadInput, ModelMismatch, ModelUnavailable
+from clipengine.errors import BadInput, ModelMismatch, ModelUnavailable, first_line
 
 if TYPE_CHECKING:  # torch is imported only when a model is really loaded: it costs seconds.
     import torch
@@ -463,8 +463,7 @@ def load_model(source: dict | ModelSpec, device: str | None = None) -> LoadedMod
     except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
         # a weights file that does not fit the architecture, is damaged, or holds pickled code
         # (refused by weights_only) is the user's file, not our bug: say which and why, in one line
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        raise BadInput(f"could not load {describe_source(source)}: {first_line}") from None
+        raise BadInput(f"could not load {describe_source(source)}: {first_line(e)}") from None
 
     if kind in ("pretrained", "file"):
         cfg = merge_preprocess_dict(PreprocessCfg(), preprocess_overlay)
@@ -481,7 +480,7 @@ def load_model(source: dict | ModelSpec, device: str | None = None) -> LoadedMod
     except OSError as e:  # a Hugging Face tokenizer (SigLIP, hf-hub) that is neither cached nor downloadable
         if not hub_reachable():
             raise _offline_error(f"the tokenizer of {arch}") from None
-        raise ModelUnavailable(f"loading the tokenizer of {arch} failed ({(str(e).splitlines() or [''])[0]})") from None
+        raise ModelUnavailable(f"loading the tokenizer of {arch} failed ({first_line(e)})") from None
     with torch.inference_mode():
         embed_dim = int(model.encode_text(tokenizer(["a"]).to(torch_device)).shape[-1])
     source.update(embed_dim=embed_dim, preprocess=preprocess_cfg)

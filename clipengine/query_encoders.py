@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from clipengine.errors import BadInput, first_line
+from clipengine.store import ENCODERS_PENDING
 from clipengine.tokenizer import load_tokenizer
 
 TEXT_FILE = "text.onnx"
@@ -73,19 +75,14 @@ def _check_files(directory: Path, files: dict[str, dict]) -> None:
             raise EncodersUnavailable(f"{path} changed since it was verified")
 
 
-PENDING = {"status": "pending"}  # the record of a new index, until its first export
-
-
 def never_exported(record: dict | None) -> bool:
     """Whether an index's encoders record says no export was attempted: an index from before query encoders
     (no record), or a new one whose export has not run yet. (A failed export is a record of why it failed.)"""
-    return not record or record.get("status") == PENDING["status"]
+    return not record or record == ENCODERS_PENDING
 
 
 def check_runtime(runtime: str | None, precision: str | None) -> None:
     """Refuse runtime/precision options that name nothing: one rule for search, index and bench."""
-    from clipengine.errors import BadInput
-
     if runtime not in (None, "torch", "onnx"):
         raise BadInput(f"unknown runtime '{runtime}': use torch or onnx")
     if precision not in (None, "fp32", "int8"):
@@ -274,8 +271,6 @@ class QueryEncoders:
         wanted = self.precision or ("int8" if int8.get("preferred") else "fp32")
         if wanted == "int8":
             if not int8.get("file"):  # only when asked for: a preferred int8 tower exists by construction
-                from clipengine.errors import BadInput
-
                 raise BadInput(f"no int8 {tower} tower was exported for this index: "
                                f"`clipengine export --index {self.directory.parent} --quantize int8`")
             return int8["file"]
@@ -290,8 +285,7 @@ class QueryEncoders:
             try:
                 self._towers[tower] = kind(self.directory, self.record[tower], file=file, one_shot=self.one_shot)
             except Exception as e:  # onnxruntime's own errors for a file it cannot parse or run
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise EncodersUnavailable(f"{self.directory / file} cannot be loaded ({first})") from None
+                raise EncodersUnavailable(f"{self.directory / file} cannot be loaded ({first_line(e)[:200]})") from None
         return self._towers[tower]
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

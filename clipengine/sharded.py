@@ -32,6 +32,7 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.indexing import (FaissPolicy, IndexReport, ProgressCallback, _commit, _open_or_create, embed_records,
                                  ensure_folder, finish_index, plan_and_drop)
 from clipengine.models import ModelSpec, describe_source
+from clipengine.query_encoders import check_runtime
 from clipengine.scan import FoundFile
 from clipengine.store import FileRecord, IndexStore, StageProgress
 
@@ -68,6 +69,7 @@ def index_folder_sharded(
     Every rank embeds with torch (one GPU each, or its share of the node's cores)."""
     import torch.distributed as dist
 
+    check_runtime(runtime, precision)
     if runtime == "onnx" or precision == "int8":
         raise BadInput("under torchrun images are embedded with torch: drop --runtime onnx / --precision int8")
 

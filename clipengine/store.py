@@ -47,6 +47,7 @@ DATABASE = "meta.sqlite"
 FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "lock"
 ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.export)
+ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -276,7 +277,7 @@ class IndexStore:
             "faiss": {"faiss_metric": "inner_product",
                       "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL,
                                  **(faiss_policy or {})}},
-            "query_encoders": {"status": "pending"},  # until the first run's export (clipengine.export)
+            "query_encoders": dict(ENCODERS_PENDING),
         }
         conn = sqlite3.connect(tmp / DATABASE)
         conn.executescript(SCHEMA)
@@ -374,9 +375,11 @@ class IndexStore:
                 f"SELECT path, id FROM files WHERE hash IS NOT NULL AND path IN ({marks})", chunk))
         return found
 
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every searchable file's id and vector, in id order: the gallery for exact search."""
-        return self._gather(self._live_ids())
+    def vectors(self, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every searchable file's id and vector, in id order: the gallery for exact search; or a random
+        `sample` of them (read from sqlite alone, not after reading all)."""
+        live = self._live_ids()
+        return self._gather(live if sample is None else ann.sample_ids(live, sample, seed=0))
 
     def _live_ids(self) -> np.ndarray:
         rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")

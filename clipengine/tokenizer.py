@@ -265,9 +265,7 @@ def save_tokenizer(open_clip_tokenizer, directory: str | os.PathLike) -> dict:
         tok = open_clip_tokenizer
         if tok.reduction_fn is not None:
             raise ValueError("its tokenizer drops tokens at random (reduction_mask), which a query must not do")
-        clean = next((name for name, fn in _OPEN_CLIP_CLEANERS().items() if fn is tok.clean_fn), None)
-        if clean is None:
-            raise ValueError("its tokenizer uses a text cleaning function open_clip does not name")
+        clean = _clean_name(tok)
         BpeTables.write(directory / BPE_TABLES_FILE, {f"{a} {b}": r for (a, b), r in tok.bpe_ranks.items()},
                         tok.encoder)
         config = {"kind": "bpe", "context_length": tok.context_length, "clean": clean,
@@ -283,9 +281,7 @@ def save_tokenizer(open_clip_tokenizer, directory: str | os.PathLike) -> dict:
         if kind == "SigLipTokenizer":
             clean, strip_sep = "canonicalize", None
         else:
-            clean = next((name for name, fn in _OPEN_CLIP_CLEANERS().items() if fn is tok.clean_fn), None)
-            if clean is None:
-                raise ValueError("its tokenizer uses a text cleaning function open_clip does not name")
+            clean = _clean_name(tok)
             strip_sep = tok.tokenizer.sep_token_id if tok.strip_sep_token else None
         config = {"kind": "hf", "context_length": tok.context_length, "clean": clean,
                   "pad_id": int(tok.tokenizer.pad_token_id or 0), "strip_sep_id": strip_sep}
@@ -295,7 +291,12 @@ def save_tokenizer(open_clip_tokenizer, directory: str | os.PathLike) -> dict:
     return config
 
 
-def _OPEN_CLIP_CLEANERS() -> dict[str, Callable]:
+def _clean_name(open_clip_tokenizer) -> str:
+    """Which of open_clip's cleaning functions a tokenizer uses, by name (what `CLEANERS` reproduces)."""
     from open_clip import tokenizer as oc
 
-    return {"lower": oc._clean_lower, "whitespace": oc._clean_whitespace, "canonicalize": oc._clean_canonicalize}
+    names = {"lower": oc._clean_lower, "whitespace": oc._clean_whitespace, "canonicalize": oc._clean_canonicalize}
+    clean = next((name for name, fn in names.items() if fn is open_clip_tokenizer.clean_fn), None)
+    if clean is None:
+        raise ValueError("its tokenizer uses a text cleaning function open_clip does not name")
+    return clean
