@@ -10,7 +10,7 @@ import torch
 from clipengine.errors import BadInput
 from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
-from clipengine.train.data import PairDataset, StepBatches, collate_pairs, split_validation
+from clipengine.train.data import PairDataset, StepBatches, collate_pairs, sample_seed, split_validation
 
 
 @pytest.fixture
@@ -39,6 +39,33 @@ def test_ranks_split_the_global_batch_and_positions_resume():
     assert list(single) != whole
     with pytest.raises(BadInput, match="divisible"):
         StepBatches(50, 9, seed=0, world_size=2)
+
+
+def _order(seed: int, epoch: int) -> list[int]:
+    sampler = StepBatches(64, 8, seed=seed)
+    sampler.set_position(epoch, 0)
+    return [i for batch in sampler for i, _ in batch]
+
+
+def test_every_epoch_and_every_seed_has_its_own_order():
+    """torch's CPU generator keeps only the low 32 bits of a seed: a seed that packed (seed, epoch) above
+    them replayed epoch 0's batches in every epoch of every run. 2**32 is the seed that bug confused with 0."""
+    orders = {(seed, epoch): _order(seed, epoch) for seed in (0, 1, 2**32) for epoch in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == len(orders)
+    assert _order(1, 2) == orders[1, 2]  # and a (seed, epoch) repeats exactly, for resume
+    generator_seeds = {torch.Generator().manual_seed(sample_seed(s, e, 5)).initial_seed()
+                       for s in (0, 1, 2**32) for e in range(3)}
+    assert len(generator_seeds) == 9  # what the generator keeps of a sample's seed differs too
+
+
+def test_an_image_gets_a_new_crop_every_epoch(scene_csv, tiny_model):
+    from clipengine.embed import split_transform
+
+    pixel_transform, _ = split_transform(tiny_model.image_transform(train=True))
+    dataset = PairDataset(read_pairs(scene_csv), pixel_transform, tiny_model.tokenizer, image_size=64)
+    crops = [dataset[(3, sample_seed(0, epoch, 3))][0] for epoch in range(3)] + [dataset[(3, sample_seed(2**32, 0, 3))][0]]
+    assert all(not torch.equal(a, b) for k, a in enumerate(crops) for b in crops[k + 1:])
+    torch.testing.assert_close(dataset[(3, sample_seed(0, 1, 3))][0], crops[1])
 
 
 def test_undecodable_images_are_replaced_and_reported(scene_csv, tiny_model):

@@ -79,6 +79,20 @@ def test_resume_continues_exactly(scenes, tmp_path):
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_seeds_start_from_different_weights_and_batches(scenes, tmp_path):
+    losses = {}
+    for seed in (0, 1):
+        train(TrainConfig(data=str(scenes), out=str(tmp_path / f"s{seed}"), epochs=1, log_every=1, max_steps=2,
+                          seed=seed, **FAST))
+        losses[seed] = [r["loss"] for r in _log(tmp_path / f"s{seed}")]
+    assert all(a != pytest.approx(b, rel=1e-4) for a, b in zip(losses[0], losses[1]))
+    initial = load_model(ModelSpec(arch="tiny"), device="cpu").model.state_dict()  # the random init of seed 0
+    for seed in (0, 1):  # lr 0 keeps the initial weights
+        out = tmp_path / f"init{seed}"
+        train(TrainConfig(data=str(scenes), out=str(out), epochs=1, max_steps=1, seed=seed, **{**FAST, "lr": 0.0}))
+        assert torch.equal(_weights(out)["visual.conv1.weight"], initial["visual.conv1.weight"]) == (seed == 0)
+
+
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes, tmp_path):
     out = tmp_path / "nan"
     config = TrainConfig(data=str(scenes), out=str(out), epochs=3, save_every=1, grad_clip=None,

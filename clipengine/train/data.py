@@ -46,8 +46,18 @@ def default_val_size(n: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+PERMUTATION = -1  # the `index` of an epoch's permutation in `sample_seed`
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 2**32 + index) % 2**63
+    """A 32-bit seed drawn from (run seed, epoch, sample) by hashing.
+
+    32 bits because torch's CPU generator keeps only the low 32 bits of a seed: packing the three
+    numbers into one wide integer (as this once did) gave every epoch and every --seed the same
+    permutation and the same crops. A hash spreads any change of any of the three over all 32 bits.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 class PairDataset(Dataset):
@@ -152,7 +162,7 @@ class StepBatches(Sampler):
         return self.steps_per_epoch - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 2**31))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, PERMUTATION))
         order = torch.randperm(self.n, generator=g).tolist()
         local = self.global_batch // self.world_size
         for step in range(self.start, self.steps_per_epoch):

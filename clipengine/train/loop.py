@@ -167,6 +167,8 @@ def _build_model(config: TrainConfig, device: torch.device, resume_from: Path | 
         source = resolve_source(ModelSpec(config.model if not config.checkpoint else None,
                                           config.pretrained, config.checkpoint))
         arch = source["arch"]
+        if source["source"] == "random":  # from scratch, --seed chooses the initial weights too
+            source = {**source, "seed": config.seed, "identity": f"random:{arch}:seed{config.seed}"}
     loaded = load_model(source, device=str(device))
     model_cfg = model_config(source)
     model = loaded.model
