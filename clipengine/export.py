@@ -82,25 +82,11 @@ def check_images(n: int = 50) -> list:
 # --------------------------------------------------------------------------------------------------
 
 
-def _text_parts(model):
-    """(the module holding the text tower, pool type, eos id) of an open_clip text tower that can run split
-    (token embeddings computed outside: causal, pooled at the end token), or None if it cannot."""
-    owner = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
-    if owner is None or not hasattr(owner, "transformer") or not hasattr(owner, "token_embedding"):
-        return None
-    if getattr(owner, "cls_emb", None) is not None or getattr(owner, "use_pad_mask", False):
-        return None
-    mask = getattr(owner, "attn_mask", None)
-    pool = getattr(owner, "text_pool_type", None) or getattr(owner, "pool_type", "argmax")
-    if mask is None or pool not in ("argmax", "eos"):
-        return None  # not causal, or pooled where later positions matter
-    eos = getattr(owner, "text_eos_id", None) if owner is model else getattr(owner, "eos_id", None)
-    return owner, pool, eos
-
-
 def _tower_modules():
     import torch
     import torch.nn.functional as F
+
+    from clipengine.causal_text import encode_prefix
 
     class SplitTextTower(torch.nn.Module):
         """Token embeddings (with positions) and the pooling position -> normalised embedding."""
@@ -112,15 +98,8 @@ def _tower_modules():
             self.register_buffer("mask", owner.attn_mask.detach().clone(), persistent=False)
 
         def forward(self, x, pool_index):
-            length = x.shape[1]
-            x = self.transformer(x, attn_mask=self.mask[:length, :length])
-            x = self.ln_final(x)
-            x = x[torch.arange(x.shape[0]), pool_index]
-            if isinstance(self.projection, torch.nn.Linear):
-                x = self.projection(x)
-            elif self.projection is not None:
-                x = x @ self.projection
-            return F.normalize(x, dim=-1)
+            return F.normalize(encode_prefix(self.transformer, self.ln_final, self.projection, self.mask, x, pool_index),
+                               dim=-1)
 
     class Normalised(torch.nn.Module):
         """One of the model's own encoders (`encode_text`, `encode_image`), L2-normalised."""
@@ -184,10 +163,12 @@ def _export_text(model, directory: Path) -> dict:
     from torch.export import Dim
 
     split_cls, normalised = _tower_modules()
-    parts = _text_parts(model.model)
+    from clipengine.causal_text import causal_text
+
+    parts = causal_text(model.model)
     context = int(model.tokenizer.context_length)
     if parts is not None:
-        owner, pool, eos = parts
+        owner, pool, eos = parts.owner, parts.pool, parts.eos
         np.save(directory / qe.TOKEN_TABLE_FILE, owner.token_embedding.weight.detach().float().cpu().numpy())
         np.save(directory / qe.POSITIONS_FILE, owner.positional_embedding.detach().float().cpu().numpy())
         width = owner.token_embedding.weight.shape[1]

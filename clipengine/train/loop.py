@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from clipengine.causal_text import TrainingForward
 from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
@@ -201,18 +202,14 @@ def _loader(dataset: PairDataset, sampler: Any, workers: int, device: torch.devi
 # --------------------------------------------------------------------------------------------------
 
 
-def _outputs(out: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    image, text, scale = out[0], out[1], out[2]
-    return image, text, scale, (out[3] if len(out) > 3 else None)
-
-
-def _forward_backward(model: torch.nn.Module, wrapped: torch.nn.Module, pixels: torch.Tensor, texts: torch.Tensor,
+def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels: torch.Tensor, texts: torch.Tensor,
                       loss_fn: Callable, world: World, accum_steps: int, autocast: Callable,
                       scale_loss: Callable) -> torch.Tensor:
-    """Forward and backward over one local batch; returns the (local) loss. See the module docstring."""
+    """Forward and backward over one local batch; returns the (local) loss. See the module docstring.
+    `wrapped` is `forward`, or the DDP module around it."""
     if accum_steps == 1:
         with autocast():
-            image, text, scale, bias = _outputs(wrapped(pixels, texts))
+            image, text, scale, bias = wrapped(pixels, texts)
         loss = loss_fn(image.float(), text.float(), scale.float(), None if bias is None else bias.float(),
                        rank=world.rank, world_size=world.world_size)
         scale_loss(loss).backward()
@@ -220,7 +217,7 @@ def _forward_backward(model: torch.nn.Module, wrapped: torch.nn.Module, pixels: 
 
     chunks = list(zip(pixels.chunk(accum_steps), texts.chunk(accum_steps), strict=True))
     with torch.no_grad(), autocast():
-        cached = [_outputs(model(p, t)) for p, t in chunks]
+        cached = [forward(p, t) for p, t in chunks]
     image = torch.cat([c[0] for c in cached]).float().requires_grad_()
     text = torch.cat([c[1] for c in cached]).float().requires_grad_()
     scale = cached[0][2].float().requires_grad_()
@@ -234,7 +231,7 @@ def _forward_backward(model: torch.nn.Module, wrapped: torch.nn.Module, pixels: 
         sync = contextlib.nullcontext() if last or not world.distributed else wrapped.no_sync()
         with sync:
             with autocast():
-                outs = _outputs(wrapped(p, t))
+                outs = wrapped(p, t)
             rows = slice(offsets[j], offsets[j] + sizes[j])
             grads = [image.grad[rows], text.grad[rows], scale.grad / len(chunks),
                      None if bias is None else bias.grad / len(chunks)]
@@ -333,10 +330,10 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     loaded, model_cfg, arch = _build_model(config, device, resume_from)
     model = loaded.model
     model.train()
-    wrapped = model
+    forward = wrapped = TrainingForward(model)
     if world.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
     amp_dtype, needs_scaler = _precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
 
@@ -408,7 +405,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
                 group["lr"] = lr
             pixels = normalizer(pixels)
             texts = texts.to(device, non_blocking=True)
-            loss = _forward_backward(model, wrapped, pixels, texts, loss_fn, world, config.accum_steps,
+            loss = _forward_backward(forward, wrapped, pixels, texts, loss_fn, world, config.accum_steps,
                                      autocast, scale_loss)
             for ref, reason in bad_here:
                 bad.setdefault(ref, reason)
