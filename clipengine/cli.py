@@ -480,6 +480,7 @@ def train(
     from clipengine.errors import BadInput
     from clipengine.train import TrainConfig, resume_config
     from clipengine.train import train as run_training
+    from clipengine.train.cpu_plan import describe as describe_cpu_plan
 
     given = {"threads": threads, "data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
              "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
@@ -503,6 +504,8 @@ def train(
             progress.update(task, completed=event["step"], total=event["total"],
                             info=f"{event['samples_per_second']:.0f} samples/s  loss {event['loss']:.3f}  "
                                  f"lr {event['lr']:.2e}  scale {event['logit_scale']:.1f}")
+        elif event["kind"] == "plan" and not as_json:
+            progress.console.print(describe_cpu_plan(event), markup=False)
         elif not as_json:
             progress.console.print(f"epoch {event['epoch'] + 1} step {event['step']}  val {_fmt_recall(event['recall'])}",
                                    markup=False)

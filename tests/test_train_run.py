@@ -93,6 +93,29 @@ def test_seeds_start_from_different_weights_and_batches(scenes, tmp_path):
         assert torch.equal(_weights(out)["visual.conv1.weight"], initial["visual.conv1.weight"]) == (seed == 0)
 
 
+def test_the_cpu_plan_is_measured_and_never_changes_the_numbers(scenes, tmp_path, monkeypatch):
+    from clipengine.train import cpu_plan
+
+    monkeypatch.setattr(cpu_plan, "MIN_TRIAL_SECONDS", 0.0)  # tiny steps: time 3 of them, not a second's worth
+    monkeypatch.setattr("clipengine.train.loop.available_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    planned, fixed, events = tmp_path / "planned", tmp_path / "fixed", []
+    train(TrainConfig(data=str(scenes), out=str(planned), epochs=6, log_every=1, **{**FAST, "workers": None}),
+          progress=events.append)
+    train(TrainConfig(data=str(scenes), out=str(fixed), epochs=6, log_every=1, **FAST))
+    plan, = _log(planned, "plan")
+    assert [(t["workers"], t["threads"]) for t in plan["trials"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    fastest = max(plan["trials"], key=lambda t: t["steps_per_second"])
+    assert plan["chosen"] == {"workers": fastest["workers"], "threads": fastest["threads"]}
+    assert [e for e in events if e["kind"] == "plan"] == [plan]
+    a, b = _log(planned), _log(fixed)
+    assert len(a) == len(b) == 30  # trials are training steps: every step ran once, in order
+    assert [x["loss"] for x in a] == pytest.approx([y["loss"] for y in b], rel=1e-5)
+    wa, wb = _weights(planned), _weights(fixed)
+    for name in wa:  # equal but for rounding: one thread or two sum a matrix product in another order
+        assert (wa[name] - wb[name]).norm() <= 1e-3 * wb[name].norm(), name
+
+
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes, tmp_path):
     out = tmp_path / "nan"
     config = TrainConfig(data=str(scenes), out=str(out), epochs=3, save_every=1, grad_clip=None,

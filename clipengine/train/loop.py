@@ -32,6 +32,7 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.bench.metrics import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
+from clipengine.train.cpu_plan import CpuPlanner, Plan
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
 from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,
                                    split_validation)
@@ -362,11 +363,13 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         ckpt.restore_rng_state(state["rng"])
         step = int(state["step"])
 
-    workers = _plan_cpu(config, device, world)
+    planner = _cpu_planner(config, device, world, last_step - step)
+    plan = planner.current
+    torch.set_num_threads(plan.threads)
     pixel_transform, normalizer = _split(loaded.image_transform(train=True), device)
     dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=config.max_pixels)
-    loader = _loader(dataset, sampler, workers, device)
+    loader = _loader(dataset, sampler, plan.workers, device)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -380,7 +383,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     def validate(epoch: int) -> dict[str, float]:
         result: dict[str, float] = {}
         if world.is_main and len(val_pairs):
-            result = evaluate(loaded, val_pairs, workers=workers, max_pixels=config.max_pixels)
+            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)
             record = {"kind": "val", "step": step, "epoch": epoch, "recall": result}
             _log(out, record)
             if progress:
@@ -398,8 +401,10 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     epoch = step // steps_per_epoch
     while step < last_step:
         sampler.set_position(epoch, step - epoch * steps_per_epoch)
+        replan: Plan | None = None
         tick = time.perf_counter()
         for pixels, texts, _, bad_here in loader:
+            waited = time.perf_counter() - tick
             lr = cosine_lr(step, config.lr, warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -436,9 +441,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             step += 1
             samples += config.batch_size
-            now = time.perf_counter()
-            train_seconds += now - tick
-            tick = now
+            step_seconds = time.perf_counter() - tick
+            train_seconds += step_seconds
             if world.is_main:
                 record = {"kind": "step", "step": step, "total": last_step, "epoch": epoch, "loss": loss_value,
                           "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
@@ -450,15 +454,27 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
                     progress(record)
             if config.save_every and step % config.save_every == 0 and step < last_step:
                 save(epoch)
-            if step >= last_step:
+            if planner.deciding:
+                replan = planner.observe(step_seconds, waited)
+                if not planner.deciding and world.is_main:
+                    _log(out, planner.record())
+                    if progress:
+                        progress(planner.record())
+            if step >= last_step or (replan is not None and replan != plan):
                 break
             tick = time.perf_counter()
+        if replan is not None and replan != plan:  # a new plan: its threads, and a loader with its workers
+            plan = replan
+            torch.set_num_threads(plan.threads)
+            loader = _loader(dataset, sampler, plan.workers, device)
+            if step % steps_per_epoch and step < last_step:
+                continue  # on with this epoch from the next step
         if step % steps_per_epoch == 0 or step >= last_step:
             val = validate(epoch)
             save(epoch)
         epoch += 1
     if step >= last_step and not val and resume_from is not None and world.is_main and len(val_pairs):
-        val = evaluate(loaded, val_pairs, workers=workers, max_pixels=config.max_pixels)  # resumed a finished run
+        val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)  # resumed a finished run
 
     return TrainReport(
         out=str(out), step=step, epoch=min(epoch, config.epochs), samples=samples, seconds=train_seconds,
@@ -469,25 +485,23 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     )
 
 
-def _plan_cpu(config: TrainConfig, device: torch.device, world: World) -> int:
-    """Data workers, and torch threads on the CPU, such that together they never exceed the cores.
+def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_left: int) -> CpuPlanner:
+    """Data workers and torch threads: the user's, else (on a CPU) measured over this run's first steps.
 
-    Oversubscribing the cores is the costliest mistake on a CPU: an OpenMP thread that is descheduled
-    while a worker decodes stalls every other thread at the next barrier. On 2 cores one worker plus one
-    model thread trains 1.5x faster than one worker plus two threads (measured; see benchmarks/).
+    Oversubscribing the cores is the costliest mistake on a CPU when decoding is heavy (an OpenMP thread
+    descheduled while a worker decodes stalls every other thread at the next barrier), and the best
+    choice when the model is heavy and the worker mostly waits; only measuring tells which run is which.
     """
     per_process = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
-    if config.workers is not None:
-        workers = config.workers
-    elif device.type == "cuda":
-        workers = max(1, min(per_process - 1, 8))
-    else:
-        workers = max(1, per_process // 4)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, per_process - workers))
-    return workers
+    if device.type == "cuda":
+        workers = config.workers if config.workers is not None else max(1, min(per_process - 1, 8))
+        return CpuPlanner.fixed(Plan(workers, config.threads or torch.get_num_threads()))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = config.threads or (int(omp) if omp.isdigit() else None)
+    if config.workers is not None or threads or world.distributed:  # ranks would have to agree on trials
+        workers = config.workers if config.workers is not None else max(1, per_process // 4)
+        return CpuPlanner.fixed(Plan(workers, threads or max(1, per_process - workers)))
+    return CpuPlanner.for_run(per_process, steps_left)
 
 
 def _split(transform: Callable, device: torch.device) -> tuple[Callable, PixelNormalizer]:

@@ -1,0 +1,116 @@
+"""Data workers and torch threads for a CPU run, chosen by measuring this run.
+
+No fixed rule fits every run: with the `tiny` model on 64-px scenes decoding is most of the work and
+one worker plus one torch thread was fastest on 2 cores; with the 4-layer width-256 `small` model the
+single torch thread was the bottleneck and one worker plus two threads ran 1.75x faster. So the first
+steps of a run try each candidate plan for a few steps (real training steps: which process decodes a
+sample or how many threads multiply a matrix never changes the numbers, so trying costs only the time a
+slower plan takes) and the run keeps the fastest. The trials and the decision go to the run's log.
+
+Candidates on c cores: workers in {c/4, c/2, c} and, for each, torch threads filling the cores the
+workers leave, or all c (a worker that mostly waits leaves its core to torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MIN_TRIAL_STEPS = 3  # measured steps per candidate, after one step to start its workers
+MIN_TRIAL_SECONDS = 1.0  # and at least this long, so that a fast model is not timed on noise
+MIN_RUN_STEPS = 24  # shorter runs keep the first candidate: trying all would take most of the run
+
+
+@dataclass(frozen=True)
+class Plan:
+    workers: int
+    threads: int
+
+
+@dataclass
+class Trial:
+    plan: Plan
+    steps: int = 0
+    seconds: float = 0.0
+    data_wait: float = 0.0  # of `seconds`, spent waiting for a batch
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0
+
+
+def candidates(cores: int) -> list[Plan]:
+    """The plans worth trying on `cores`, the no-oversubscription default first."""
+    plans: list[Plan] = []
+    for workers in (max(1, cores // 4), max(1, cores // 2), cores):
+        for threads in (max(1, cores - workers), cores):
+            if Plan(workers, threads) not in plans:
+                plans.append(Plan(workers, threads))
+    return plans
+
+
+@dataclass
+class CpuPlanner:
+    """Feeds each step's time to `observe`; it answers with the plan the next steps should use."""
+
+    plans: list[Plan]
+    trials: list[Trial] = field(default_factory=list)
+    chosen: Plan | None = None
+    _warm: bool = False
+
+    @classmethod
+    def for_run(cls, cores: int, steps_left: int) -> "CpuPlanner":
+        plans = candidates(cores)
+        planner = cls(plans[:1] if steps_left < MIN_RUN_STEPS else plans)
+        planner.trials.append(Trial(planner.plans[0]))
+        if len(planner.plans) == 1:
+            planner.chosen = planner.plans[0]
+        return planner
+
+    @classmethod
+    def fixed(cls, plan: Plan) -> "CpuPlanner":
+        """No trials: the plan the user set (or the GPU's, or a distributed run's, whose ranks must agree)."""
+        return cls([plan], [Trial(plan)], chosen=plan)
+
+    @property
+    def current(self) -> Plan:
+        return self.chosen or self.trials[-1].plan
+
+    @property
+    def deciding(self) -> bool:
+        return self.chosen is None
+
+    def observe(self, seconds: float, data_wait: float) -> Plan | None:
+        """One step's time (and its wait for data) under `current`; a new plan to switch to, or None."""
+        if self.chosen is not None:
+            return None
+        trial = self.trials[-1]
+        if not self._warm:  # the first step of a plan starts its workers: not representative
+            self._warm = True
+            return None
+        trial.steps += 1
+        trial.seconds += seconds
+        trial.data_wait += data_wait
+        if trial.steps < MIN_TRIAL_STEPS or trial.seconds < MIN_TRIAL_SECONDS:
+            return None
+        if len(self.trials) < len(self.plans):
+            self.trials.append(Trial(self.plans[len(self.trials)]))
+            self._warm = False
+            return self.trials[-1].plan
+        self.chosen = max(self.trials, key=lambda t: t.steps_per_second).plan
+        return self.chosen
+
+    def record(self) -> dict:
+        """What the run's log keeps: every trial's rate and data wait, and the decision."""
+        return {"kind": "plan", "chosen": asdict(self.current) if self.chosen else None,
+                "trials": [{**asdict(t.plan), "steps": t.steps, "steps_per_second": round(t.steps_per_second, 4),
+                            "data_wait_fraction": round(t.data_wait / t.seconds, 4) if t.seconds else None}
+                           for t in self.trials if t.steps]}
+
+
+def describe(record: dict) -> str:
+    """The decision as one line: 'cpu plan: 1 worker, 2 threads (tried 1w1t 0.31 steps/s, 1w2t 0.55 ...)'."""
+    chosen = record["chosen"]
+    tried = ", ".join(f"{t['workers']}w{t['threads']}t {t['steps_per_second']:.3g} steps/s "
+                      f"(data wait {t['data_wait_fraction']:.0%})" for t in record["trials"])
+    return (f"cpu plan: {chosen['workers']} worker{'s' if chosen['workers'] != 1 else ''}, "
+            f"{chosen['threads']} thread{'s' if chosen['threads'] != 1 else ''}; tried {tried}")
