@@ -1,19 +1,25 @@
-"""Training throughput and quality of `clipengine train` against open_clip's own trainer, side by side.
+"""Training throughput and quality of `clipengine train` against open_clip's own trainer, side by side,
+in three regimes, each at equal steps, batch and hyperparameters:
 
-Both train the shipped `tiny` config from the same random start on the same data (built-in scenes, one
-caption per image, absolute paths, so open_clip's CsvDataset reads the very same rows), with the same
-batch, learning rate, warmup, weight decay, gradient clipping, epochs, precision (fp32), data workers and
-torch threads. Runs are interleaved (ours, theirs, ours, theirs, ...) because the machine is shared.
+  scenes   the built-in captioned scenes (4,000 / 500 held out), the shipped `tiny` model: decoding matters
+  emoji    the emoji development set (real drawings, human names and keywords; benchmarks/make_emoji_set.py),
+           the shipped `small` model (4 layers, width 256, 64 px, patch 8): the model's compute matters
+  photos   multi-megapixel JPEGs (9 MP scenes with grain), `tiny`: decoding is nearly everything
+
+Each trainer runs as a user would run it: ours with its automatic CPU plan, open_clip_train with
+`--workers 2` and its default torch threads. Runs alternate (ours, theirs, ours, ...) over the seeds.
 
   samples/s   each trainer's own per-step clock (data wait included), steps after the first 5
-  wall        the whole process, imports and start-up included
-  recall      both final models evaluated by the same code (clipengine.train.evaluate) on the same
-              held-out scenes (every caption of every image), after the same number of steps
+  wall        the whole process, imports, start-up and the end-of-epoch validation of neither (both skip it)
+  recall      each final model scored by the same code (clipengine.train.evaluate) on the same held-out
+              set, with the transparency policy it was trained with (ours: white; open_clip: dropped alpha)
 
-Target (issue 3): ours >= 1.3x open_clip's samples/s, with equal or better recall.
+Targets (issue 12): ours >= 1.3x open_clip's samples/s in every regime, and mean held-out recall (3 seeds)
+equal or better in `scenes` and `emoji`.
 
-    python benchmarks/bench_train.py            # ~4 minutes here
-    python benchmarks/bench_train.py --quick    # to check the script
+    python benchmarks/bench_train.py                       # every regime, seeds 0 1 2 (about an hour here)
+    python benchmarks/bench_train.py --regimes emoji --seeds 0 --ours-args "--grad-clip 0"   # one experiment
+    python benchmarks/bench_train.py --quick               # to check the script
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
@@ -39,26 +47,85 @@ DATA = ROOT / "data" / "bench-train"
 SKIP_STEPS = 5
 OPEN_CLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
                   "from open_clip_train.main import main; main(sys.argv[1:])")
+RECALL_KEYS = [f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
 
 
-def make_data(n_train: int, n_val: int) -> tuple[Path, Path]:
-    from clipengine.scenes import write_scene_set
+@dataclass
+class Regime:
+    name: str
+    model: str
+    batch: int
+    epochs: int
+    lr: float
+    wd: float
+    warmup: int
+    grad_clip: float  # the same for both trainers; 0: none (open_clip's default)
+    recall: bool  # whether held-out recall is a target here
 
-    train_dir, val_dir = DATA / f"train-{n_train}", DATA / f"val-{n_val}"
-    for folder, n, seed in ((train_dir, n_train, 0), (val_dir, n_val, 1)):
-        if not (folder / "captions.csv").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            write_scene_set(folder, n, seed=seed)
-    one_caption = DATA / f"train-{n_train}-one-caption.csv"
-    with open(train_dir / "captions.csv", newline="") as f:
-        first: dict[str, str] = {}
+
+REGIMES = {
+    "scenes": Regime("scenes", "tiny", 64, 4, 5e-4, 0.2, 10, 1.0, True),
+    "emoji": Regime("emoji", "small", 128, 4, 1e-3, 0.1, 50, 0.0, True),
+    "photos": Regime("photos", "tiny", 32, 3, 5e-4, 0.2, 10, 1.0, False),
+}
+
+
+def _one_caption_csv(captions: Path, out: Path) -> Path:
+    """A CSV with absolute paths and one caption per image, so that open_clip's CsvDataset (a row per
+    sample) and ours (an image per sample) train on the very same pairs."""
+    first: dict[str, str] = {}
+    with open(captions, newline="") as f:
         for row in csv.DictReader(f):
-            first.setdefault(row["filepath"], row["caption"])
-    with open(one_caption, "w", newline="") as f:
+            first.setdefault(str((captions.parent / row["filepath"]).resolve()), row["caption"])
+    with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["filepath", "caption"])
-        writer.writerows([str(train_dir / p), c] for p, c in first.items())
-    return one_caption, val_dir / "captions.csv"
+        writer.writerows(first.items())
+    return out
+
+
+def scene_data(n_train: int, n_val: int, size: int = 128, grain: int = 0) -> tuple[Path, Path]:
+    """Built-in scenes; with a large `size` and `grain`, camera-sized JPEGs of the same scenes."""
+    from clipengine.scenes import write_scene_set
+
+    tag = f"{size}px" + (f"-grain{grain}" if grain else "")
+    paths = []
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        folder = DATA / f"scenes-{tag}-{split}-{n}"
+        if not (folder / "captions.csv").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            write_scene_set(folder, n, seed=seed, size=size)
+            if grain:
+                _add_grain(folder / "images", grain)
+        paths.append(_one_caption_csv(folder / "captions.csv", folder.parent / f"{folder.name}.csv"))
+    return paths[0], paths[1]
+
+
+def _add_grain(folder: Path, grain: int) -> None:
+    """Per-pixel noise, as in a camera's photo: JPEGs of realistic size and decoding cost."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for path in sorted(folder.iterdir()):
+        pixels = np.asarray(Image.open(path), dtype=np.int16)
+        pixels = pixels + rng.integers(-grain, grain + 1, pixels.shape[:2] + (1,), dtype=np.int16)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+
+
+def emoji_data() -> tuple[Path, Path]:
+    folder = ROOT / "data" / "emoji"
+    if not (folder / "train.csv").is_file():
+        raise SystemExit("error: the emoji set is not built: run `make emoji-set`")
+    return folder / "train.csv", folder / "val.csv"
+
+
+def data_for(regime: str, quick: bool) -> tuple[Path, Path]:
+    if regime == "scenes":
+        return scene_data(640, 100) if quick else scene_data(4000, 500)
+    if regime == "photos":
+        return scene_data(64, 32, size=3000, grain=12) if quick else scene_data(320, 100, size=3000, grain=12)
+    return emoji_data()
 
 
 def rate_after_warmup(steps: list[tuple[int, float]], batch: int) -> float:
@@ -67,33 +134,39 @@ def rate_after_warmup(steps: list[tuple[int, float]], batch: int) -> float:
     return batch * len(kept) / sum(kept)
 
 
-def run_ours(args, train_csv: Path, out: Path, env: dict) -> dict:
+def run_ours(r: Regime, seed: int, train_csv: Path, out: Path, extra: list[str], env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "clipengine", "train", "--data", str(train_csv), "--out", str(out),
-           "--model", "tiny", "--epochs", str(args.epochs), "--batch-size", str(args.batch), "--lr", "5e-4",
-           "--warmup-steps", "10", "--grad-clip", "1.0", "--precision", "fp32", "--workers", str(args.workers),
-           "--threads", str(args.threads), "--val-size", "0", "--seed", "0", "--log-every", "1", "--json"]
+           "--model", r.model, "--pretrained", "none", "--epochs", str(r.epochs), "--batch-size", str(r.batch),
+           "--lr", str(r.lr), "--weight-decay", str(r.wd), "--warmup-steps", str(r.warmup),
+           "--grad-clip", str(r.grad_clip), "--precision", "fp32", "--val-size", "0", "--seed", str(seed),
+           "--decode-cache", str(out.parent / f"decoded-{out.name}.sqlite"), "--log-every", "1", "--json", *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in records if r["kind"] == "step"]
+    steps = [x for x in records if x["kind"] == "step"]
+    plan = next((x for x in records if x["kind"] == "plan"), None)
     per_step = [(b["step"], b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:])]
-    return {"samples_per_second": rate_after_warmup(per_step, args.batch), "wall_s": wall,
-            "steps": steps[-1]["step"], "checkpoint": str(out)}
+    return {"samples_per_second": rate_after_warmup(per_step, r.batch), "wall_s": wall, "steps": steps[-1]["step"],
+            "checkpoint": str(out), "plan": plan and plan["chosen"], "transparency": _flag(extra, "--transparency", "white")}
 
 
-def run_open_clip(args, train_csv: Path, out: Path, env: dict) -> dict:
+def _flag(args: list[str], name: str, default: str) -> str:
+    return args[args.index(name) + 1] if name in args else default
+
+
+def run_open_clip(r: Regime, seed: int, train_csv: Path, out: Path, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, str(ROOT / "clipengine" / "model_configs"),
            "--train-data", str(train_csv), "--dataset-type", "csv", "--csv-separator", ",",
-           "--csv-img-key", "filepath", "--csv-caption-key", "caption", "--model", "tiny",
-           "--batch-size", str(args.batch), "--epochs", str(args.epochs), "--lr", "5e-4", "--wd", "0.2",
-           "--warmup", "10", "--grad-clip-norm", "1.0", "--precision", "fp32", "--device", "cpu",
-           "--workers", str(args.workers), "--logs", str(out.parent), "--name", out.name,
-           "--save-frequency", str(args.epochs), "--report-to", "", "--seed", "0", "--log-every-n-steps", "1"]
+           "--csv-img-key", "filepath", "--csv-caption-key", "caption", "--model", r.model,
+           "--batch-size", str(r.batch), "--epochs", str(r.epochs), "--lr", str(r.lr), "--wd", str(r.wd),
+           "--warmup", str(r.warmup), "--precision", "fp32", "--device", "cpu", "--workers", "2",
+           "--logs", str(out.parent), "--name", out.name, "--save-frequency", str(r.epochs), "--report-to", "",
+           "--seed", str(seed), "--log-every-n-steps", "1"] + (["--grad-clip-norm", str(r.grad_clip)] if r.grad_clip else [])
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**env, "OMP_NUM_THREADS": str(args.threads)},
+    subprocess.run(cmd, check=True, env={k: v for k, v in env.items() if k != "OMP_NUM_THREADS"},
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     pattern = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/\d+ .*?, ([0-9.]+)/s, ")
@@ -102,72 +175,85 @@ def run_open_clip(args, train_csv: Path, out: Path, env: dict) -> dict:
         m = pattern.search(line)
         if m:
             step += 1
-            per_step.append((step, args.batch / float(m.group(3))))
-    return {"samples_per_second": rate_after_warmup(per_step, args.batch), "wall_s": wall, "steps": step,
-            "checkpoint": str(out / "checkpoints" / f"epoch_{args.epochs}.pt")}
+            per_step.append((step, r.batch / float(m.group(3))))
+    return {"samples_per_second": rate_after_warmup(per_step, r.batch), "wall_s": wall, "steps": step,
+            "checkpoint": str(out / "checkpoints" / f"epoch_{r.epochs}.pt"), "plan": {"workers": 2, "threads": "default"},
+            "transparency": "drop"}
 
 
-def recall_of(checkpoint: str, val_csv: Path) -> dict[str, float]:
+def recall_of(model: str, checkpoint: str, val_csv: Path, transparency: str) -> dict[str, float]:
     import torch
 
     from clipengine.models import ModelSpec, load_model
-    from clipengine.train import evaluate
     from clipengine.pairs import read_pairs
+    from clipengine.train import evaluate
 
+    torch.set_num_threads(os.cpu_count() or 1)
     if checkpoint.endswith(".pt"):  # open_clip's: a state dict inside a training-state dict
-        loaded = load_model(ModelSpec(arch="tiny"), device="cpu")
+        loaded = load_model(ModelSpec(arch=model, pretrained="none"), device="cpu")
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
         loaded.model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     else:
         loaded = load_model(ModelSpec(checkpoint=checkpoint), device="cpu")
-    return evaluate(loaded, read_pairs(val_csv))
+    return evaluate(loaded, read_pairs(val_csv), transparency=transparency)
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {"samples_per_second": statistics.mean(x["samples_per_second"] for x in runs),
+           "wall_s": statistics.mean(x["wall_s"] for x in runs), "steps": runs[-1]["steps"]}
+    if all("recall" in x for x in runs):
+        out["recall"] = {k: statistics.mean(x["recall"][k] for x in runs) for k in RECALL_KEYS}
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/train-DATE.json)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--regimes", default="scenes,emoji,photos")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ours-args", default="", help="extra arguments for `clipengine train` (experiments)")
+    parser.add_argument("--only", choices=["ours", "open_clip"], help="run one trainer (experiments)")
     args = parser.parse_args()
-    n_train, n_val, args.epochs = (640, 100, 1) if args.quick else (4000, 500, 4)
+    regimes = [REGIMES[name] for name in args.regimes.split(",")]
     if args.quick:
-        args.rounds = 1
-    train_csv, val_csv = make_data(n_train, n_val)
+        args.seeds = args.seeds[:1]
+        regimes = [Regime(**{**r.__dict__, "epochs": 1, "warmup": 2}) for r in regimes]
+    extra = shlex.split(args.ours_args)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    runs: dict[str, list[dict]] = {"ours": [], "open_clip": []}
-    for r in range(args.rounds):
-        for name, fn in (("ours", run_ours), ("open_clip", run_open_clip)):
-            result = fn(args, train_csv, DATA / "runs" / f"{name}-{r}", env)
-            runs[name].append(result)
-            print(f"round {r + 1} {name:>9}: {result['samples_per_second']:7.1f} samples/s, "
-                  f"{result['steps']} steps, wall {result['wall_s']:.1f} s", flush=True)
-    summary = {}
-    for name, results in runs.items():
-        summary[name] = {
-            "samples_per_second": statistics.median(x["samples_per_second"] for x in results),
-            "wall_s": statistics.median(x["wall_s"] for x in results),
-            "steps": results[-1]["steps"],
-            "recall": recall_of(results[-1]["checkpoint"], val_csv),
-        }
-    ratio = summary["ours"]["samples_per_second"] / summary["open_clip"]["samples_per_second"]
-    print()
-    for name, s in summary.items():
-        rec = s["recall"]
-        print(f"{name:>9}: {s['samples_per_second']:7.1f} samples/s  wall {s['wall_s']:5.1f} s  "
-              f"T->I R@1 {rec['text_to_image_R@1']:.3f} R@10 {rec['text_to_image_R@10']:.3f}  "
-              f"I->T R@1 {rec['image_to_text_R@1']:.3f} R@10 {rec['image_to_text_R@10']:.3f}")
-    print(f"ours / open_clip samples/s: {ratio:.2f}x   (target >= 1.3x)")
-    record = {
-        "date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "config": {"model": "tiny", "batch": args.batch, "epochs": args.epochs,
-                                            "train_images": n_train, "val_images": n_val, "workers": args.workers,
-                                            "threads": args.threads, "rounds": args.rounds, "precision": "fp32"},
-        "runs": runs, "summary": summary, "ratio_samples_per_second": ratio,
-    }
-    save_result("train", record, args.out, args.quick)
+    trainers = [t for t in ("ours", "open_clip") if args.only in (None, t)]
+    record: dict = {"date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "ours_args": extra, "regimes": {}}
+    for r in regimes:
+        train_csv, val_csv = data_for(r.name, args.quick)
+        runs: dict[str, list[dict]] = {t: [] for t in trainers}
+        for seed in args.seeds:
+            for name in trainers:
+                out = DATA / "runs" / f"{r.name}-{name}-{seed}"
+                result = (run_ours(r, seed, train_csv, out, extra, env) if name == "ours"
+                          else run_open_clip(r, seed, train_csv, out, env))
+                if r.recall:
+                    result["recall"] = recall_of(r.model, result["checkpoint"], val_csv, result["transparency"])
+                runs[name].append(result)
+                rec = result.get("recall", {})
+                print(f"{r.name:>6} seed {seed} {name:>9}: {result['samples_per_second']:6.1f} samples/s  "
+                      f"{result['steps']} steps  wall {result['wall_s']:6.1f} s  plan {result['plan']}  "
+                      + "  ".join(f"{k.replace('text_to_image', 'T->I').replace('image_to_text', 'I->T')} {v:.3f}"
+                                  for k, v in rec.items()), flush=True)
+        summary = {name: summarise(results) for name, results in runs.items()}
+        entry = {"config": r.__dict__, "train_images": sum(1 for _ in open(train_csv)) - 1, "seeds": args.seeds,
+                 "runs": runs, "summary": summary}
+        if len(summary) == 2:
+            entry["ratio_samples_per_second"] = summary["ours"]["samples_per_second"] / summary["open_clip"]["samples_per_second"]
+            if r.recall:
+                entry["recall_difference"] = {k: summary["ours"]["recall"][k] - summary["open_clip"]["recall"][k]
+                                              for k in RECALL_KEYS}
+            print(f"{r.name:>6}: ours / open_clip samples/s {entry['ratio_samples_per_second']:.2f}x (target >= 1.3x)"
+                  + ("  recall ours - open_clip (mean of seeds): " + "  ".join(
+                      f"{k.replace('text_to_image', 'T->I').replace('image_to_text', 'I->T')} {v:+.3f}"
+                      for k, v in entry["recall_difference"].items()) if r.recall else ""), flush=True)
+        record["regimes"][r.name] = entry
+    save_result("train", record, args.out, args.quick or bool(extra) or bool(args.only))
 
 
 if __name__ == "__main__":

@@ -466,7 +466,10 @@ def train(
     device: DeviceArg = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Data order and augmentation seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
+    transparency: Annotated[Optional[str], typer.Option(help="Transparent pixels: white (composited, default) or drop (PIL's convert('RGB'), as open_clip).")] = None,
+    decode_cache: Annotated[Optional[str], typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
+    decode_cache_size: Annotated[Optional[str], typer.Option(help="Largest size of the decode cache (default 4G).")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="A separate validation set instead of holding out.")] = None,
     image_root: Annotated[Optional[str], typer.Option(help="Folder that COCO file names are relative to.")] = None,
@@ -488,7 +491,8 @@ def train(
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
              "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
              "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
-             "grad_clip": grad_clip}
+             "grad_clip": grad_clip, "transparency": transparency, "decode_cache": decode_cache,
+             "decode_cache_size": decode_cache_size}
     if resume:
         config = resume_config(out_dir, **given)
     else:

@@ -36,13 +36,13 @@ from typing import Iterator
 import numpy as np
 
 from clipengine import query_encoders as qe
+from clipengine.cache import cache_dir
 from clipengine.errors import BadInput, first_line
 from clipengine.store import ENCODERS_PREFIX, IndexStore, StageProgress
 from clipengine.tokenizer import save_tokenizer
 
 MAX_ABS_DIFF = 1e-4
 EXPORT_FORMAT = 2  # 2: the cache holds the exporter's raw graphs; indexes get optimised ones
-CACHE_DIR_ENV = "CLIPENGINE_CACHE_DIR"
 INT8_MAX_RECALL_DROP = 0.005  # int8 is used by default only if recall@10 against fp32 drops by at most 0.5 points
 
 _SUBJECTS = ["dog", "cat", "red car", "sunset over the sea", "bowl of ramen", "mountain lake", "child with a kite",
@@ -300,12 +300,6 @@ def _image_speed(model, directory: Path, record: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Export cache
 # --------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipengine"
 
 
 def _cache_key(source: dict, tower: str) -> str:

@@ -30,6 +30,13 @@ TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an imag
 ImageRef = Union[str, TarMember]  # where an image's bytes are: a file path or a tar member
 _PIL_GUARD = threading.Lock()
 
+# What transparent pixels become. One policy for training, indexing, search and bench, chosen per model
+# (a checkpoint records the one it was trained with; anything else uses WHITE):
+WHITE = "white"  # composited on white, as a viewer shows the image on a page
+DROP = "drop"  # the alpha channel dropped, keeping whatever colour lies under it: PIL's convert("RGB"),
+#                which open_clip's transform and CLIP_benchmark apply (so it reproduces their numbers)
+TRANSPARENCY = (WHITE, DROP)
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -82,21 +89,23 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent areas become white, as image viewers show them on a page."""
-    if img.mode == "RGB":
+def to_rgb(img: Image.Image, transparency: str = WHITE) -> Image.Image:
+    """Any PIL mode -> RGB, transparent areas as `transparency` says (see TRANSPARENCY)."""
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _high_bit_depth_to_l(img)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode in ("P", "L", "RGB") and "transparency" in img.info
     )
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return img.convert("RGB")
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")  # (P -> RGB directly would warn about byte transparency on every such file)
+    if transparency == DROP:
+        return rgba.convert("RGB")
+    canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
 
 
 def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes | Skipped:
@@ -152,12 +161,14 @@ def open_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = 224,
+    transparency: str = WHITE,
 ) -> Decoded | Skipped:
     """Decode an image file (or its bytes) to RGB, or return why it was skipped.
 
     `draft_size`: decode JPEGs at the smallest libjpeg scale (1/2, 1/4, 1/8) that keeps both sides at
     least this many pixels; None decodes at full size, for exact reproduction.
     `max_pixels`: skip images that would need more pixels than this decoded (checked from the header).
+    `transparency`: WHITE or DROP (see TRANSPARENCY).
     """
     data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_file(source)
     if isinstance(data, Skipped):
@@ -177,7 +188,7 @@ def open_image(
             width, height = _oriented_size(img, full_size)
             img.load()  # decodes the first frame of animated images
             img = ImageOps.exif_transpose(img) or img
-            rgb = to_rgb(img)
+            rgb = to_rgb(img, transparency)
         except UnidentifiedImageError:
             return Skipped("not a recognised image format")
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as e:

@@ -104,7 +104,8 @@ def test_the_cpu_plan_is_measured_and_never_changes_the_numbers(scenes, tmp_path
           progress=events.append)
     train(TrainConfig(data=str(scenes), out=str(fixed), epochs=6, log_every=1, **FAST))
     plan, = _log(planned, "plan")
-    assert [(t["workers"], t["threads"]) for t in plan["trials"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    tried = [(t["workers"], t["threads"]) for t in plan["trials"]]
+    assert tried[0] == (1, 1) and len(tried) >= 2 and set(tried) <= {(1, 1), (1, 2), (2, 1), (2, 2)}
     fastest = max(plan["trials"], key=lambda t: t["steps_per_second"])
     assert plan["chosen"] == {"workers": fastest["workers"], "threads": fastest["threads"]}
     assert [e for e in events if e["kind"] == "plan"] == [plan]

@@ -3,12 +3,14 @@
 No fixed rule fits every run: with the `tiny` model on 64-px scenes decoding is most of the work and
 one worker plus one torch thread was fastest on 2 cores; with the 4-layer width-256 `small` model the
 single torch thread was the bottleneck and one worker plus two threads ran 1.75x faster. So the first
-steps of a run try each candidate plan for a few steps (real training steps: which process decodes a
-sample or how many threads multiply a matrix never changes the numbers, so trying costs only the time a
-slower plan takes) and the run keeps the fastest. The trials and the decision go to the run's log.
+steps of a run try candidate plans for a few steps each (real training steps: which process decodes a
+sample or how many threads multiply a matrix never changes the numbers beyond rounding, so trying costs
+only the time a slower plan takes) and the run keeps the fastest. The trials and the decision go to the
+run's log.
 
 Candidates on c cores: workers in {c/4, c/2, c} and, for each, torch threads filling the cores the
-workers leave, or all c (a worker that mostly waits leaves its core to torch).
+workers leave, or all c (a worker that mostly waits leaves its core to torch). The first trial's wait
+for data prunes the rest: on 2 cores a model-bound run tries 2 plans, a data-bound one 3.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 MIN_TRIAL_STEPS = 3  # measured steps per candidate, after one step to start its workers
 MIN_TRIAL_SECONDS = 1.0  # and at least this long, so that a fast model is not timed on noise
-MIN_RUN_STEPS = 24  # shorter runs keep the first candidate: trying all would take most of the run
+MIN_RUN_STEPS = 24  # shorter runs keep the first candidate: trying would take much of the run
+WAITING = 0.1  # a plan whose steps spend this share or more waiting for a batch is bound by the data
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,13 @@ def candidates(cores: int) -> list[Plan]:
 
 @dataclass
 class CpuPlanner:
-    """Feeds each step's time to `observe`; it answers with the plan the next steps should use."""
+    """Feeds each step's time to `observe`; it answers with the plan the next steps should use.
 
-    plans: list[Plan]
+    After each trial the time spent waiting for data says where to look next: a run that hardly waits
+    is bound by the model and tries more torch threads only; one that waits tries more workers only.
+    """
+
+    plans: list[Plan]  # still to try, in order
     trials: list[Trial] = field(default_factory=list)
     chosen: Plan | None = None
     _warm: bool = False
@@ -60,16 +67,14 @@ class CpuPlanner:
     @classmethod
     def for_run(cls, cores: int, steps_left: int) -> "CpuPlanner":
         plans = candidates(cores)
-        planner = cls(plans[:1] if steps_left < MIN_RUN_STEPS else plans)
-        planner.trials.append(Trial(planner.plans[0]))
-        if len(planner.plans) == 1:
-            planner.chosen = planner.plans[0]
-        return planner
+        if steps_left < MIN_RUN_STEPS:
+            return cls.fixed(plans[0])
+        return cls(plans[1:], [Trial(plans[0])])
 
     @classmethod
     def fixed(cls, plan: Plan) -> "CpuPlanner":
         """No trials: the plan the user set (or the GPU's, or a distributed run's, whose ranks must agree)."""
-        return cls([plan], [Trial(plan)], chosen=plan)
+        return cls([], [Trial(plan)], chosen=plan)
 
     @property
     def current(self) -> Plan:
@@ -92,8 +97,13 @@ class CpuPlanner:
         trial.data_wait += data_wait
         if trial.steps < MIN_TRIAL_STEPS or trial.seconds < MIN_TRIAL_SECONDS:
             return None
-        if len(self.trials) < len(self.plans):
-            self.trials.append(Trial(self.plans[len(self.trials)]))
+        tried = trial.plan
+        if trial.data_wait < WAITING * trial.seconds:  # bound by the model: more threads might help
+            self.plans = [p for p in self.plans if p.workers == tried.workers and p.threads > tried.threads]
+        else:  # bound by the data: more workers might
+            self.plans = [p for p in self.plans if p.workers > tried.workers]
+        if self.plans:
+            self.trials.append(Trial(self.plans.pop(0)))
             self._warm = False
             return self.trials[-1].plan
         self.chosen = max(self.trials, key=lambda t: t.steps_per_second).plan

@@ -18,8 +18,10 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from clipengine.errors import BadInput
-from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, ImageRef, Skipped, describe_ref, open_image, read_image_bytes
+from clipengine.images import (DEFAULT_MAX_PIXELS, WHITE, Decoded, ImageRef, Skipped, describe_ref, open_image,
+                               read_image_bytes)
 from clipengine.pairs import PairSet
+from clipengine.train.decoded import DecodedCache, TrainingShrink
 
 
 
@@ -65,21 +67,27 @@ class PairDataset(Dataset):
 
     `pixel_transform` is the PIL half of open_clip's transform, ending in a uint8 tensor: normalising
     happens batched on the device, and a quarter of the bytes cross from the worker (see
-    `clipengine.embed.split_transform`). A sample whose image cannot be decoded is replaced by the next
-    decodable one, deterministically, so batches keep their size on every rank; the bad image is
-    reported with the batch.
+    `clipengine.embed.split_transform`). With `shrink`, a decoded image is first reduced to what the
+    random crop needs, and kept in `cache` for later epochs and runs (`clipengine.train.decoded`).
+    A sample whose image cannot be decoded is replaced by the next decodable one, deterministically, so
+    batches keep their size on every rank; the bad image is reported with the batch.
     """
 
     TOKEN_CACHE = 500_000  # captions whose tokens a worker keeps: each epoch after the first re-uses them
 
     def __init__(self, pairs: PairSet, pixel_transform: Callable, tokenizer: Callable, *,
-                 image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, all_captions: bool = False) -> None:
+                 image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, all_captions: bool = False,
+                 transparency: str = WHITE, shrink: TrainingShrink | None = None,
+                 cache: DecodedCache | None = None) -> None:
         self.pairs = pairs
         self.pixel_transform = pixel_transform
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_pixels = max_pixels
         self.all_captions = all_captions
+        self.transparency = transparency
+        self.shrink = shrink
+        self.cache = cache if shrink is not None else None  # the cache holds shrunk images only
         self._tokens: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -89,7 +97,16 @@ class PairDataset(Dataset):
         data = read_image_bytes(ref)
         if isinstance(data, Skipped):
             return data
-        return open_image(data, max_pixels=self.max_pixels, draft_size=self.image_size)
+        key = self.cache.key(data) if self.cache else None
+        if key is not None and (image := self.cache.get(key)) is not None:
+            return Decoded(image, image.width, image.height)
+        decoded = open_image(data, max_pixels=self.max_pixels, transparency=self.transparency,
+                             draft_size=self.shrink.side if self.shrink else self.image_size)
+        if isinstance(decoded, Decoded) and self.shrink:
+            decoded = Decoded(self.shrink(decoded.image), decoded.width, decoded.height)
+            if key is not None:
+                self.cache.put(key, decoded.image)
+        return decoded
 
     def _tokenize(self, caption: str) -> torch.Tensor:
         tokens = self._tokens.get(caption)

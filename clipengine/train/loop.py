@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,13 @@ import torch
 from clipengine.causal_text import TrainingForward
 from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
-from clipengine.images import DEFAULT_MAX_PIXELS
+from clipengine.images import DEFAULT_MAX_PIXELS, TRANSPARENCY, WHITE
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.bench.metrics import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
 from clipengine.train.cpu_plan import CpuPlanner, Plan
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
+from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom, parse_bytes
 from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,
                                    split_validation)
 from clipengine.train.distributed import World, barrier, mean_over_world, setup_world, teardown_world
@@ -42,7 +44,7 @@ from clipengine.train.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIA
 LOG_FILE = "log.jsonl"
 # settings a resumed run must share with the run it continues (others, like --epochs, may change)
 RUN_IDENTITY = ("data", "model", "pretrained", "checkpoint", "batch_size", "seed", "loss", "val_size",
-                "val_data", "lock_image", "lock_text")
+                "val_data", "lock_image", "lock_text", "transparency")
 
 
 class TrainingDiverged(ClipEngineError):
@@ -84,6 +86,9 @@ class TrainConfig:
     log_every: int = 10
     max_steps: Optional[int] = None  # stop after this many steps in all (the schedule still spans all epochs)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    transparency: str = WHITE  # what transparent pixels become (clipengine.images.TRANSPARENCY)
+    decode_cache: str = "auto"  # decoded images kept across epochs and runs: auto (the cache directory), off, or a file
+    decode_cache_size: str = "4G"
     resume: bool = False
 
     def to_dict(self) -> dict:
@@ -105,6 +110,7 @@ class TrainReport:
     chance: dict[str, float] = field(default_factory=dict)
     dropped_rows: int = 0
     bad_images: list[dict] = field(default_factory=list)
+    decode_cache: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,13 +254,13 @@ def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels
 
 @torch.inference_mode()
 def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, workers: int = 0,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, float]:
+             max_pixels: int = DEFAULT_MAX_PIXELS, transparency: str = WHITE) -> dict[str, float]:
     """Recall@1/5/10 in both directions on held-out pairs, with every caption of every image."""
     model, was_training = loaded.model, loaded.model.training
     model.eval()
     pixel_transform, normalizer = _split(loaded.image_transform(), loaded.device)
     dataset = PairDataset(pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
-                          max_pixels=max_pixels, all_captions=True)
+                          max_pixels=max_pixels, all_captions=True, transparency=transparency)
     images, texts, owners = [], [], []
     for pixels, tokens, owner, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
         owners.extend(o + sum(map(len, images)) for o in owner)  # batch rows -> rows of the whole set
@@ -280,7 +286,8 @@ def _check_out_dir(config: TrainConfig, out: Path) -> Path | None:
     if not steps:
         raise BadInput(f"nothing to resume in {out}: it holds no checkpoint (drop --resume to start)")
     saved = ckpt.read_run_config(steps[-1])
-    changed = [k for k in RUN_IDENTITY if saved.get(k) != getattr(config, k)]
+    saved = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in RUN_IDENTITY}  # runs from before a setting existed
+    changed = [k for k in RUN_IDENTITY if saved[k] != getattr(config, k)]
     if changed:
         what = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise BadInput(f"--resume must continue the same run, but these settings differ ({what})")
@@ -300,6 +307,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     """
     if config.loss not in LOSSES:
         raise BadInput(f"unknown loss '{config.loss}' (one of {', '.join(LOSSES)})")
+    if config.transparency not in TRANSPARENCY:
+        raise BadInput(f"unknown transparency '{config.transparency}' (one of {', '.join(TRANSPARENCY)})")
     if config.accum_steps < 1 or config.batch_size < 1 or config.epochs < 1:
         raise BadInput("--batch-size, --accum-steps and --epochs must be at least 1")
     out = Path(config.out).expanduser()
@@ -366,9 +375,12 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     planner = _cpu_planner(config, device, world, last_step - step)
     plan = planner.current
     torch.set_num_threads(plan.threads)
-    pixel_transform, normalizer = _split(loaded.image_transform(train=True), device)
+    transform = loaded.image_transform(train=True)
+    shrink = TrainingShrink(loaded.image_size, crop_headroom(transform))
+    cache = _decode_cache(config, shrink)
+    pixel_transform, normalizer = _split(transform, device)
     dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
-                          max_pixels=config.max_pixels)
+                          max_pixels=config.max_pixels, transparency=config.transparency, shrink=shrink, cache=cache)
     loader = _loader(dataset, sampler, plan.workers, device)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +395,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     def validate(epoch: int) -> dict[str, float]:
         result: dict[str, float] = {}
         if world.is_main and len(val_pairs):
-            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)
+            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels,
+                              transparency=config.transparency)
             record = {"kind": "val", "step": step, "epoch": epoch, "recall": result}
             _log(out, record)
             if progress:
@@ -474,7 +487,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             save(epoch)
         epoch += 1
     if step >= last_step and not val and resume_from is not None and world.is_main and len(val_pairs):
-        val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)  # resumed a finished run
+        val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels,
+                              transparency=config.transparency)  # resumed a finished run
 
     return TrainReport(
         out=str(out), step=step, epoch=min(epoch, config.epochs), samples=samples, seconds=train_seconds,
@@ -482,6 +496,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         logit_scale=float(model.logit_scale.detach().exp()), val=val, val_images=len(val_pairs),
         chance={f"text_to_image_R@{k}": chance_recall(len(val_pairs), k) for k in (1, 5, 10)} if len(val_pairs) else {},
         dropped_rows=len(pairs.dropped), bad_images=[{"path": r, "reason": why} for r, why in bad.items()],
+        decode_cache=cache.stats() if cache and world.is_main else {},
     )
 
 
@@ -502,6 +517,18 @@ def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_
         workers = config.workers if config.workers is not None else max(1, per_process // 4)
         return CpuPlanner.fixed(Plan(workers, threads or max(1, per_process - workers)))
     return CpuPlanner.for_run(per_process, steps_left)
+
+
+def _decode_cache(config: TrainConfig, shrink: TrainingShrink) -> DecodedCache | None:
+    if config.decode_cache == "off":
+        return None
+    path = DecodedCache.default_path() if config.decode_cache == "auto" else Path(config.decode_cache).expanduser()
+    try:
+        return DecodedCache(path, f"side{shrink.side}:{config.transparency}", parse_bytes(config.decode_cache_size))
+    except ValueError as e:
+        raise BadInput(f"--decode-cache-size: {e}") from None
+    except (OSError, sqlite3.Error) as e:
+        raise BadInput(f"cannot use the decode cache {path} ({e}): name another file, or --decode-cache off") from None
 
 
 def _split(transform: Callable, device: torch.device) -> tuple[Callable, PixelNormalizer]:
