@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench emoji-set clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) emoji-set
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
+
+# the emoji development set: four vendors' drawings and their names from npm, built offline once installed
+emoji-set: $(STAMP)
+	mkdir -p data/npm
+	cp benchmarks/emoji/package.json data/npm/package.json
+	cd data/npm && npm install --no-audit --no-fund --silent
+	$(BIN)/python benchmarks/make_emoji_set.py
 
 clean:
 	rm -rf $(VENV) data runs

@@ -4,7 +4,7 @@ in three regimes, each at equal steps, batch and hyperparameters:
   scenes   the built-in captioned scenes (4,000 / 500 held out), the shipped `tiny` model: decoding matters
   emoji    the emoji development set (real drawings, human names and keywords; benchmarks/make_emoji_set.py),
            the shipped `small` model (4 layers, width 256, 64 px, patch 8): the model's compute matters
-  photos   multi-megapixel JPEGs (9 MP scenes with grain), `tiny`: decoding is nearly everything
+  photos   camera-sized JPEGs (the scenes at 3000x3000, 9 MP, with sensor grain), `tiny`: decoding is nearly everything
 
 Each trainer runs as a user would run it: ours with its automatic CPU plan, open_clip_train with
 `--workers 2` and its default torch threads. Runs alternate (ours, theirs, ours, ...) over the seeds.
@@ -84,32 +84,33 @@ def _one_caption_csv(captions: Path, out: Path) -> Path:
     return out
 
 
-def scene_data(n_train: int, n_val: int, size: int = 128, grain: int = 0) -> tuple[Path, Path]:
-    """Built-in scenes; with a large `size` and `grain`, camera-sized JPEGs of the same scenes."""
+def scene_data(n_train: int, n_val: int, camera_size: int = 0) -> tuple[Path, Path]:
+    """Built-in scenes (128 px); with `camera_size`, the same scenes as camera-sized JPEGs."""
     from clipengine.scenes import write_scene_set
 
-    tag = f"{size}px" + (f"-grain{grain}" if grain else "")
+    tag = f"{camera_size}px-camera" if camera_size else "128px"
     paths = []
     for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
         folder = DATA / f"scenes-{tag}-{split}-{n}"
         if not (folder / "captions.csv").is_file():
             shutil.rmtree(folder, ignore_errors=True)
-            write_scene_set(folder, n, seed=seed, size=size)
-            if grain:
-                _add_grain(folder / "images", grain)
+            write_scene_set(folder, n, seed=seed, size=256 if camera_size else 128)
+            if camera_size:
+                _as_camera_photos(folder / "images", camera_size)
         paths.append(_one_caption_csv(folder / "captions.csv", folder.parent / f"{folder.name}.csv"))
     return paths[0], paths[1]
 
 
-def _add_grain(folder: Path, grain: int) -> None:
-    """Per-pixel noise, as in a camera's photo: JPEGs of realistic size and decoding cost."""
+def _as_camera_photos(folder: Path, size: int, grain: int = 12) -> None:
+    """Enlarged, with per-pixel grain as from a camera's sensor: JPEGs of realistic size (a few MB) and
+    decoding cost."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for path in sorted(folder.iterdir()):
-        pixels = np.asarray(Image.open(path), dtype=np.int16)
-        pixels = pixels + rng.integers(-grain, grain + 1, pixels.shape[:2] + (1,), dtype=np.int16)
+        pixels = np.asarray(Image.open(path).resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
+        pixels += rng.integers(-grain, grain + 1, (size, size, 1), dtype=np.int16)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
 
 
@@ -124,7 +125,7 @@ def data_for(regime: str, quick: bool) -> tuple[Path, Path]:
     if regime == "scenes":
         return scene_data(640, 100) if quick else scene_data(4000, 500)
     if regime == "photos":
-        return scene_data(64, 32, size=3000, grain=12) if quick else scene_data(320, 100, size=3000, grain=12)
+        return scene_data(64, 32, camera_size=3000) if quick else scene_data(320, 100, camera_size=3000)
     return emoji_data()
 
 

@@ -7,7 +7,7 @@ Runs, each in its own process and side by side with its baseline:
   bench_embed_runtime.py  embedding images on the CPU: torch vs onnxruntime fp32 vs int8, and what each changes in recall
   bench_export.py  which architectures export to query encoders, in how long, how close to torch
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
-  bench_train.py   training throughput (ours vs open_clip's trainer) and recall on the built-in scenes
+  bench_train.py   training throughput and held-out recall, ours vs open_clip's trainer: scenes, emoji, photos
   bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
 The Markdown table is the one README.md shows.
 
@@ -43,6 +43,10 @@ def run(name: str, quick: bool, out: Path) -> dict:
 
 def _row(what: str, ours: str, baseline: str, ratio: str) -> str:
     return f"| {what} | {ours} | {baseline} | {ratio} |"
+
+
+def _recall_cells(recall: dict) -> str:
+    return " / ".join(f"{100 * recall[f'{d}_R@{k}']:.1f}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
 
 
 def markdown(results: dict) -> str:
@@ -103,15 +107,17 @@ def markdown(results: dict) -> str:
                               f"(recall@10 {store['tuning']['recall_at_10']:.3f})", "", ""))
             lines.append(_row("`clipengine search --vector` on it, fresh process", f"{store['cli_search_vector_s']:.2f} s", "", ""))
     if "train" in results:
-        t = results["train"]["summary"]
-        lines.append(_row(f"train {results['train']['config']['model']}, batch {results['train']['config']['batch']}",
-                          f"{t['ours']['samples_per_second']:.0f} samples/s",
-                          f"open_clip trainer {t['open_clip']['samples_per_second']:.0f} samples/s",
-                          f"{results['train']['ratio_samples_per_second']:.2f}x"))
-        for k in (1, 10):
-            key = f"text_to_image_R@{k}"
-            lines.append(_row(f"held-out scenes recall {key} after that training", f"{t['ours']['recall'][key]:.3f}",
-                              f"open_clip trainer {t['open_clip']['recall'][key]:.3f}", ""))
+        for name, regime in results["train"]["regimes"].items():
+            t, c = regime["summary"], regime["config"]
+            seeds = f"{len(regime['seeds'])} seed{'s' if len(regime['seeds']) > 1 else ''}"
+            lines.append(_row(f"train {name} ({c['model']}, batch {c['batch']}, {t['ours']['steps']} steps, {seeds})",
+                              f"{t['ours']['samples_per_second']:.1f} samples/s",
+                              f"open_clip trainer {t['open_clip']['samples_per_second']:.1f} samples/s",
+                              f"{regime['ratio_samples_per_second']:.2f}x"))
+            if "recall_difference" in regime:
+                lines.append(_row(f"held-out recall after that ({name}, mean of {seeds}), T->I R@1/5/10 | I->T R@1/5/10",
+                                  _recall_cells(t["ours"]["recall"]), f"open_clip trainer {_recall_cells(t['open_clip']['recall'])}",
+                                  ""))
     if "recall" in results:
         side, scale = results["recall"]["side_by_side"], results["recall"]["at_scale"]
         ours, theirs = side["ours"], side["clip_benchmark"]

@@ -457,6 +457,9 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 5e-4).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on weight matrices (default 0.2).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default 5% of all steps).")] = None,
+    beta1: Annotated[Optional[float], typer.Option(help="AdamW beta1 (default 0.9).")] = None,
+    beta2: Annotated[Optional[float], typer.Option(help="AdamW beta2 (default 0.98).")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="AdamW epsilon (default 1e-6).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this; 0 disables (default 1).")] = None,
     loss: Annotated[Optional[str], typer.Option(help="clip (InfoNCE) or siglip (sigmoid).")] = None,
     lock_image: Annotated[Optional[bool], typer.Option("--lock-image", help="Freeze the image tower (LiT).")] = None,
@@ -491,7 +494,7 @@ def train(
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
              "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
              "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
-             "grad_clip": grad_clip, "transparency": transparency, "decode_cache": decode_cache,
+             "grad_clip": grad_clip, "beta1": beta1, "beta2": beta2, "eps": eps, "transparency": transparency, "decode_cache": decode_cache,
              "decode_cache_size": decode_cache_size}
     if resume:
         config = resume_config(out_dir, **given)
@@ -543,6 +546,9 @@ BenchJsonArg = Annotated[Optional[str], typer.Option(
     "--json", help="Write the full result (metrics, counts, model, settings) to this file; - for stdout.")]
 BatchArg = Annotated[Optional[int], typer.Option(help="Images per model call (default: by device).")]
 WorkersArg = Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")]
+TransparencyArg = Annotated[str, typer.Option(
+    help="Transparent pixels: white (composited, as indexing and search do) or drop (PIL's convert('RGB'): "
+         "reproduces open_clip's and CLIP_benchmark's numbers). Recorded in the result.")]
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -645,19 +651,24 @@ def bench_retrieval(
         help="torch (default), or onnx: embed through the model's exported towers, as searches do.")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32 (default) or int8: through the exported int8 towers (implies --runtime onnx).")] = None,
+    transparency: TransparencyArg = "white",
     json_file: BenchJsonArg = None,
 ) -> None:
     """Recall@k for text→image and image→text retrieval, as the CLIP paper and CLIP_benchmark compute it."""
     from clipengine.bench.retrieval import index_retrieval_benchmark, retrieval_benchmark
+    from clipengine.errors import BadInput
 
     ks = _parse_ks(k)
     spec = _spec(model, pretrained, checkpoint, preprocess_from)
     if index_name:
+        if transparency != "white":
+            raise BadInput("--transparency is for images bench decodes; an index holds vectors of images composited on white")
         _run_bench(index_retrieval_benchmark, json_file, resolve_index_path(index_name, index_dir), data, spec=spec,
                    image_root=images, split=split, ks=ks, device=device)
     else:
         _run_bench(retrieval_benchmark, json_file, data, spec=spec, image_root=images, split=split, ks=ks,
-                   device=device, batch_size=batch_size, workers=workers, runtime=runtime, precision=precision)
+                   device=device, batch_size=batch_size, workers=workers, runtime=runtime, precision=precision,
+                   transparency=transparency)
 
 
 @bench_app.command("zeroshot")
@@ -673,6 +684,7 @@ def bench_zeroshot(
     device: DeviceArg = None,
     batch_size: BatchArg = None,
     workers: WorkersArg = None,
+    transparency: TransparencyArg = "white",
     json_file: BenchJsonArg = None,
 ) -> None:
     """Zero-shot classification: acc@1, acc@5 and mean per-class recall."""
@@ -680,7 +692,7 @@ def bench_zeroshot(
 
     _run_bench(zeroshot_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
                classnames_file=classnames, templates_file=templates, device=device, batch_size=batch_size,
-               workers=workers)
+               workers=workers, transparency=transparency)
 
 
 @bench_app.command("probe")
@@ -697,6 +709,7 @@ def bench_probe(
     device: DeviceArg = None,
     batch_size: BatchArg = None,
     workers: WorkersArg = None,
+    transparency: TransparencyArg = "white",
     json_file: BenchJsonArg = None,
 ) -> None:
     """Linear probe: logistic regression on frozen features, regularisation chosen on a validation split."""
@@ -704,7 +717,7 @@ def bench_probe(
 
     _run_bench(probe_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
                with_text=with_text, test_fraction=test_fraction, val_fraction=val_fraction, device=device,
-               batch_size=batch_size, workers=workers)
+               batch_size=batch_size, workers=workers, transparency=transparency)
 
 
 @bench_app.command("compare")

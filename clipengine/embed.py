@@ -26,7 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, ImageRef, Skipped, describe_ref, open_image, read_image_bytes
+from clipengine.images import (DEFAULT_MAX_PIXELS, WHITE, Decoded, ImageRef, Skipped, describe_ref, open_image,
+                               read_image_bytes)
 from clipengine.models import LoadedModel
 
 @dataclass(frozen=True)
@@ -66,12 +67,13 @@ class ImageFiles(Dataset):
     """Reads, hashes, decodes and resizes one file (or tar member) per item; never raises for a bad file."""
 
     def __init__(self, paths: Sequence[ImageRef], pixel_transform: Callable, *, known_hashes: Collection[str] = (),
-                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224, transparency: str = WHITE):
         self.paths = paths
         self.pixel_transform = pixel_transform
         self.known_hashes = known_hashes
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        self.transparency = transparency
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -84,7 +86,7 @@ class ImageFiles(Dataset):
         digest = content_hash(data)
         if digest in self.known_hashes:
             return ImageEmbedding(path, hash=digest), None
-        result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size, transparency=self.transparency)
         if not isinstance(result, Decoded):
             return ImageEmbedding(path, hash=digest, skip_reason=result.reason), None
         try:
@@ -150,17 +152,19 @@ def embed_images(
     known_hashes: Collection[str] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: bool = True,
+    transparency: str = WHITE,
 ) -> Iterator[list[ImageEmbedding]]:
     """Embed image files in batches, yielding each batch's outcomes in input order.
 
     Files whose content hash is in `known_hashes` are hashed but not decoded (their vector exists).
-    `draft=False` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing.
+    `draft=False` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing;
+    `transparency` DROP treats alpha as open_clip does (clipengine.images.TRANSPARENCY).
     """
     if not paths:
         return
     pixel_transform, normalize = split_transform(model.image_transform())
     dataset = ImageFiles(paths, pixel_transform, known_hashes=known_hashes, max_pixels=max_pixels,
-                         draft_size=model.image_size if draft else None)
+                         draft_size=model.image_size if draft else None, transparency=transparency)
     workers = default_workers(model.device) if workers is None else workers
     loader = DataLoader(
         dataset,

@@ -33,14 +33,15 @@ _PIL_GUARD = threading.Lock()
 # What transparent pixels become. One policy for training, indexing, search and bench, chosen per model
 # (a checkpoint records the one it was trained with; anything else uses WHITE):
 WHITE = "white"  # composited on white, as a viewer shows the image on a page
-DROP = "drop"  # the alpha channel dropped, keeping whatever colour lies under it: PIL's convert("RGB"),
-#                which open_clip's transform and CLIP_benchmark apply (so it reproduces their numbers)
+DROP = "drop"  # alpha dropped as open_clip's transform (and so CLIP_benchmark) drops it: the image stays RGBA
+#                and the transform's own convert("RGB") drops alpha after its alpha-weighted resize, which
+#                leaves transparent areas black (and, where nothing is resized, whatever colour lies under them)
 TRANSPARENCY = (WHITE, DROP)
 
 
 @dataclass(frozen=True)
 class Decoded:
-    image: Image.Image  # RGB, EXIF orientation applied, possibly reduced in size by draft decoding
+    image: Image.Image  # RGB (RGBA with transparency under DROP), EXIF orientation applied, maybe draft-reduced
     width: int  # size of the full image as the viewer sees it (after EXIF rotation, before draft)
     height: int
 
@@ -90,7 +91,8 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image, transparency: str = WHITE) -> Image.Image:
-    """Any PIL mode -> RGB, transparent areas as `transparency` says (see TRANSPARENCY)."""
+    """Any PIL mode -> RGB, transparent areas as `transparency` says; under DROP an image with
+    transparency comes back RGBA, for the transform to drop (see TRANSPARENCY)."""
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -102,7 +104,7 @@ def to_rgb(img: Image.Image, transparency: str = WHITE) -> Image.Image:
         return img.convert("RGB")
     rgba = img.convert("RGBA")  # (P -> RGB directly would warn about byte transparency on every such file)
     if transparency == DROP:
-        return rgba.convert("RGB")
+        return rgba
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     canvas.alpha_composite(rgba)
     return canvas.convert("RGB")

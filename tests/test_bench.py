@@ -67,6 +67,35 @@ def test_embeddings_are_open_clips_own_preprocessing_at_full_size(tiny_model, sc
     assert embedded.owners.tolist() == [i for i, cs in enumerate(pairs.captions) for _ in cs]
 
 
+def test_transparency_is_white_unless_asked_to_reproduce_open_clip(tiny_model, tmp_path):
+    """open_clip's transform drops alpha (PIL's convert("RGB")); ours composites on white; bench offers both
+    and records which."""
+    folder = tmp_path / "alpha"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        pixels = rng.integers(0, 256, (48, 48, 4), dtype=np.uint8)
+        pixels[..., 3] = np.where(rng.random((48, 48)) < 0.5, 0, 255)  # half the pixels transparent
+        Image.fromarray(pixels, "RGBA").save(folder / f"{i}.png")
+        rows.append(f"{i}.png,image number {i}\n")
+    (folder / "captions.csv").write_text("filepath,caption\n" + "".join(rows))
+    pairs = read_pairs(folder / "captions.csv")
+    transform = tiny_model.image_transform()
+    with torch.no_grad():
+        open_clips = tiny_model.model.encode_image(torch.stack([transform(Image.open(p)) for p in pairs.images]),
+                                                   normalize=True).numpy()
+    dropped = embed_pairs(tiny_model, pairs, workers=0, transparency="drop").image_emb
+    white = embed_pairs(tiny_model, pairs, workers=0).image_emb
+    np.testing.assert_allclose(dropped, open_clips, atol=2e-5)
+    assert np.abs(white - open_clips).max() > 0.05
+    out = tmp_path / "r.json"
+    run("bench", "retrieval", "--data", folder / "captions.csv", "--model", "tiny", "--transparency", "drop", "--json", out)
+    assert json.loads(out.read_text())["settings"]["transparency"] == "drop"
+    result = run("bench", "retrieval", "--data", folder / "captions.csv", "--model", "tiny", "--transparency", "grey", code=1)
+    assert "unknown transparency 'grey'" in result.output
+
+
 def test_retrieval_benchmark_skips_a_corrupt_image_with_its_captions(scenes):
     (scenes.parent / "images" / "scene_000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = retrieval_benchmark(scenes, spec=TINY, ks=(1, 5), workers=0)

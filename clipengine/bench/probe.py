@@ -20,6 +20,7 @@ import numpy as np
 
 from clipengine.bench.metrics import classification_metrics
 from clipengine.bench.report import BenchResult
+from clipengine.images import WHITE
 from clipengine.bench.retrieval import Progress, embed_captions, embed_image_refs, model_settings
 from clipengine.errors import BadInput
 from clipengine.models import LoadedModel, ModelSpec, load_model, resolve_source
@@ -52,10 +53,11 @@ def read_probe_data(data: str | os.PathLike, test_fraction: float) -> tuple[Labe
 
 
 def features(model: LoadedModel, labelled: LabelledSet, with_text: bool, *, batch_size, workers,
-             progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+             progress: Progress | None, transparency: str = WHITE
+             ) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
     """(features, labels, image names, skipped) for the images that could be decoded."""
     image_emb, kept, skipped = embed_image_refs(model, labelled.images, batch_size=batch_size, workers=workers,
-                                                progress=progress)
+                                                progress=progress, transparency=transparency)
     labels = np.asarray(labelled.labels, dtype=np.int64)[kept]
     names = [labelled.images[i] for i in kept]
     if not with_text:
@@ -105,7 +107,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, names: Sequence[str], val_fraction: f
 def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), with_text: bool = False,
                     test_fraction: float = 0.2, val_fraction: float = 0.2, device: str | None = None,
                     batch_size: int | None = None, workers: int | None = None,
-                    progress: Progress | None = None) -> BenchResult:
+                    progress: Progress | None = None, transparency: str = WHITE) -> BenchResult:
     """Test accuracy of a logistic-regression probe on frozen features of a class-folder image set."""
     started = time.perf_counter()
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1:
@@ -114,9 +116,9 @@ def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), w
     source = resolve_source(spec)
     model = load_model(source, device=device)
     x_train, y_train, train_names, skipped = features(model, train, with_text, batch_size=batch_size, workers=workers,
-                                         progress=progress)
+                                                      progress=progress, transparency=transparency)
     x_test, y_test, _, skipped_test = features(model, test, with_text, batch_size=batch_size, workers=workers,
-                                            progress=progress)
+                                               progress=progress, transparency=transparency)
     if len(set(y_train.tolist())) < 2 or not len(y_test):
         raise BadInput(f"{data}: a probe needs at least two classes to train on and some test images")
     best_c, val_accuracy = choose_c(x_train, y_train, train_names, val_fraction)
@@ -135,5 +137,6 @@ def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), w
                 "n_classes": len(train.classes), "n_skipped_images": len(skipped) + len(skipped_test)},
         settings={"features": "image+text" if with_text else "image", "C": best_c, "max_iter": MAX_ITER,
                   "val_fraction": val_fraction, "test_fraction": test_fraction, "decode": "full size",
+                  "transparency": transparency,
                   **model_settings(model), "batch_size": batch_size, "workers": workers},
         seconds=time.perf_counter() - started, skipped=skipped + skipped_test)

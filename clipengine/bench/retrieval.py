@@ -1,7 +1,7 @@
 """Image–text retrieval benchmarks: a model on a captioned set, or a saved index against its exact search.
 
-`retrieval_benchmark` embeds every image (decoded at full size, exactly open_clip's preprocessing) and
-every caption, then computes recall@k in both directions (`clipengine.bench.metrics`).
+`retrieval_benchmark` embeds every image (decoded at full size, then open_clip's preprocessing; transparent
+pixels composited on white, or with `transparency` "drop" as open_clip and CLIP_benchmark do) and every caption, then computes recall@k in both directions (`clipengine.bench.metrics`).
 `index_retrieval_benchmark` takes the image vectors from an index and asks its faiss index for the
 top k of each caption, next to the exact recall on the same queries: what the index's search costs.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from clipengine.bench.metrics import DEFAULT_KS, hits_at_k, retrieval_recall
 from clipengine.bench.report import BenchResult
 from clipengine.errors import BadInput
+from clipengine.images import TRANSPARENCY, WHITE
 from clipengine.models import LoadedModel, ModelSpec, autocast_dtype, check_same_model, load_model, resolve_source
 from clipengine.pairs import PairSet, read_pairs
 
@@ -66,14 +67,17 @@ def model_for(source: dict, device: str | None, runtime: str | None, precision: 
 
 
 def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | None = None,
-                     workers: int | None = None, progress: Progress | None = None
+                     workers: int | None = None, progress: Progress | None = None, transparency: str = WHITE
                      ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Embed images decoded at full size; returns (vectors, rows of `images` they belong to, skipped)."""
+    if transparency not in TRANSPARENCY:
+        raise BadInput(f"unknown transparency '{transparency}' (one of {', '.join(TRANSPARENCY)})")
     from clipengine.embed import embed_images
 
     vectors, kept, skipped = [], [], []
     done = 0
-    for batch in embed_images(model, images, batch_size=batch_size, workers=workers, draft=False):
+    for batch in embed_images(model, images, batch_size=batch_size, workers=workers, draft=False,
+                              transparency=transparency):
         for item in batch:
             if item.vector is not None:
                 vectors.append(item.vector)
@@ -101,10 +105,10 @@ def embed_captions(model: LoadedModel, texts: Sequence[str], *, batch_size: int 
 
 
 def embed_pairs(model: LoadedModel, pairs: PairSet, *, batch_size: int | None = None, workers: int | None = None,
-                progress: Progress | None = None) -> EmbeddedPairs:
+                progress: Progress | None = None, transparency: str = WHITE) -> EmbeddedPairs:
     """Embed a captioned set. An image that cannot be decoded is left out with its captions, and listed."""
     image_emb, kept, skipped = embed_image_refs(model, pairs.images, batch_size=batch_size, workers=workers,
-                                                progress=progress)
+                                                progress=progress, transparency=transparency)
     texts = [c for i in kept for c in pairs.captions[i]]
     owners = np.repeat(np.arange(len(kept)), [len(pairs.captions[i]) for i in kept])
     return EmbeddedPairs(image_emb, embed_captions(model, texts, progress=progress), owners, skipped)
@@ -119,15 +123,18 @@ def _dataset_info(data: str | os.PathLike, pairs: PairSet, image_root, split) ->
 def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), image_root=None,
                         split: str | None = None, ks: Sequence[int] = DEFAULT_KS, device: str | None = None,
                         batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
-                        precision: str | None = None, progress: Progress | None = None) -> BenchResult:
+                        precision: str | None = None, progress: Progress | None = None,
+                        transparency: str = WHITE) -> BenchResult:
     """Recall@k of a model on an image–caption set (any layout `clipengine.pairs.read_pairs` reads;
     a Karpathy split file gives its ``test`` split unless `split` says otherwise). `runtime` "onnx" embeds
-    through the model's exported towers (`precision` fp32 or int8) instead of torch."""
+    through the model's exported towers (`precision` fp32 or int8) instead of torch. `transparency` DROP
+    treats alpha as open_clip and CLIP_benchmark do, to reproduce their numbers."""
     started = time.perf_counter()
     pairs = read_pairs(data, image_root, split, default_split="test")
     source = resolve_source(spec)
     with model_for(source, device, runtime, precision) as model:
-        embedded = embed_pairs(model, pairs, batch_size=batch_size, workers=workers, progress=progress)
+        embedded = embed_pairs(model, pairs, batch_size=batch_size, workers=workers, progress=progress,
+                               transparency=transparency)
         settings = model_settings(model)
     if not len(embedded.image_emb):
         raise BadInput(f"none of the {len(pairs)} images in {data} could be decoded "
@@ -137,8 +144,8 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
         task="retrieval", dataset=_dataset_info(data, pairs, image_root, split), model=source, metrics=metrics,
         counts={"n_images": len(embedded.image_emb), "n_captions": len(embedded.text_emb),
                 "n_skipped_images": len(embedded.skipped), "n_dropped_rows": len(pairs.dropped)},
-        settings={"ks": sorted(set(ks)), "decode": "full size", **settings, "batch_size": batch_size,
-                  "workers": workers},
+        settings={"ks": sorted(set(ks)), "decode": "full size", "transparency": transparency, **settings,
+                  "batch_size": batch_size, "workers": workers},
         seconds=time.perf_counter() - started, skipped=embedded.skipped)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from clipengine.bench.metrics import classification_metrics
 from clipengine.bench.report import BenchResult
+from clipengine.images import WHITE
 from clipengine.bench.retrieval import Progress, embed_image_refs, model_settings
 from clipengine.errors import BadInput
 from clipengine.models import ModelSpec, load_model, resolve_source
@@ -89,7 +90,7 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
                        classnames_file: str | os.PathLike | None = None,
                        templates_file: str | os.PathLike | None = None, device: str | None = None,
                        batch_size: int | None = None, workers: int | None = None,
-                       progress: Progress | None = None) -> BenchResult:
+                       progress: Progress | None = None, transparency: str = WHITE) -> BenchResult:
     """acc@1, acc@5 and mean per-class recall on an image folder with one sub-folder per class."""
     started = time.perf_counter()
     labelled = read_labelled(data)
@@ -99,7 +100,7 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
     model = load_model(source, device=device)
     classifier = zeroshot_classifier(model, names, templates)
     image_emb, kept, skipped = embed_image_refs(model, labelled.images, batch_size=batch_size, workers=workers,
-                                                progress=progress)
+                                                progress=progress, transparency=transparency)
     if not kept:
         raise BadInput(f"none of the {len(labelled)} images in {data} could be decoded")
     labels = np.asarray(labelled.labels)[kept]
@@ -109,5 +110,5 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
         model=source, metrics=metrics,
         counts={"n_images": len(kept), "n_classes": len(names), "n_skipped_images": len(skipped)},
         settings={"classnames": names_from, "templates": templates_from, "n_templates": len(templates),
-                  "decode": "full size", **model_settings(model), "batch_size": batch_size, "workers": workers},
+                  "decode": "full size", "transparency": transparency, **model_settings(model), "batch_size": batch_size, "workers": workers},
         seconds=time.perf_counter() - started, skipped=skipped)

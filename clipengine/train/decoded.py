@@ -83,8 +83,8 @@ class DecodedCache:
         self._full = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS images (hash BLOB, variant TEXT, width INTEGER, height INTEGER,"
-                         " pixels BLOB, PRIMARY KEY (hash, variant)) WITHOUT ROWID")
+            conn.execute("CREATE TABLE IF NOT EXISTS images (hash BLOB, variant TEXT, mode TEXT, width INTEGER,"
+                         " height INTEGER, pixels BLOB, PRIMARY KEY (hash, variant)) WITHOUT ROWID")
             conn.execute("CREATE TABLE IF NOT EXISTS size (bytes INTEGER)")
             conn.execute("INSERT INTO size SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM size)")
 
@@ -106,12 +106,12 @@ class DecodedCache:
         return hashlib.sha256(data).digest()[:16]
 
     def get(self, key: bytes) -> Image.Image | None:
-        row = self._connect().execute("SELECT width, height, pixels FROM images WHERE hash = ? AND variant = ?",
+        row = self._connect().execute("SELECT mode, width, height, pixels FROM images WHERE hash = ? AND variant = ?",
                                       (key, self.variant)).fetchone()
         if row is None:
             return None
-        width, height, pixels = row
-        return Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)
+        mode, width, height, pixels = row
+        return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
 
     def put(self, key: bytes, image: Image.Image) -> bool:
         """Store `image` unless the cache is full; whether it was stored."""
@@ -125,8 +125,8 @@ class DecodedCache:
             if used + len(pixels) > self.max_bytes:
                 self._full = True
                 return False
-            added = conn.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?)",
-                                 (key, self.variant, image.width, image.height, pixels)).rowcount
+            added = conn.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                                 (key, self.variant, image.mode, image.width, image.height, pixels)).rowcount
             if added:
                 conn.execute("UPDATE size SET bytes = bytes + ?", (len(pixels),))
             return bool(added)
