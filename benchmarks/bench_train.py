@@ -137,11 +137,14 @@ def rate_after_warmup(steps: list[tuple[int, float]], batch: int) -> float:
 
 def run_ours(r: Regime, seed: int, train_csv: Path, out: Path, extra: list[str], env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    cache = out.parent / f"decoded-{out.name}.sqlite"
+    for leftover in (cache, Path(f"{cache}-wal"), Path(f"{cache}-shm")):  # every run starts cold, as a first run does
+        leftover.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "clipengine", "train", "--data", str(train_csv), "--out", str(out),
            "--model", r.model, "--pretrained", "none", "--epochs", str(r.epochs), "--batch-size", str(r.batch),
            "--lr", str(r.lr), "--weight-decay", str(r.wd), "--warmup-steps", str(r.warmup),
            "--grad-clip", str(r.grad_clip), "--precision", "fp32", "--val-size", "0", "--seed", str(seed),
-           "--decode-cache", str(out.parent / f"decoded-{out.name}.sqlite"), "--log-every", "1", "--json", *extra]
+           "--decode-cache", str(cache), "--log-every", "1", "--json", *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -150,11 +153,7 @@ def run_ours(r: Regime, seed: int, train_csv: Path, out: Path, extra: list[str],
     plan = next((x for x in records if x["kind"] == "plan"), None)
     per_step = [(b["step"], b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:])]
     return {"samples_per_second": rate_after_warmup(per_step, r.batch), "wall_s": wall, "steps": steps[-1]["step"],
-            "checkpoint": str(out), "plan": plan and plan["chosen"], "transparency": _flag(extra, "--transparency", "white")}
-
-
-def _flag(args: list[str], name: str, default: str) -> str:
-    return args[args.index(name) + 1] if name in args else default
+            "checkpoint": str(out), "plan": plan and plan["chosen"], "transparency": "white"}
 
 
 def run_open_clip(r: Regime, seed: int, train_csv: Path, out: Path, env: dict) -> dict:
@@ -215,6 +214,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ours-args", default="", help="extra arguments for `clipengine train` (experiments)")
     parser.add_argument("--only", choices=["ours", "open_clip"], help="run one trainer (experiments)")
+    parser.add_argument("--uncached", default="photos,scenes",
+                        help="regimes where ours also runs with --decode-cache off, to measure what the cache gives")
     args = parser.parse_args()
     regimes = [REGIMES[name] for name in args.regimes.split(",")]
     if args.quick:
@@ -227,24 +228,32 @@ def main() -> None:
                     "cores": os.cpu_count(), "ours_args": extra, "regimes": {}}
     for r in regimes:
         train_csv, val_csv = data_for(r.name, args.quick)
-        runs: dict[str, list[dict]] = {t: [] for t in trainers}
+        if args.quick:  # enough steps past the first 5 to time
+            r = Regime(**{**r.__dict__, "batch": min(r.batch, (sum(1 for _ in open(train_csv)) - 1) // 8)})
+        names = trainers + (["ours_uncached"] if "ours" in trainers and r.name in args.uncached.split(",") else [])
+        runs: dict[str, list[dict]] = {t: [] for t in names}
         for seed in args.seeds:
-            for name in trainers:
+            for name in names:
                 out = DATA / "runs" / f"{r.name}-{name}-{seed}"
-                result = (run_ours(r, seed, train_csv, out, extra, env) if name == "ours"
-                          else run_open_clip(r, seed, train_csv, out, env))
-                if r.recall:
+                if name == "open_clip":
+                    result = run_open_clip(r, seed, train_csv, out, env)
+                else:
+                    result = run_ours(r, seed, train_csv, out, extra + (["--decode-cache", "off"] if name == "ours_uncached" else []), env)
+                if r.recall and name != "ours_uncached":  # the cache changes the time, never the pixels
                     result["recall"] = recall_of(r.model, result["checkpoint"], val_csv, result["transparency"])
                 runs[name].append(result)
                 rec = result.get("recall", {})
-                print(f"{r.name:>6} seed {seed} {name:>9}: {result['samples_per_second']:6.1f} samples/s  "
+                print(f"{r.name:>6} seed {seed} {name:>13}: {result['samples_per_second']:6.1f} samples/s  "
                       f"{result['steps']} steps  wall {result['wall_s']:6.1f} s  plan {result['plan']}  "
                       + "  ".join(f"{k.replace('text_to_image', 'T->I').replace('image_to_text', 'I->T')} {v:.3f}"
                                   for k, v in rec.items()), flush=True)
         summary = {name: summarise(results) for name, results in runs.items()}
         entry = {"config": r.__dict__, "train_images": sum(1 for _ in open(train_csv)) - 1, "seeds": args.seeds,
                  "runs": runs, "summary": summary}
-        if len(summary) == 2:
+        if "ours_uncached" in summary:
+            entry["ratio_cache"] = summary["ours"]["samples_per_second"] / summary["ours_uncached"]["samples_per_second"]
+            print(f"{r.name:>6}: the decode cache gives {entry['ratio_cache']:.2f}x samples/s", flush=True)
+        if "ours" in summary and "open_clip" in summary:
             entry["ratio_samples_per_second"] = summary["ours"]["samples_per_second"] / summary["open_clip"]["samples_per_second"]
             if r.recall:
                 entry["recall_difference"] = {k: summary["ours"]["recall"][k] - summary["open_clip"]["recall"][k]

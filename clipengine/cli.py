@@ -470,7 +470,6 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
-    transparency: Annotated[Optional[str], typer.Option(help="Transparent pixels: white (composited, default) or drop (PIL's convert('RGB'), as open_clip).")] = None,
     decode_cache: Annotated[Optional[str], typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
     decode_cache_size: Annotated[Optional[str], typer.Option(help="Largest size of the decode cache (default 4G).")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
@@ -494,7 +493,7 @@ def train(
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
              "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
              "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
-             "grad_clip": grad_clip, "beta1": beta1, "beta2": beta2, "eps": eps, "transparency": transparency, "decode_cache": decode_cache,
+             "grad_clip": grad_clip, "beta1": beta1, "beta2": beta2, "eps": eps, "decode_cache": decode_cache,
              "decode_cache_size": decode_cache_size}
     if resume:
         config = resume_config(out_dir, **given)

@@ -30,8 +30,8 @@ TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an imag
 ImageRef = Union[str, TarMember]  # where an image's bytes are: a file path or a tar member
 _PIL_GUARD = threading.Lock()
 
-# What transparent pixels become. One policy for training, indexing, search and bench, chosen per model
-# (a checkpoint records the one it was trained with; anything else uses WHITE):
+# What transparent pixels become. One policy, WHITE, for training, indexing, search and bench; DROP is there
+# to reproduce numbers of the open_clip world (`bench --transparency drop`, which records it in the result):
 WHITE = "white"  # composited on white, as a viewer shows the image on a page
 DROP = "drop"  # alpha dropped as open_clip's transform (and so CLIP_benchmark) drops it: the image stays RGBA
 #                and the transform's own convert("RGB") drops alpha after its alpha-weighted resize, which

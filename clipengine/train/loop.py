@@ -29,7 +29,7 @@ import torch
 from clipengine.causal_text import TrainingForward
 from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
-from clipengine.images import DEFAULT_MAX_PIXELS, TRANSPARENCY, WHITE
+from clipengine.images import DEFAULT_MAX_PIXELS, WHITE
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.bench.metrics import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
@@ -44,7 +44,7 @@ from clipengine.train.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIA
 LOG_FILE = "log.jsonl"
 # settings a resumed run must share with the run it continues (others, like --epochs, may change)
 RUN_IDENTITY = ("data", "model", "pretrained", "checkpoint", "batch_size", "seed", "loss", "val_size",
-                "val_data", "lock_image", "lock_text", "transparency")
+                "val_data", "lock_image", "lock_text")
 
 
 class TrainingDiverged(ClipEngineError):
@@ -86,7 +86,6 @@ class TrainConfig:
     log_every: int = 10
     max_steps: Optional[int] = None  # stop after this many steps in all (the schedule still spans all epochs)
     max_pixels: int = DEFAULT_MAX_PIXELS
-    transparency: str = WHITE  # what transparent pixels become (clipengine.images.TRANSPARENCY)
     decode_cache: str = "auto"  # decoded images kept across epochs and runs: auto (the cache directory), off, or a file
     decode_cache_size: str = "4G"
     resume: bool = False
@@ -255,7 +254,8 @@ def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels
 @torch.inference_mode()
 def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, workers: int = 0,
              max_pixels: int = DEFAULT_MAX_PIXELS, transparency: str = WHITE) -> dict[str, float]:
-    """Recall@1/5/10 in both directions on held-out pairs, with every caption of every image."""
+    """Recall@1/5/10 in both directions on held-out pairs, with every caption of every image.
+    `transparency` DROP scores a model trained by open_clip as it was trained (clipengine.images.TRANSPARENCY)."""
     model, was_training = loaded.model, loaded.model.training
     model.eval()
     pixel_transform, normalizer = _split(loaded.image_transform(), loaded.device)
@@ -286,8 +286,7 @@ def _check_out_dir(config: TrainConfig, out: Path) -> Path | None:
     if not steps:
         raise BadInput(f"nothing to resume in {out}: it holds no checkpoint (drop --resume to start)")
     saved = ckpt.read_run_config(steps[-1])
-    saved = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in RUN_IDENTITY}  # runs from before a setting existed
-    changed = [k for k in RUN_IDENTITY if saved[k] != getattr(config, k)]
+    changed = [k for k in RUN_IDENTITY if saved.get(k) != getattr(config, k)]
     if changed:
         what = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise BadInput(f"--resume must continue the same run, but these settings differ ({what})")
@@ -307,8 +306,6 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     """
     if config.loss not in LOSSES:
         raise BadInput(f"unknown loss '{config.loss}' (one of {', '.join(LOSSES)})")
-    if config.transparency not in TRANSPARENCY:
-        raise BadInput(f"unknown transparency '{config.transparency}' (one of {', '.join(TRANSPARENCY)})")
     if config.accum_steps < 1 or config.batch_size < 1 or config.epochs < 1:
         raise BadInput("--batch-size, --accum-steps and --epochs must be at least 1")
     out = Path(config.out).expanduser()
@@ -380,7 +377,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     cache = _decode_cache(config, shrink)
     pixel_transform, normalizer = _split(transform, device)
     dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
-                          max_pixels=config.max_pixels, transparency=config.transparency, shrink=shrink, cache=cache)
+                          max_pixels=config.max_pixels, shrink=shrink, cache=cache)
     loader = _loader(dataset, sampler, plan.workers, device)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -395,8 +392,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     def validate(epoch: int) -> dict[str, float]:
         result: dict[str, float] = {}
         if world.is_main and len(val_pairs):
-            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels,
-                              transparency=config.transparency)
+            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)
             record = {"kind": "val", "step": step, "epoch": epoch, "recall": result}
             _log(out, record)
             if progress:
@@ -487,8 +483,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             save(epoch)
         epoch += 1
     if step >= last_step and not val and resume_from is not None and world.is_main and len(val_pairs):
-        val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels,
-                              transparency=config.transparency)  # resumed a finished run
+        val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)  # resumed a finished run
 
     return TrainReport(
         out=str(out), step=step, epoch=min(epoch, config.epochs), samples=samples, seconds=train_seconds,
@@ -524,7 +519,7 @@ def _decode_cache(config: TrainConfig, shrink: TrainingShrink) -> DecodedCache |
         return None
     path = DecodedCache.default_path() if config.decode_cache == "auto" else Path(config.decode_cache).expanduser()
     try:
-        return DecodedCache(path, f"side{shrink.side}:{config.transparency}", parse_bytes(config.decode_cache_size))
+        return DecodedCache(path, f"side{shrink.side}:{WHITE}", parse_bytes(config.decode_cache_size))
     except ValueError as e:
         raise BadInput(f"--decode-cache-size: {e}") from None
     except (OSError, sqlite3.Error) as e:
