@@ -39,7 +39,7 @@ def _caption(name: str, keywords: list[str]) -> str:
     words = []
     for k in keywords:
         k = k.replace("_", " ").strip().lower()
-        if k not in seen and re.search(r"[a-z]", k):  # drop ':D', ':)' and repeats of the name
+        if k not in seen and re.search(r"[a-z]", k):  # drop repeats of the name and letterless ones (':)')
             seen.add(k)
             words.append(k)
     return f"{name}: {', '.join(words)}" if words else name
