@@ -308,7 +308,7 @@ def test_int8_recall_is_measured_against_fp32_top_10():
 
 def test_a_text_tower_that_cannot_run_split_is_exported_whole_and_still_matches_torch(photos, tmp_path, monkeypatch):
     """Towers that are not causal or pool elsewhere (hf-hub text encoders, SigLIP) take the full token ids."""
-    monkeypatch.setattr(export_module, "_text_parts", lambda model: None)
+    monkeypatch.setattr("clipengine.causal_text.causal_text", lambda model: None)
     monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
     index_folder(photos, tmp_path / "idx", TINY, workers=0)
     record = record_of(tmp_path / "idx")
