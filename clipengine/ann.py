@@ -75,19 +75,6 @@ def configure_threads(dim: int, threads: int | None = None) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(text: str) -> int:
-    """'4GB', '512MiB', '2.5g' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and _UNITS.get(match.group(2).lower())
-    if not unit or float(match.group(1)) <= 0:
-        raise BadInput(f"--memory-budget {text!r}: give a size such as 4GB, 512MB or 2GiB")
-    return int(float(match.group(1)) * unit)
-
-
 def default_memory_budget() -> int:
     """Half of the machine's memory: the index shares it with the model and everything else."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2

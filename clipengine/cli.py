@@ -252,10 +252,10 @@ def _describe_encoders(record: dict | None) -> str:
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
-    from clipengine.ann import parse_memory
+    from clipengine.sizes import parse_size
     from clipengine.indexing import FaissPolicy
 
-    return FaissPolicy(parse_memory(memory_budget) if memory_budget else None, factory, target_recall)
+    return FaissPolicy(parse_size(memory_budget, "--memory-budget") if memory_budget else None, factory, target_recall)
 
 
 def _describe_faiss(state: dict) -> str:
@@ -471,7 +471,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
     decode_cache: Annotated[Optional[str], typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
-    decode_cache_size: Annotated[Optional[str], typer.Option(help="Largest size of the decode cache (default 4G).")] = None,
+    decode_cache_size: Annotated[Optional[str], typer.Option(help="Largest size of the decode cache (default 4GiB).")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="A separate validation set instead of holding out.")] = None,
     image_root: Annotated[Optional[str], typer.Option(help="Folder that COCO file names are relative to.")] = None,

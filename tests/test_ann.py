@@ -8,6 +8,7 @@ import pytest
 
 from clipengine import ann
 from clipengine.errors import BadInput
+from clipengine.sizes import parse_size
 from clipengine.indexing import FaissPolicy, index_info, reindex
 from clipengine.search import Searcher
 from clipengine.store import FAISS_FILE, FileRecord, IndexStore
@@ -67,10 +68,10 @@ def test_a_factory_string_overrides_the_choice_and_gets_ids():
 
 
 def test_memory_sizes_parse():
-    assert ann.parse_memory("4GB") == 4 * 10**9 and ann.parse_memory("512MiB") == 512 * 2**20
+    assert parse_size("4GB", "--memory-budget") == 4 * 10**9 and parse_size("512MiB", "--memory-budget") == 512 * 2**20
     for bad in ("lots", "-1GB", "4 parsecs"):
-        with pytest.raises(BadInput):
-            ann.parse_memory(bad)
+        with pytest.raises(BadInput, match="--memory-budget"):
+            parse_size(bad, "--memory-budget")
 
 
 def test_training_samples_are_random_not_the_first_vectors():

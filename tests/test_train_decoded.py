@@ -18,7 +18,9 @@ from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
 from clipengine.train import data as train_data
 from clipengine.train.data import PairDataset
-from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom, parse_bytes
+from clipengine.errors import BadInput
+from clipengine.sizes import parse_size
+from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom
 
 
 def test_the_shrink_keeps_what_the_random_crop_needs(tiny_model):
@@ -53,9 +55,10 @@ def test_the_cache_is_keyed_by_content_and_variant_and_bounded(tmp_path):
     assert cache.stats()["entries"] == 3 and cache.stats()["file_bytes"] == 3 * 20 * 30 * 3
     reopened = DecodedCache(tmp_path / "c.sqlite", "side78:white", max_bytes=3 * 20 * 30 * 3)
     assert np.array_equal(np.asarray(reopened.get(keys[2])), np.asarray(images[2]))  # kept across runs
-    assert parse_bytes("4G") == 4 << 30 and parse_bytes("500MiB") == 500 << 20 and parse_bytes(123) == 123
-    with pytest.raises(ValueError, match="not a size"):
-        parse_bytes("lots")
+    assert parse_size("4GiB", "--decode-cache-size") == 4 << 30 and parse_size(123, "--decode-cache-size") == 123
+    assert parse_size("500MiB", "--decode-cache-size") == 500 << 20 and parse_size("4G", "--decode-cache-size") == 4 * 10**9
+    with pytest.raises(BadInput, match="--decode-cache-size 'lots'"):
+        parse_size("lots", "--decode-cache-size")
 
 
 def _fill(path: str, start: int) -> None:

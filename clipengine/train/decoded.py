@@ -59,18 +59,6 @@ class TrainingShrink:
         return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
-def parse_bytes(text: str | int) -> int:
-    """'4G', '500M', '0' -> bytes (for --decode-cache-size)."""
-    if isinstance(text, int):
-        return text
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(float(s))
-    except ValueError:
-        raise ValueError(f"'{text}' is not a size (try 4G)") from None
-
-
 class DecodedCache:
     """Shrunk, decoded training images in one sqlite file. Safe to share between processes and runs."""
 

@@ -30,12 +30,13 @@ from clipengine.causal_text import TrainingForward
 from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS, WHITE
+from clipengine.sizes import parse_size
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.bench.metrics import chance_recall, retrieval_recall
 from clipengine.train import checkpoint as ckpt
 from clipengine.train.cpu_plan import CpuPlanner, Plan
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
-from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom, parse_bytes
+from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom
 from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,
                                    split_validation)
 from clipengine.train.distributed import World, barrier, mean_over_world, setup_world, teardown_world
@@ -87,7 +88,7 @@ class TrainConfig:
     max_steps: Optional[int] = None  # stop after this many steps in all (the schedule still spans all epochs)
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_cache: str = "auto"  # decoded images kept across epochs and runs: auto (the cache directory), off, or a file
-    decode_cache_size: str = "4G"
+    decode_cache_size: str = "4GiB"
     resume: bool = False
 
     def to_dict(self) -> dict:
@@ -518,10 +519,9 @@ def _decode_cache(config: TrainConfig, shrink: TrainingShrink) -> DecodedCache |
     if config.decode_cache == "off":
         return None
     path = DecodedCache.default_path() if config.decode_cache == "auto" else Path(config.decode_cache).expanduser()
+    size = parse_size(config.decode_cache_size, "--decode-cache-size")
     try:
-        return DecodedCache(path, f"side{shrink.side}:{WHITE}", parse_bytes(config.decode_cache_size))
-    except ValueError as e:
-        raise BadInput(f"--decode-cache-size: {e}") from None
+        return DecodedCache(path, f"side{shrink.side}:{WHITE}", size)
     except (OSError, sqlite3.Error) as e:
         raise BadInput(f"cannot use the decode cache {path} ({e}): name another file, or --decode-cache off") from None
 

@@ -1,0 +1,21 @@
+"""Sizes in bytes as people write them on a command line, read the same way by every option that takes one
+(`index --memory-budget`, `train --decode-cache-size`): k, M, G, T are powers of 1000, KiB, MiB, GiB,
+TiB powers of 1024."""
+
+from __future__ import annotations
+
+import re
+
+from clipengine.errors import BadInput
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int, option: str) -> int:
+    """'4GB', '512MiB', '2.5g' -> bytes; anything else is a one-line error naming `option`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit or float(match.group(1)) <= 0:
+        raise BadInput(f"{option} {text!r}: give a size such as 4GB, 512MB or 2GiB")
+    return int(float(match.group(1)) * unit)
