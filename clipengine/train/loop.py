@@ -411,7 +411,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     epoch = step // steps_per_epoch
     while step < last_step:
         sampler.set_position(epoch, step - epoch * steps_per_epoch)
-        replan: Plan | None = None
+        switch_to: Plan | None = None
         tick = time.perf_counter()
         for pixels, texts, _, bad_here in loader:
             waited = time.perf_counter() - tick
@@ -465,16 +465,19 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             if config.save_every and step % config.save_every == 0 and step < last_step:
                 save(epoch)
             if planner.deciding:
-                replan = planner.observe(step_seconds, waited)
+                switch_to = planner.observe(step_seconds, waited)
+                if switch_to == plan:
+                    switch_to = None  # decided on the plan it runs
                 if not planner.deciding and world.is_main:
-                    _log(out, planner.record())
+                    decision = planner.record()
+                    _log(out, decision)
                     if progress:
-                        progress(planner.record())
-            if step >= last_step or (replan is not None and replan != plan):
+                        progress(decision)
+            if step >= last_step or switch_to is not None:
                 break
             tick = time.perf_counter()
-        if replan is not None and replan != plan:  # a new plan: its threads, and a loader with its workers
-            plan = replan
+        if switch_to is not None:  # a new plan: its threads, and a loader with its workers
+            plan = switch_to
             torch.set_num_threads(plan.threads)
             loader = _loader(dataset, sampler, plan.workers, device)
             if step % steps_per_epoch and step < last_step:
