@@ -102,12 +102,14 @@ def test_the_cpu_plan_is_measured_and_never_changes_the_numbers(scenes, tmp_path
     planned, fixed, events = tmp_path / "planned", tmp_path / "fixed", []
     train(TrainConfig(data=str(scenes), out=str(planned), epochs=6, log_every=1, **{**FAST, "workers": None}),
           progress=events.append)
+    threads_after = torch.get_num_threads()
     train(TrainConfig(data=str(scenes), out=str(fixed), epochs=6, log_every=1, **FAST))
     plan, = _log(planned, "plan")
     tried = [(t["workers"], t["threads"]) for t in plan["trials"]]
     assert tried[0] == (1, 1) and len(tried) >= 2 and set(tried) <= {(1, 1), (1, 2), (2, 1), (2, 2)}
     fastest = max(plan["trials"], key=lambda t: t["steps_per_second"])
     assert plan["chosen"] == {"workers": fastest["workers"], "threads": fastest["threads"]}
+    assert threads_after == fastest["threads"]  # the choice was applied, not only logged
     assert [e for e in events if e["kind"] == "plan"] == [plan]
     a, b = _log(planned), _log(fixed)
     assert len(a) == len(b) == 30  # trials are training steps: every step ran once, in order
