@@ -17,6 +17,8 @@ from clipengine.errors import BadInput
 from clipengine.models import ModelSpec, load_model, resolve_source
 from clipengine.scenes import write_scene_set
 from clipengine.train import TrainConfig, TrainingDiverged, resume_config, train
+from clipengine.train.checkpoint import read_checkpoint_state, read_run_config
+from clipengine.train.loop import adam_defaults
 
 FAST = dict(model="tiny", batch_size=8, workers=0, val_size=8, lr=1e-3, warmup_steps=2)
 
@@ -47,6 +49,10 @@ def test_a_run_writes_a_checkpoint_that_index_and_search_load(scenes, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 11)) and all(r["loss"] > 0 for r in steps)
     assert len(_log(out, "val")) == 2
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000010"]
+    step_dir = out / "checkpoints" / "step-00000010"
+    groups = read_checkpoint_state(step_dir)["optimizer"]["param_groups"]  # what AdamW ran with
+    assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {((0.9, 0.999), 1e-8)}  # open_clip's for a non-ViT name
+    assert (read_run_config(step_dir)["beta2"], read_run_config(step_dir)["eps"]) == (0.999, 1e-8)
 
     source = resolve_source(ModelSpec(checkpoint=str(out)))
     assert source["source"] == "checkpoint" and source["arch"] == "tiny"
@@ -139,6 +145,17 @@ def test_locked_text_tower_does_not_move(scenes, tmp_path):
     assert torch.equal(after["token_embedding.weight"], before["token_embedding.weight"])
     assert torch.equal(after["text_projection"], before["text_projection"])
     assert not torch.equal(after["visual.conv1.weight"], before["visual.conv1.weight"])
+
+
+def test_adam_settings_default_as_open_clip_train_and_given_ones_win(scenes, tmp_path):
+    assert adam_defaults("ViT-B-32") == (0.98, 1e-6) and adam_defaults("hf-hub:timm/vit_base") == (0.98, 1e-6)
+    assert adam_defaults("tiny") == adam_defaults("RN50") == (0.999, 1e-8)
+    out = tmp_path / "given"
+    train(TrainConfig(data=str(scenes), out=str(out), epochs=1, max_steps=1, save_every=1, beta1=0.8, beta2=0.95,
+                      eps=1e-7, **FAST))
+    (step_dir,) = (out / "checkpoints").iterdir()
+    groups = read_checkpoint_state(step_dir)["optimizer"]["param_groups"]
+    assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {((0.8, 0.95), 1e-7)}
 
 
 def test_siglip_loss_trains_and_its_checkpoint_keeps_the_bias(scenes, tmp_path):
