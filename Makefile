@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench emoji-set clean
+.PHONY: demo test lint bench emoji-set clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# ruff (pyflakes, isort, bugbear, pyupgrade) and mypy over the whole tree, as configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check clipengine tests benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP) emoji-set
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'

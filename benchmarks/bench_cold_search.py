@@ -70,7 +70,7 @@ def split_in_process(index: str) -> dict:
     sys.stdout.write("".join(f"{h.rank:>4}  {h.score:+.4f}  {h.path}\n" for h in hits))
     sys.stdout.flush()
     marks.append(time.perf_counter())
-    return {step: (b - a) * 1e3 for step, a, b in zip(STEPS, marks, marks[1:])}
+    return {step: (b - a) * 1e3 for step, a, b in zip(STEPS, marks, marks[1:], strict=False)}
 
 
 def split(index: str, rounds: int) -> dict:

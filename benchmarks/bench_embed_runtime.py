@@ -25,14 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+
 from clipengine.embed import embed_images
 from clipengine.indexing import embedding_runtime, index_folder
 from clipengine.models import ModelSpec, load_model
 from clipengine.query_encoders import QueryEncoders
 from clipengine.store import IndexStore
 from clipengine.synthetic import write_photo_folder
-
-from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 RUNTIMES = (("torch", None), ("onnx", "fp32"), ("onnx", "int8"))
 
@@ -75,9 +75,9 @@ def speed(root: Path, n: int, rounds: int) -> dict:
 
 
 def recall(root: Path, quick: bool) -> dict:
-    from clipengine.bench.retrieval import retrieval_benchmark
+    from clipengine.evaluation.retrieval import retrieval_benchmark
     from clipengine.scenes import write_scene_set
-    from clipengine.train import TrainConfig, train
+    from clipengine.training import TrainConfig, train
 
     train_set = write_scene_set(root / "train-scenes", 600 if quick else 3000, seed=0)
     test_set = write_scene_set(root / "test-scenes", 200 if quick else 500, seed=1)
@@ -85,7 +85,7 @@ def recall(root: Path, quick: bool) -> dict:
     train(TrainConfig(data=str(train_set), out=str(root / "run"), model="tiny", epochs=2 if quick else 8,
                       batch_size=128, lr=1e-3, val_size=0))
     print(f"trained tiny on the scenes in {time.perf_counter() - started:.0f} s", flush=True)
-    out = {}
+    out: dict[str, dict] = {}
     for runtime, precision in RUNTIMES:
         result = retrieval_benchmark(test_set, spec=ModelSpec(checkpoint=str(root / "run")), runtime=runtime,
                                      precision=precision)
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/embed_runtime-DATE.json)")
     args = parser.parse_args()
-    result = {"date": dt.date.today().isoformat(), "cores": os.cpu_count()}
+    result: dict[str, object] = {"date": dt.date.today().isoformat(), "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         print("== speed: images/s through the indexing hot path", flush=True)
         result["speed"] = speed(Path(tmp), 48 if args.quick else 256, 1 if args.quick else 3)

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 from clipengine.indexing import index_folder
 from clipengine.models import ModelSpec, load_model
 from clipengine.synthetic import write_photo_folder
-
-from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "bench"
@@ -224,9 +223,9 @@ def main() -> None:
     print("\n| folder | ceiling img/s | ours img/s | naive img/s | ours / ceiling | best possible / ceiling "
           "| ours / naive |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['folder']} | {r['ceiling_img_s']} | {r['ours_img_s']} | {r['naive_img_s']} | "
-              f"{r['ours_vs_ceiling']:.2f}x | {r['bound_vs_ceiling']:.2f}x | {r['ours_vs_naive']:.2f}x |")
+    for row in rows:
+        print(f"| {row['folder']} | {row['ceiling_img_s']} | {row['ours_img_s']} | {row['naive_img_s']} | "
+              f"{row['ours_vs_ceiling']:.2f}x | {row['bound_vs_ceiling']:.2f}x | {row['ours_vs_naive']:.2f}x |")
     print(f"\npeak memory (tiny model), main process / main + workers: {small_n} images "
           f"{rss[small_n]['main_peak_mb']:.0f} / {rss[small_n]['tree_peak_mb']:.0f} MB; {large_n} images "
           f"{rss[large_n]['main_peak_mb']:.0f} / {rss[large_n]['tree_peak_mb']:.0f} MB")

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 DIM = 512
@@ -68,7 +67,7 @@ def worker(method: str, n_images: int, n_captions: int) -> None:
     base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     if method == "ours":
-        from clipengine.bench.metrics import retrieval_recall
+        from clipengine.metrics import retrieval_recall
 
         metrics = retrieval_recall(images, texts, owners, KS)
     else:

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 from clipengine.models import ModelSpec, resolve_source
 from clipengine.search import Searcher
 from clipengine.store import FileRecord, IndexStore
-
-from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
 DIM, K, QUERIES = 512, 10, 300
 

@@ -12,7 +12,7 @@ Each trainer runs as a user would run it: ours with its automatic CPU plan, open
 
   samples/s   each trainer's own per-step clock (data wait included), steps after the first 5
   wall        the whole process, imports, start-up and the end-of-epoch validation of neither (both skip it)
-  recall      each final model scored by the same code (clipengine.train.evaluate) on the same held-out
+  recall      each final model scored by the same code (clipengine.training.evaluate) on the same held-out
               set, with the transparency policy it was trained with (ours: white; open_clip: dropped alpha)
 
 Targets (issue 12): ours >= 1.3x open_clip's samples/s in every regime, and mean held-out recall (3 seeds)
@@ -152,7 +152,7 @@ def run_ours(r: Regime, seed: int, train_csv: Path, out: Path, extra: list[str],
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [x for x in records if x["kind"] == "step"]
     plan = next((x for x in records if x["kind"] == "plan"), None)
-    per_step = [(b["step"], b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:])]
+    per_step = [(b["step"], b["seconds"] - a["seconds"]) for a, b in zip(steps, steps[1:], strict=False)]
     return {"samples_per_second": rate_after_warmup(per_step, r.batch), "wall_s": wall, "steps": steps[-1]["step"],
             "checkpoint": str(out), "plan": plan and plan["chosen"], "transparency": "white"}
 
@@ -187,7 +187,7 @@ def recall_of(model: str, checkpoint: str, val_csv: Path, transparency: str) -> 
 
     from clipengine.models import ModelSpec, load_model
     from clipengine.pairs import read_pairs
-    from clipengine.train import evaluate
+    from clipengine.training import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)
     if checkpoint.endswith(".pt"):  # open_clip's: a state dict inside a training-state dict

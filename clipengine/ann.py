@@ -17,8 +17,8 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -394,7 +394,7 @@ class GroundTruth:
 
     @classmethod
     def compute(cls, queries: np.ndarray, query_ids: np.ndarray, chunks: Chunks, k: int = TUNING_K,
-                depth: int = 50) -> "GroundTruth":
+                depth: int = 50) -> GroundTruth:
         scores, ids = exact_top(queries, chunks, depth + 1)
         return cls(queries, query_ids, *_drop_self(scores, ids, query_ids, depth))
 
@@ -537,8 +537,9 @@ class SearchableIndex:
     def __init__(self, index, excluded: np.ndarray | None = None):
         self.index = index
         self.excluded = excluded if excluded is not None and excluded.size else None
-        self._id_order = None  # (ids by position, sorting order, sorted ids), for filters on a re-ranking index
-        self._excluded_positions = None
+        # (ids by position, sorting order, sorted ids), for filters on a re-ranking index
+        self._id_order: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._excluded_positions: np.ndarray | None = None
 
     @property
     def ntotal(self) -> int:
@@ -586,6 +587,7 @@ class SearchableIndex:
             inner = faiss.IDSelectorBatch(self._positions(allowed))
             selector = inner
         else:
+            assert self.excluded is not None  # `search` sends only filtered searches here
             if self._excluded_positions is None:  # the same for every search of this view: computed once
                 self._excluded_positions = self._positions(self.excluded)
             inner = faiss.IDSelectorBatch(self._excluded_positions)
@@ -593,22 +595,21 @@ class SearchableIndex:
         params = search_parameters(self.index, selector=selector)  # the selector goes to the IVF stage
         k = max(1, min(k, self.index.ntotal))
         scores, found = _refine(self.index).search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
-        id_map = self._ids_by_position()
+        id_map, _, _ = self._id_tables()
         return scores, np.where(found >= 0, id_map[np.maximum(found, 0)], -1)
 
-    def _ids_by_position(self) -> np.ndarray:
+    def _id_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._id_order is None:
             import faiss
 
             id_map = faiss.vector_to_array(self.index.id_map).astype(np.int64)
             order = np.argsort(id_map, kind="stable")
             self._id_order = (id_map, order, id_map[order])
-        return self._id_order[0]
+        return self._id_order
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
         """Internal positions of those of `ids` the index holds."""
-        self._ids_by_position()
-        _, order, sorted_ids = self._id_order
+        _, order, sorted_ids = self._id_tables()
         at = np.searchsorted(sorted_ids, ids)
         present = at < sorted_ids.size
         present[present] = sorted_ids[at[present]] == ids[present]

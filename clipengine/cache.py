@@ -1,6 +1,7 @@
 """Where clipengine keeps what it can always rebuild: exported query towers, decoded training images.
 
-$CLIPENGINE_CACHE_DIR, else $XDG_CACHE_HOME/clipengine, else ~/.cache/clipengine. Deleting it loses only time.
+$CLIPENGINE_CACHE_DIR, else the platform's cache directory (~/.cache/clipengine on Linux, or
+$XDG_CACHE_HOME/clipengine; ~/Library/Caches/clipengine on macOS). Deleting it loses only time.
 """
 
 from __future__ import annotations
@@ -14,4 +15,6 @@ CACHE_DIR_ENV = "CLIPENGINE_CACHE_DIR"
 def cache_dir() -> Path:
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipengine"
+    import platformdirs
+
+    return platformdirs.user_cache_path("clipengine", appauthor=False)

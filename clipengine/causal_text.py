@@ -44,12 +44,16 @@ def causal_text(model: torch.nn.Module) -> CausalText | None:
     if mask is None or pool not in ("argmax", "eos"):
         return None  # not causal, or pooled where later positions matter
     eos = getattr(owner, "text_eos_id", None) if owner is model else getattr(owner, "eos_id", None)
+    if pool == "eos" and eos is None:
+        return None  # pooled at an end token it does not name
     return CausalText(owner, pool, eos)
 
 
 def pool_positions(tokens: torch.Tensor, pool: str, eos: int | None) -> torch.Tensor:
     """Where each text is pooled: its end token."""
-    return tokens.argmax(dim=-1) if pool == "argmax" else (tokens == eos).int().argmax(dim=-1)
+    if pool == "eos" and eos is not None:
+        return tokens.eq(eos).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)
 
 
 def encode_prefix(transformer: torch.nn.Module, ln_final: torch.nn.Module, projection: Any, mask: torch.Tensor,
@@ -87,7 +91,7 @@ class TrainingForward(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # an open_clip CLIP: its encode_* methods are not typed as Module attributes
         self.text = causal_text(model)
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple:

@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -35,7 +36,7 @@ class _LazyConsole:
 
     def __init__(self, stderr: bool = False):
         self._stderr = stderr
-        self._console = None
+        self._console: Any = None  # rich's Console, imported on first use
 
     @property
     def console(self):
@@ -53,26 +54,26 @@ out = _LazyConsole()
 err = _LazyConsole(stderr=True)
 
 IndexArg = Annotated[str, typer.Option("--index", "-i", help="Index name (kept in the index directory) or a path.")]
-IndexDirArg = Annotated[Optional[Path], typer.Option(
-    "--index-dir", envvar=INDEX_DIR_ENV, help="Where named indexes live (default: the checkout's indexes/).")]
-ModelArg = Annotated[Optional[str], typer.Option(
+IndexDirArg = Annotated[Path | None, typer.Option(
+    "--index-dir", envvar=INDEX_DIR_ENV, help="Where named indexes live (default: the checkout's indexes/; installed, the platform's data directory).")]
+ModelArg = Annotated[str | None, typer.Option(
     "--model", "-m", help="open_clip architecture, e.g. ViT-B-32, or a shipped config such as tiny.")]
-PretrainedArg = Annotated[Optional[str], typer.Option(
+PretrainedArg = Annotated[str | None, typer.Option(
     "--pretrained", help="Pretrained tag of the architecture, or a local weights file (.safetensors/.pt/.bin).")]
-CheckpointArg = Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint directory.")]
-PreprocessFromArg = Annotated[Optional[str], typer.Option(
+CheckpointArg = Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint directory.")]
+PreprocessFromArg = Annotated[str | None, typer.Option(
     "--preprocess-from", help="With a local weights file: the pretrained tag whose preprocessing it uses.")]
-DeviceArg = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: auto).")]
+DeviceArg = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: auto).")]
 JsonArg = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-MemoryBudgetArg = Annotated[Optional[str], typer.Option(
+MemoryBudgetArg = Annotated[str | None, typer.Option(
     "--memory-budget", help="Memory the search structure may take, e.g. 4GB (default: half the RAM); "
                             "the most accurate faiss index that fits is chosen and tuned.")]
-FaissArg = Annotated[Optional[str], typer.Option(
+FaissArg = Annotated[str | None, typer.Option(
     "--faiss", help="A faiss index_factory string, e.g. 'IVF4096,PQ64', instead of the automatic choice.")]
-QuantizeArg = Annotated[Optional[str], typer.Option(
+QuantizeArg = Annotated[str | None, typer.Option(
     "--quantize", help="int8: also export int8 query encoders, used by default only if their measured "
                        "recall@10 change on the index's own vectors is within 0.5 points.")]
-TargetRecallArg = Annotated[Optional[float], typer.Option(
+TargetRecallArg = Annotated[float | None, typer.Option(
     help="recall@10 against exact search that the search depth is tuned to reach (default 0.95).")]
 
 
@@ -146,11 +147,11 @@ def index(
     checkpoint: CheckpointArg = None,
     preprocess_from: PreprocessFromArg = None,
     device: DeviceArg = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per model call (default: 32 on CPU, 256 on GPU).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 32 on CPU, 256 on GPU).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: by device and cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the model on the CPU.")] = None,
     commit_every: Annotated[int, typer.Option(help="Commit progress every N files.")] = 256,
-    max_pixels: Annotated[Optional[str], typer.Option(
+    max_pixels: Annotated[str | None, typer.Option(
         help="Skip images needing more decoded pixels than this (default: 200M).")] = None,
     exact_decode: Annotated[bool, typer.Option(help="Decode JPEGs at full size (slower; exact open_clip preprocessing).")] = False,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
@@ -159,14 +160,14 @@ def index(
     memory_budget: MemoryBudgetArg = None,
     faiss_factory: FaissArg = None,
     target_recall: TargetRecallArg = None,
-    export: Annotated[Optional[bool], typer.Option(
+    export: Annotated[bool | None, typer.Option(
         "--export/--no-export", help="Export the query encoders that let searches start without torch "
                                      "(default: when the index is created).")] = None,
     quantize: QuantizeArg = None,
-    runtime: Annotated[Optional[str], typer.Option(
+    runtime: Annotated[str | None, typer.Option(
         help="What embeds the images: torch, or onnx (the index's exported image tower). Default: on a CPU, "
              "whichever measured faster on this machine; on a GPU, torch.")] = None,
-    precision: Annotated[Optional[str], typer.Option(
+    precision: Annotated[str | None, typer.Option(
         help="With --runtime onnx: fp32 (default) or int8 (exported with --quantize int8).")] = None,
     as_json: JsonArg = False,
 ) -> None:
@@ -233,7 +234,7 @@ def _describe_encoders(record: dict | None) -> str:
     """One line on the exported query encoders: per tower, verified (how closely) or why not."""
     from clipengine.query_encoders import never_exported
 
-    if never_exported(record):
+    if record is None or never_exported(record):
         return "torch (no exported query encoders)"
     parts = []
     for tower, what in (("text", "prompts"), ("image", "images")):
@@ -252,8 +253,8 @@ def _describe_encoders(record: dict | None) -> str:
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
-    from clipengine.sizes import parse_size
     from clipengine.indexing import FaissPolicy
+    from clipengine.sizes import parse_size
 
     return FaissPolicy(parse_size(memory_budget, "--memory-budget") if memory_budget else None, factory, target_recall)
 
@@ -299,21 +300,21 @@ def reindex(
 @app.command()
 @_user_errors
 def search(
-    query: Annotated[Optional[str], typer.Argument(help="Text to search for.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Find images like this one.")] = None,
-    vector: Annotated[Optional[Path], typer.Option("--vector", help="A query embedding saved as .npy.")] = None,
+    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Find images like this one.")] = None,
+    vector: Annotated[Path | None, typer.Option("--vector", help="A query embedding saved as .npy.")] = None,
     index_name: IndexArg = "default",
     index_dir: IndexDirArg = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 10,
-    prefix: Annotated[Optional[str], typer.Option(help="Only results whose path starts with this.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Only results whose path starts with this.")] = None,
     model: ModelArg = None,
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
     device: DeviceArg = None,
-    runtime: Annotated[Optional[str], typer.Option(
+    runtime: Annotated[str | None, typer.Option(
         help="onnx: the index's exported query encoders (default; no torch, a fraction of a second); "
              "torch: the model itself.")] = None,
-    precision: Annotated[Optional[str], typer.Option(
+    precision: Annotated[str | None, typer.Option(
         help="fp32 or int8 query encoders (default: int8 only where its measured recall change is within 0.5 points).")] = None,
     paths_only: Annotated[bool, typer.Option(help="Print only the paths, one per line (for piping).")] = False,
     as_json: JsonArg = False,
@@ -334,7 +335,7 @@ def search(
             hits = searcher.search_text(query, k, where)
         elif image is not None:
             hits = searcher.search_image(image, k, where)
-        else:
+        elif vector is not None:
             try:
                 q = np.load(vector, allow_pickle=False)
             except (OSError, ValueError) as e:
@@ -445,49 +446,49 @@ def _fmt_recall(val: dict) -> str:
 @app.command()
 @_user_errors
 def train(
-    data: Annotated[Optional[str], typer.Option(
+    data: Annotated[str | None, typer.Option(
         "--data", help="Captions: CSV/TSV (filepath,caption), a folder with .txt sidecars, COCO JSON, or 'shards/{000..009}.tar'.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory; it becomes a checkpoint for --checkpoint.")] = Path("runs/clip"),
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Architecture (default tiny).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Architecture (default tiny).")] = None,
     pretrained: PretrainedArg = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Fine-tune from a checkpoint directory.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training data (default 10).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch: all processes and micro-batches (default 64).")] = None,
-    accum_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per step; the loss still sees the whole batch.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 5e-4).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on weight matrices (default 0.2).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps (default 5% of all steps).")] = None,
-    beta1: Annotated[Optional[float], typer.Option(help="AdamW beta1 (default 0.9).")] = None,
-    beta2: Annotated[Optional[float], typer.Option(help="AdamW beta2 (default: 0.98 for a model named ViT-*, else 0.999, as open_clip_train).")] = None,
-    eps: Annotated[Optional[float], typer.Option(help="AdamW epsilon (default: 1e-6 for ViT-*, else 1e-8).")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this; 0 disables (default 1).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="clip (InfoNCE) or siglip (sigmoid).")] = None,
-    lock_image: Annotated[Optional[bool], typer.Option("--lock-image", help="Freeze the image tower (LiT).")] = None,
-    lock_text: Annotated[Optional[bool], typer.Option("--lock-text", help="Freeze the text tower.")] = None,
-    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="Trade compute for activation memory.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Fine-tune from a checkpoint directory.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training data (default 10).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch: all processes and micro-batches (default 64).")] = None,
+    accum_steps: Annotated[int | None, typer.Option(help="Micro-batches per step; the loss still sees the whole batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-4).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on weight matrices (default 0.2).")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5% of all steps).")] = None,
+    beta1: Annotated[float | None, typer.Option(help="AdamW beta1 (default 0.9).")] = None,
+    beta2: Annotated[float | None, typer.Option(help="AdamW beta2 (default: 0.98 for a model named ViT-*, else 0.999, as open_clip_train).")] = None,
+    eps: Annotated[float | None, typer.Option(help="AdamW epsilon (default: 1e-6 for ViT-*, else 1e-8).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm to this; 0 disables (default 1).")] = None,
+    loss: Annotated[str | None, typer.Option(help="clip (InfoNCE) or siglip (sigmoid).")] = None,
+    lock_image: Annotated[bool | None, typer.Option("--lock-image", help="Freeze the image tower (LiT).")] = None,
+    lock_text: Annotated[bool | None, typer.Option("--lock-text", help="Freeze the text tower.")] = None,
+    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing", help="Trade compute for activation memory.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")] = None,
     device: DeviceArg = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch threads for the model on the CPU.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
-    decode_cache: Annotated[Optional[str], typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
-    decode_cache_size: Annotated[Optional[str], typer.Option(help="Largest size of the decode cache (default 4GiB).")] = None,
-    val_size: Annotated[Optional[int], typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
-    val_data: Annotated[Optional[str], typer.Option(help="A separate validation set instead of holding out.")] = None,
-    image_root: Annotated[Optional[str], typer.Option(help="Folder that COCO file names are relative to.")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (default: each epoch).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps in all.")] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Write a log.jsonl record every N steps (default 10).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the model on the CPU.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
+    decode_cache: Annotated[str | None, typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
+    decode_cache_size: Annotated[str | None, typer.Option(help="Largest size of the decode cache (default 4GiB).")] = None,
+    val_size: Annotated[int | None, typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
+    val_data: Annotated[str | None, typer.Option(help="A separate validation set instead of holding out.")] = None,
+    image_root: Annotated[str | None, typer.Option(help="Folder that COCO file names are relative to.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default: each epoch).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps in all.")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Write a log.jsonl record every N steps (default 10).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     as_json: JsonArg = False,
 ) -> None:
     """Train a CLIP model from scratch, or fine-tune one, on image-caption pairs. Works under torchrun."""
     from clipengine.errors import BadInput
-    from clipengine.train import TrainConfig, resume_config
-    from clipengine.train import train as run_training
-    from clipengine.train.cpu_plan import describe as describe_cpu_plan
+    from clipengine.training import TrainConfig, resume_config
+    from clipengine.training import train as run_training
+    from clipengine.training.cpu_plan import describe as describe_cpu_plan
 
-    given = {"threads": threads, "data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
+    given: dict[str, Any] = {"threads": threads, "data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
              "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
              "weight_decay": weight_decay, "warmup_steps": warmup_steps, "loss": loss, "lock_image": lock_image,
              "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
@@ -541,10 +542,10 @@ def train(
 bench_app = typer.Typer(no_args_is_help=True, help="Measure a model: retrieval recall@k, zero-shot accuracy, "
                                                    "linear probe; compare two results.")
 app.add_typer(bench_app, name="bench")
-BenchJsonArg = Annotated[Optional[str], typer.Option(
+BenchJsonArg = Annotated[str | None, typer.Option(
     "--json", help="Write the full result (metrics, counts, model, settings) to this file; - for stdout.")]
-BatchArg = Annotated[Optional[int], typer.Option(help="Images per model call (default: by device).")]
-WorkersArg = Annotated[Optional[int], typer.Option(help="Decoding processes (default: by device and cores).")]
+BatchArg = Annotated[int | None, typer.Option(help="Images per model call (default: by device).")]
+WorkersArg = Annotated[int | None, typer.Option(help="Decoding processes (default: by device and cores).")]
 TransparencyArg = Annotated[str, typer.Option(
     help="Transparent pixels: white (composited, as indexing and search do) or drop (PIL's convert('RGB'): "
          "reproduces open_clip's and CLIP_benchmark's numbers). Recorded in the result.")]
@@ -633,9 +634,9 @@ def _report_bench(result, json_file: str | None) -> None:
 def bench_retrieval(
     data: Annotated[str, typer.Option("--data", help="Captions: CSV/TSV, sidecar folder, COCO/Karpathy/BLIP JSON, "
                                                       "Flickr30k .token file, or 'shards/{000..009}.tar'.")],
-    images: Annotated[Optional[str], typer.Option("--images", help="Folder the JSON/token file's image paths are relative to.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Karpathy split(s) to use (default: test).")] = None,
-    index_name: Annotated[Optional[str], typer.Option(
+    images: Annotated[str | None, typer.Option("--images", help="Folder the JSON/token file's image paths are relative to.")] = None,
+    split: Annotated[str | None, typer.Option(help="Karpathy split(s) to use (default: test).")] = None,
+    index_name: Annotated[str | None, typer.Option(
         "--index", "-i", help="Use this index's images as the gallery, and compare its search with exact search.")] = None,
     index_dir: IndexDirArg = None,
     model: ModelArg = None,
@@ -646,16 +647,16 @@ def bench_retrieval(
     device: DeviceArg = None,
     batch_size: BatchArg = None,
     workers: WorkersArg = None,
-    runtime: Annotated[Optional[str], typer.Option(
+    runtime: Annotated[str | None, typer.Option(
         help="torch (default), or onnx: embed through the model's exported towers, as searches do.")] = None,
-    precision: Annotated[Optional[str], typer.Option(
+    precision: Annotated[str | None, typer.Option(
         help="fp32 (default) or int8: through the exported int8 towers (implies --runtime onnx).")] = None,
     transparency: TransparencyArg = "white",
     json_file: BenchJsonArg = None,
 ) -> None:
     """Recall@k for text→image and image→text retrieval, as the CLIP paper and CLIP_benchmark compute it."""
-    from clipengine.bench.retrieval import index_retrieval_benchmark, retrieval_benchmark
     from clipengine.errors import BadInput
+    from clipengine.evaluation.retrieval import index_retrieval_benchmark, retrieval_benchmark
 
     ks = _parse_ks(k)
     spec = _spec(model, pretrained, checkpoint, preprocess_from)
@@ -674,8 +675,8 @@ def bench_retrieval(
 @_user_errors
 def bench_zeroshot(
     data: Annotated[str, typer.Option("--data", help="Image folder with one sub-folder per class.")],
-    classnames: Annotated[Optional[Path], typer.Option(help="Class names, one per line, in sorted folder order.")] = None,
-    templates: Annotated[Optional[Path], typer.Option(help="Prompt templates, one per line, with {c} for the class name.")] = None,
+    classnames: Annotated[Path | None, typer.Option(help="Class names, one per line, in sorted folder order.")] = None,
+    templates: Annotated[Path | None, typer.Option(help="Prompt templates, one per line, with {c} for the class name.")] = None,
     model: ModelArg = None,
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
@@ -687,7 +688,7 @@ def bench_zeroshot(
     json_file: BenchJsonArg = None,
 ) -> None:
     """Zero-shot classification: acc@1, acc@5 and mean per-class recall."""
-    from clipengine.bench.zeroshot import zeroshot_benchmark
+    from clipengine.evaluation.zeroshot import zeroshot_benchmark
 
     _run_bench(zeroshot_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
                classnames_file=classnames, templates_file=templates, device=device, batch_size=batch_size,
@@ -712,7 +713,7 @@ def bench_probe(
     json_file: BenchJsonArg = None,
 ) -> None:
     """Linear probe: logistic regression on frozen features, regularisation chosen on a validation split."""
-    from clipengine.bench.probe import probe_benchmark
+    from clipengine.evaluation.probe import probe_benchmark
 
     _run_bench(probe_benchmark, json_file, data, spec=_spec(model, pretrained, checkpoint, preprocess_from),
                with_text=with_text, test_fraction=test_fraction, val_fraction=val_fraction, device=device,
@@ -724,12 +725,12 @@ def bench_probe(
 def bench_compare(
     a: Annotated[Path, typer.Argument(help="A result written by --json.")],
     b: Annotated[Path, typer.Argument(help="Another result, compared against the first.")],
-    json_file: Annotated[Optional[str], typer.Option("--json", help="Write the comparison to this file; - for stdout.")] = None,
+    json_file: Annotated[str | None, typer.Option("--json", help="Write the comparison to this file; - for stdout.")] = None,
 ) -> None:
     """Two results side by side: each metric, the change, and what else differs between the runs."""
     from rich.table import Table
 
-    from clipengine.bench.report import compare_results, load_result
+    from clipengine.evaluation.report import compare_results, load_result
 
     comparison = compare_results(load_result(a), load_result(b))
     if json_file == "-":
@@ -738,8 +739,9 @@ def bench_compare(
     if json_file:
         Path(json_file).write_text(json.dumps(comparison, indent=2) + "\n")
     table = Table(box=None, pad_edge=False)
-    for column, justify in (("metric", "left"), ("a", "right"), ("b", "right"), ("b - a", "right")):
-        table.add_column(column, justify=justify)
+    table.add_column("metric", justify="left")
+    for column in ("a", "b", "b - a"):
+        table.add_column(column, justify="right")
 
     def pct(value: float | None, sign: str = "") -> str:
         return "" if value is None else f"{100 * value:{sign}.2f}"

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +26,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from clipengine.images import (DEFAULT_MAX_PIXELS, WHITE, Decoded, ImageRef, Skipped, describe_ref, open_image,
-                               read_image_bytes)
+from clipengine.images import (
+    DEFAULT_MAX_PIXELS,
+    WHITE,
+    Decoded,
+    ImageRef,
+    Skipped,
+    describe_ref,
+    open_image,
+    read_image_bytes,
+)
 from clipengine.models import LoadedModel
+
 
 @dataclass(frozen=True)
 class ImageEmbedding:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -30,8 +31,8 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -91,10 +92,12 @@ def _tower_modules():
     class SplitTextTower(torch.nn.Module):
         """Token embeddings (with positions) and the pooling position -> normalised embedding."""
 
+        mask: torch.Tensor  # a buffer
+
         def __init__(self, owner):
             super().__init__()
             self.transformer, self.ln_final = owner.transformer, owner.ln_final
-            self.projection = owner.text_projection
+            self.projection: torch.Tensor = owner.text_projection
             self.register_buffer("mask", owner.attn_mask.detach().clone(), persistent=False)
 
         def forward(self, x, pool_index):
@@ -123,6 +126,8 @@ def _export(module, args: tuple, names: list[str], dynamic: tuple, path: Path) -
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic, input_names=names,
                                     output_names=["normalised_features"], external_data=False, verbose=False)
+    if program is None:  # only the legacy exporter returns nothing, and dynamo=True does not use it
+        raise RuntimeError("torch.onnx.export returned no program")
     _save_external(program.model_proto, path)
 
 
@@ -177,8 +182,8 @@ def _export_text(model, directory: Path) -> dict:
         dynamic = ({0: Dim("batch"), 1: Dim("length", min=2, max=context)}, {0: Dim("batch")})
         _export(split_cls(owner), example, ["x", "pool_index"], dynamic, directory / raw_name(qe.TEXT_FILE))
         return {"form": "split", "pool": pool, "eos_id": eos, "context_length": context}
-    example = (model.tokenizer(["a photo", "two dogs"]),)
-    _export(normalised(model.model, "encode_text"), example, ["ids"], ({0: Dim("batch")},),
+    ids = (model.tokenizer(["a photo", "two dogs"]),)
+    _export(normalised(model.model, "encode_text"), ids, ["ids"], ({0: Dim("batch")},),
             directory / raw_name(qe.TEXT_FILE))
     return {"form": "whole", "context_length": context}
 
@@ -221,7 +226,7 @@ def _verify(tower: str, model, directory: Path, record: dict, file: str) -> tupl
     inputs = _check_inputs(tower)
     what = "prompts" if tower == "text" else "images"
     onnx = _onnx_tower(tower, directory, record, file)
-    if tower == "text":
+    if isinstance(onnx, qe.TextTower):
         differ = int((onnx.tokenizer(inputs) != model.tokenizer(inputs).numpy()).any(axis=1).sum())
         if differ:
             return {"status": "failed", "reason": f"the torch-free tokenizer differs from open_clip's on {differ} of "
@@ -240,7 +245,7 @@ def top_k_overlap(gallery: np.ndarray, reference: np.ndarray, candidate: np.ndar
     k = min(k, len(gallery))
     expected = np.argsort(-(reference @ gallery.T), axis=1)[:, :k]
     found = np.argsort(-(candidate @ gallery.T), axis=1)[:, :k]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(expected, found)]))
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(expected, found, strict=True)]))
 
 
 GALLERY_MIN = 100  # fewer indexed vectors than this cannot say whether int8 changes rankings
@@ -280,11 +285,11 @@ def _image_speed(model, directory: Path, record: dict) -> dict:
     from clipengine.embed import encode_pixels
 
     pixels = qe.ImagePreprocess.from_config(record["preprocess"])(check_images()[:16])
-    runners = {"torch": lambda: encode_pixels(model, torch.from_numpy(pixels))}
+    runners: dict[str, Callable[[], object]] = {"torch": lambda: encode_pixels(model, torch.from_numpy(pixels))}
     for precision, file in (("onnx", record["file"]), ("onnx-int8", (record.get("int8") or {}).get("file"))):
         if file:
             session = qe.create_session(directory / file, one_shot=False)
-            runners[precision] = lambda s=session: s.run(None, {"pixels": pixels})
+            runners[precision] = functools.partial(session.run, None, {"pixels": pixels})
     speed = {}
     for name, run in runners.items():
         run()  # warm-up: allocations, pre-packing
@@ -343,6 +348,13 @@ def _to_cache(key: str, directory: Path, names: list[str], record: dict) -> None
 # --------------------------------------------------------------------------------------------------
 # The whole export
 # --------------------------------------------------------------------------------------------------
+
+
+def _optimised_and_verified(tower: str, model, directory: Path, exported: dict,
+                            file: str) -> tuple[dict, np.ndarray | None]:
+    """The raw graph optimised into `file`, then checked against torch (the verdict, and what it embedded)."""
+    _optimise(directory / raw_name(file), directory / file)
+    return _verify(tower, model, directory, exported, file)
 
 
 def export_query_encoders(model, store: IndexStore, *, quantize: str | None = None,
@@ -434,24 +446,22 @@ def export_towers(model, directory: str | os.PathLike, *, quantize: str | None =
         raw = [raw_name(file), raw_name(file) + qe.EXTERNAL_DATA_SUFFIX, *names[1:]]
         names = [file, file + qe.EXTERNAL_DATA_SUFFIX, *raw]
         key = _cache_key(model.source, tower)
-
-        def optimised_and_verified(exported: dict) -> tuple[dict, np.ndarray | None]:
-            _optimise(directory / raw[0], directory / file)
-            return _verify(tower, model, directory, exported, file)
-
         try:
             exported = _from_cache(key, directory)
-            try:
-                verdict, embedded = optimised_and_verified(exported) if exported else (None, None)
-            except Exception:  # a damaged cache entry that does not even load
-                verdict = None
-            if verdict is None or verdict["status"] != "verified":  # not cached, or a cached copy that fails
+            verdict: dict | None = None
+            embedded: np.ndarray | None = None
+            if exported:
+                try:
+                    verdict, embedded = _optimised_and_verified(tower, model, directory, exported, file)
+                except Exception:  # a damaged cache entry that does not even load
+                    verdict = None
+            if exported is None or verdict is None or verdict["status"] != "verified":  # not cached, or fails
                 exported = export(model, directory)
-                verdict, embedded = optimised_and_verified(exported)
+                verdict, embedded = _optimised_and_verified(tower, model, directory, exported, file)
                 if verdict["status"] == "verified":
                     _to_cache(key, directory, raw, exported)
             record[tower] = {**exported, "file": file, **verdict}
-            if verdict["status"] == "verified" and quantize:
+            if verdict["status"] == "verified" and quantize and embedded is not None:
                 record[tower]["int8"] = _quantize(tower, directory, record[tower], embedded, gallery)
             if verdict["status"] == "verified" and tower == "image":
                 record[tower]["speed"] = _image_speed(model, directory, record[tower])

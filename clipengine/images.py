@@ -19,7 +19,7 @@ import struct
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
 TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an image inside a WebDataset shard
-ImageRef = Union[str, TarMember]  # where an image's bytes are: a file path or a tar member
+ImageRef = str | TarMember  # where an image's bytes are: a file path or a tar member
 _PIL_GUARD = threading.Lock()
 
 # What transparent pixels become. One policy, WHITE, for training, indexing, search and bench; DROP is there
@@ -143,7 +143,7 @@ def read_image_bytes(ref: ImageRef) -> bytes | Skipped:
         return Skipped(f"cannot read shard: {e.strerror or e}")
 
 
-def _open_unguarded(fp: io.IOBase) -> Image.Image:
+def _open_unguarded(fp: IO[bytes]) -> Image.Image:
     """Image.open without PIL's decompression-bomb check: our cap, applied after draft, decides.
 
     PIL's check counts header pixels, so it would refuse a 200 MP JPEG that draft decodes at 3 MP.

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Iterator
 
+from clipengine.ann import DRIFT_RATIO, n_lists
 from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
-from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
-from clipengine.ann import DRIFT_RATIO, n_lists
 from clipengine.query_encoders import check_runtime
+from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.store import ENCODERS_PENDING, FileRecord, IndexStore, StageProgress, remove_index
 
 ProgressCallback = Callable[[int, int], None]  # (files done, files to do)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from clipengine.errors import BadInput, ModelMismatch, ModelUnavailable, first_line
 
@@ -295,7 +296,7 @@ def _hf_hub_directory(repo: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def pick_device(requested: str | None = None) -> "torch.device":
+def pick_device(requested: str | None = None) -> torch.device:
     """The device to embed on: the one asked for, else cuda, then mps, then cpu."""
     import torch
 
@@ -316,7 +317,7 @@ def pick_device(requested: str | None = None) -> "torch.device":
     return torch.device("cpu")
 
 
-def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Half precision where it is fast and safe (GPUs), full float32 on the CPU."""
     import torch
 
@@ -447,14 +448,14 @@ def load_model(source: dict | ModelSpec, device: str | None = None) -> LoadedMod
             open_clip.load_checkpoint(model, path, weights_only=True)
             preprocess_overlay = tag_cfg
         elif kind == "file":
-            path = Path(source["pretrained"])
-            if not path.is_file():
-                raise ModelUnavailable(f"weights file {path} is gone: put it back, or build a new index")
-            if _file_fingerprint(path, source)["sha256"] != source["sha256"]:
-                raise ModelMismatch(f"weights file {path} changed since this index was built")
+            weights = Path(source["pretrained"])
+            if not weights.is_file():
+                raise ModelUnavailable(f"weights file {weights} is gone: put it back, or build a new index")
+            if _file_fingerprint(weights, source)["sha256"] != source["sha256"]:
+                raise ModelMismatch(f"weights file {weights} changed since this index was built")
             preprocess_overlay = _arch_preprocess(arch, source.get("preprocess_from"))
             model = _arch_model(arch)
-            open_clip.load_checkpoint(model, str(path), weights_only=True)
+            open_clip.load_checkpoint(model, str(weights), weights_only=True)
         elif kind == "random":
             with _seeded(int(source["seed"])):
                 model = _arch_model(arch)

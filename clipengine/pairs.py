@@ -31,9 +31,9 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from clipengine.errors import BadInput
 from clipengine.images import ImageRef
@@ -41,7 +41,6 @@ from clipengine.scan import IMAGE_EXTENSIONS
 
 MOSTLY_BAD = 0.5  # refuse data when more than this fraction of its rows is unusable
 SIDECAR_SUFFIX = ".txt"
-LAYOUTS = ("csv", "sidecar", "coco", "karpathy", "blip", "flickr-token", "shards")
 _TOKEN_LINE = re.compile(r"^([^\t#]+)#\d+\t(.*)$")
 
 
@@ -65,7 +64,7 @@ class PairSet:
         self.images.append(image)
         self.captions.append(list(captions))
 
-    def subset(self, indices: Sequence[int]) -> "PairSet":
+    def subset(self, indices: Sequence[int]) -> PairSet:
         return PairSet([self.images[i] for i in indices], [self.captions[i] for i in indices], [], self.layout)
 
 
@@ -225,6 +224,12 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes (`extractfile` gives None only for members that are not files)."""
+    f = tar.extractfile(member)
+    return f.read() if f is not None else b""
+
+
 def _read_shards(pattern: str) -> PairSet:
     shards = expand_braces(pattern)
     pairs = PairSet()
@@ -241,10 +246,10 @@ def _read_shards(pattern: str) -> PairSet:
                 caption_of: dict[str, list[str]] = {}
                 for key, parts in samples.items():
                     if "txt" in parts:
-                        raw = tar.extractfile(parts["txt"]).read().decode("utf-8", "replace")
+                        raw = _member_bytes(tar, parts["txt"]).decode("utf-8", "replace")
                         caption_of[key] = raw.splitlines()
                     elif "json" in parts:
-                        meta = json.loads(tar.extractfile(parts["json"]).read() or b"{}")
+                        meta = json.loads(_member_bytes(tar, parts["json"]) or b"{}")
                         caption = meta.get("caption") if isinstance(meta, dict) else None
                         caption_of[key] = caption if isinstance(caption, list) else [str(caption or "")]
         except (tarfile.TarError, OSError, ValueError) as e:
@@ -314,7 +319,7 @@ class LabelledSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, indices: Sequence[int]) -> "LabelledSet":
+    def subset(self, indices: Sequence[int]) -> LabelledSet:
         return LabelledSet([self.images[i] for i in indices], [self.labels[i] for i in indices], self.classes,
                            [self.captions[i] for i in indices])
 

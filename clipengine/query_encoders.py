@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def fallback_advice(record: dict | None, error: EncodersUnavailable, index_path:
     """What to tell a user whose searches load torch because of `error`, or None when there is nothing to fix
     (the model's towers did not export or failed their check: `info` says why, once)."""
     fix = f"`clipengine export --index {index_path}`"
-    if never_exported(record):
+    if record is None or never_exported(record):
         return f"{error}, so searches load torch (seconds): {fix} makes them start in a fraction of a second"
     if not record.get("dir"):
         return None
@@ -138,7 +138,7 @@ class ImagePreprocess:
     resize_mode: str = "shortest"
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ImagePreprocess":
+    def from_config(cls, cfg: dict) -> ImagePreprocess:
         """From a model's preprocess config (as the index manifest holds it); ValueError if torch-free
         preprocessing cannot reproduce it."""
         size = cfg["size"]
@@ -159,7 +159,7 @@ class ImagePreprocess:
         """Resize and crop, as torchvision does it for a PIL image (which is PIL's own resize)."""
         from PIL import Image
 
-        resample = Image.BILINEAR if self.interpolation == "bilinear" else Image.BICUBIC
+        resample = Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.BICUBIC
         s = self.size
         w, h = image.size
         if self.resize_mode == "squash":
@@ -250,10 +250,10 @@ class QueryEncoders:
 
     @classmethod
     def open(cls, index_path: str | os.PathLike, record: dict | None, *, precision: str | None = None,
-             one_shot: bool = False) -> "QueryEncoders":
+             one_shot: bool = False) -> QueryEncoders:
         """The encoders an index manifest's `query_encoders` record describes, with their files checked.
         Raises EncodersUnavailable with the reason when there are none that can be used."""
-        if never_exported(record):
+        if record is None or never_exported(record):
             raise EncodersUnavailable("this index has no exported query encoders")
         if not record.get("dir"):
             raise EncodersUnavailable("its model's towers did not export or did not pass the check")

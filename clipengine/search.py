@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,10 @@ from clipengine.errors import BadInput, FallbackNotice
 from clipengine.models import ModelSpec, check_same_model
 from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.store import IndexStore
+
+if TYPE_CHECKING:
+    from clipengine.ann import SearchableIndex
+    from clipengine.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -64,21 +69,21 @@ class Searcher:
         self.device = device
         self.one_shot = one_shot
         self.precision = precision
-        self._faiss = None
-        self._model = None
+        self._faiss: SearchableIndex | None = None
+        self._model: LoadedModel | None = None
         self._encoders: QueryEncoders | None | bool = False if runtime == "torch" else None
 
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> "Searcher":
+    def __enter__(self) -> Searcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
-    def model(self):
+    def model(self) -> LoadedModel:
         if self._model is None:
             from clipengine.models import load_model
 
@@ -86,7 +91,7 @@ class Searcher:
         return self._model
 
     @property
-    def faiss(self):
+    def faiss(self) -> SearchableIndex:
         """The index's faiss structure, memory-mapped: opening costs milliseconds at any size."""
         if self._faiss is None:
             self._faiss = self.store.faiss_view(mmap=True)
@@ -101,7 +106,7 @@ class Searcher:
                                                     precision=self.precision, one_shot=self.one_shot)
             except EncodersUnavailable as e:
                 self._fall_back(e)
-        return self._encoders or None
+        return self._encoders if isinstance(self._encoders, QueryEncoders) else None
 
     def _fall_back(self, e: EncodersUnavailable) -> None:
         self._encoders = False
@@ -142,8 +147,8 @@ class Searcher:
         from clipengine.images import Decoded, open_image  # PIL: not needed by text queries
 
         encoders = self.encoders
-        onnx = encoders is not None and encoders.available("image")
-        decoded = open_image(path, draft_size=encoders.image_size if onnx else self.model.image_size)  # as indexing does
+        onnx = encoders if encoders is not None and encoders.available("image") else None
+        decoded = open_image(path, draft_size=onnx.image_size if onnx else self.model.image_size)  # as indexing does
         if not isinstance(decoded, Decoded):
             raise BadInput(f"cannot use {image_path} as a query: {decoded.reason}")
 
@@ -175,7 +180,7 @@ class Searcher:
             return []
         scores, ids = self.faiss.search(q, k, allowed)
         rows = self.store.rows(i for i in ids[0] if i >= 0)
-        hits = []
+        hits: list[Hit] = []
         for score, i in zip(scores[0], ids[0], strict=True):
             row = rows.get(int(i))
             if row is not None:  # a row deleted since the faiss view was read is simply left out

@@ -29,8 +29,17 @@ import numpy as np
 
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
-from clipengine.indexing import (FaissPolicy, IndexReport, ProgressCallback, _commit, _open_or_create, embed_records,
-                                 ensure_folder, finish_index, plan_and_drop)
+from clipengine.indexing import (
+    FaissPolicy,
+    IndexReport,
+    ProgressCallback,
+    _commit,
+    _open_or_create,
+    embed_records,
+    ensure_folder,
+    finish_index,
+    plan_and_drop,
+)
 from clipengine.models import ModelSpec, describe_source
 from clipengine.query_encoders import check_runtime
 from clipengine.scan import FoundFile
@@ -80,7 +89,8 @@ def index_folder_sharded(
     try:
         root = os.path.abspath(ensure_folder(folder))
         index_path = Path(index_path)
-        store = report = None
+        store: IndexStore | None = None
+        report: IndexReport | None = None
         job: dict = {}
         if rank == 0:
             try:
@@ -100,9 +110,10 @@ def index_folder_sharded(
                          progress=progress if rank == 0 else None)
         except Exception as e:  # reported to rank 0, which merges what every rank did write
             error = f"rank {rank}: {e}"
-        errors = [None] * world
+        errors: list[str | None] = [None] * world
         dist.all_gather_object(errors, error)
         if rank == 0:
+            assert store is not None and report is not None  # rank 0 planned the job
             with store:
                 _merge_parts(store, index_path, report)
                 store.drop_unused_vectors()
@@ -111,7 +122,7 @@ def index_folder_sharded(
                 finish_index(store, report, None, export=export, quantize=quantize, progress=build_progress)
             report.seconds = time.perf_counter() - started
         dist.barrier()  # the job ends when the index is ready, on every rank
-        failed = [e for e in errors if e]
+        failed = [e for e in errors if e is not None]
         if failed:
             raise BadInput("; ".join(failed) + " (what was embedded is kept: run the same command again)")
         return report
@@ -222,6 +233,6 @@ def _merge_parts(store: IndexStore, index_path: Path, report: IndexReport) -> No
         except (OSError, ValueError, KeyError) as e:
             raise BadInput(f"shard file {part} is damaged ({e}): delete it and run again") from None
         _commit(store, report, records)
-        known.update(r.hash for r in records if r.vector is not None)
+        known.update(r.hash for r in records if r.vector is not None and r.hash is not None)
         part.unlink()
     shutil.rmtree(shards, ignore_errors=True)

@@ -15,7 +15,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 def parse_size(text: str | int, option: str) -> int:
     """'4GB', '512MiB', '2.5g' -> bytes; anything else is a one-line error naming `option`."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and _UNITS.get(match.group(2).lower())
-    if not unit or float(match.group(1)) <= 0:
+    unit = _UNITS.get(match.group(2).lower()) if match else None
+    if match is None or not unit or float(match.group(1)) <= 0:
         raise BadInput(f"{option} {text!r}: give a size such as 4GB, 512MB or 2GiB")
     return int(float(match.group(1)) * unit)

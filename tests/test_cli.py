@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import committed_count, interruptible, write_bad_inputs
 from typer.testing import CliRunner
 
 from clipengine.cli import app
 from clipengine.store import MANIFEST
-from conftest import interruptible, write_bad_inputs
 
 runner = CliRunner()
 
@@ -139,6 +139,7 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
     assert result.stderr.startswith("error: no index at") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
     from clipengine.synthetic import write_photo_folder
 
@@ -149,10 +150,10 @@ def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=interruptible)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "indexes" / "x").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
+    while committed_count(tmp_path / "indexes" / "x") < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the first commit: interrupted while embedding, not while starting up
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
+    assert 4 <= committed_count(tmp_path / "indexes" / "x") < 80  # what was committed is kept

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clipengine.train.cpu_plan import CpuPlanner, Plan, candidates, describe
+from clipengine.training.cpu_plan import CpuPlanner, Plan, candidates, describe
 
 
 def test_candidates_cover_light_and_heavy_decoding():

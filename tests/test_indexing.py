@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import committed_count, interruptible, write_bad_inputs
 
 import clipengine.embed as embed_module
 import clipengine.indexing as indexing_module
@@ -21,9 +21,8 @@ from clipengine.errors import BadInput, IndexCorrupt, ModelMismatch
 from clipengine.indexing import index_folder, index_info
 from clipengine.models import ModelSpec
 from clipengine.search import Searcher
-from clipengine.store import DATABASE, MANIFEST, IndexStore
+from clipengine.store import MANIFEST, IndexStore
 from clipengine.synthetic import photo_like, write_photo_folder
-from conftest import interruptible, write_bad_inputs
 
 TINY = ModelSpec(arch="tiny")
 
@@ -242,14 +241,6 @@ index_folder(sys.argv[1], sys.argv[2], ModelSpec(arch="tiny"), workers=0, batch_
 """
 
 
-def committed_count(index: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{index / DATABASE}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def many_pngs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("many")
@@ -257,6 +248,7 @@ def many_pngs(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_run_resumes_and_indexes_every_file_exactly_once(many_pngs, tmp_path, sig):
     folder = many_pngs

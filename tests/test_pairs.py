@@ -40,8 +40,8 @@ def test_tsv_and_comma_csv_read_the_same(scene_csv):
 def test_sidecar_folder_and_coco_json_read_the_same_pairs(scene_csv, tmp_path):
     csv_pairs = read_pairs(scene_csv)
     images = scene_csv.parent / "images"
-    coco = {"images": [], "annotations": []}
-    for i, (path, captions) in enumerate(zip(csv_pairs.images, csv_pairs.captions)):
+    coco: dict[str, list[dict]] = {"images": [], "annotations": []}
+    for i, (path, captions) in enumerate(zip(csv_pairs.images, csv_pairs.captions, strict=True)):
         Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
         coco["images"].append({"id": i, "file_name": Path(path).name})
         coco["annotations"] += [{"image_id": i, "caption": c} for c in captions]
@@ -63,7 +63,7 @@ def _write_shard(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
 
 def test_webdataset_shards_by_brace_pattern(scene_csv, tmp_path):
     pairs = read_pairs(scene_csv)
-    samples = [(f"sample{i:03d}", Path(p).read_bytes(), c[0]) for i, (p, c) in enumerate(zip(pairs.images, pairs.captions))]
+    samples = [(f"sample{i:03d}", Path(p).read_bytes(), c[0]) for i, (p, c) in enumerate(zip(pairs.images, pairs.captions, strict=True))]
     _write_shard(tmp_path / "shard-000.tar", samples[:5])
     _write_shard(tmp_path / "shard-001.tar", samples[5:] + [("nocaption", samples[0][1], "  ")])
     shards = read_pairs(str(tmp_path / "shard-{000..001}.tar"))
@@ -106,7 +106,7 @@ def test_mostly_bad_data_is_refused_with_the_reason(tmp_path):
 
 def _scene_records(scene_csv):
     pairs = read_pairs(scene_csv)
-    return pairs, [(Path(p).name, c) for p, c in zip(pairs.images, pairs.captions)]
+    return pairs, [(Path(p).name, c) for p, c in zip(pairs.images, pairs.captions, strict=True)]
 
 
 def test_karpathy_blip_and_flickr_token_files_read_the_same_pairs(scene_csv, tmp_path):

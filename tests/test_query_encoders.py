@@ -91,6 +91,7 @@ def imported_modules(*args: str) -> tuple[set[str], subprocess.CompletedProcess]
     return {line.rsplit("|", 1)[1].strip() for line in lines}, result
 
 
+@pytest.mark.slow
 def test_cold_search_imports_neither_torch_nor_open_clip(index, outside):
     heavy = ("torch", "open_clip", "torchvision", "timm")
     for query in (["a dog on a beach"], ["--image", str(outside)]):
@@ -139,6 +140,7 @@ def test_an_older_index_searches_with_torch_and_says_how_to_get_the_fast_path(in
     assert cli("search", "a photo", "--index", index).stderr == ""
 
 
+@pytest.mark.slow
 def test_an_interrupted_first_run_exports_at_the_next_run(photos, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -154,6 +156,7 @@ def test_an_interrupted_first_run_exports_at_the_next_run(photos, tmp_path, monk
     assert record_of(tmp_path / "idx")["text"]["status"] == "verified"
 
 
+@pytest.mark.slow
 def test_a_tower_that_fails_its_check_is_not_used_and_info_says_why(photos, tmp_path, monkeypatch, outside):
     monkeypatch.setattr(export_module, "MAX_ABS_DIFF", 1e-12)  # no export matches torch this closely
     index_folder(photos, tmp_path / "idx", TINY, workers=0)
@@ -167,6 +170,7 @@ def test_a_tower_that_fails_its_check_is_not_used_and_info_says_why(photos, tmp_
     assert len(result.stdout.splitlines()) == 3 and result.stderr == ""  # nothing to fix per search: no note
 
 
+@pytest.mark.slow
 def test_a_tower_that_does_not_export_keeps_torch_and_the_other_tower_still_serves(photos, tmp_path, monkeypatch,
                                                                                   outside):
     def unsupported(model, directory):
@@ -200,6 +204,7 @@ def test_export_replaces_the_previous_one_and_a_second_index_reuses_the_verified
     assert record_of(tmp_path / "second")["text"]["status"] == "verified"
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_exported_afresh(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPENGINE_CACHE_DIR", str(tmp_path / "cache"))
     index_folder(photos, tmp_path / "a", TINY, workers=0)
@@ -239,7 +244,7 @@ def stored_vectors(index) -> dict[str, np.ndarray]:
     with IndexStore.open(index) as store:
         ids, vectors = store.vectors()
         rows = store.rows(ids)
-    return {rows[int(i)].path: v for i, v in zip(ids, vectors)}
+    return {rows[int(i)].path: v for i, v in zip(ids, vectors, strict=True)}
 
 
 def test_indexing_runtime_follows_the_measured_speed_and_onnx_vectors_equal_torchs(index, photos, tmp_path):
@@ -306,6 +311,7 @@ def test_int8_recall_is_measured_against_fp32_top_10():
     assert top_k_overlap(gallery, queries, -queries) == 0.0
 
 
+@pytest.mark.slow
 def test_a_text_tower_that_cannot_run_split_is_exported_whole_and_still_matches_torch(photos, tmp_path, monkeypatch):
     """Towers that are not causal or pool elsewhere (hf-hub text encoders, SigLIP) take the full token ids."""
     monkeypatch.setattr("clipengine.causal_text.causal_text", lambda model: None)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-from clipengine.scan import FoundFile, Recorded, plan_update, scan_folder
 from conftest import write_bad_inputs
+
+from clipengine.scan import FoundFile, Recorded, plan_update, scan_folder
 
 
 def test_scan_finds_images_recursively_and_reports_unreadable_entries(tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from clipengine.indexing import index_folder, index_info
 from clipengine.search import Searcher
@@ -21,9 +22,10 @@ def stored(index) -> dict[str, np.ndarray]:
     with IndexStore.open(index) as store:
         ids, vectors = store.vectors()
         rows = store.rows(ids)
-        return {rows[int(i)].path: v for i, v in zip(ids, vectors)}
+        return {rows[int(i)].path: v for i, v in zip(ids, vectors, strict=True)}
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_index_one_process_builds(tmp_path, tiny_model):
     photos = tmp_path / "photos"
     write_photo_folder(photos, 14, size=(96, 72))

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
-from clipengine.store import (DATABASE, FAISS_FILE, MANIFEST, FileRecord, IndexStore, remove_index,
-                              resolve_index_path)
+from clipengine.store import DATABASE, FAISS_FILE, MANIFEST, FileRecord, IndexStore, remove_index, resolve_index_path
 
 DIM = 8
 
@@ -186,3 +185,21 @@ def test_index_names_and_paths(tmp_path, monkeypatch):
 
     checkout = Path(clipengine.__file__).resolve().parent.parent
     assert resolve_index_path("photos") == checkout / "indexes" / "photos"
+
+
+def test_an_installed_package_keeps_indexes_and_caches_in_the_users_directories(tmp_path, monkeypatch):
+    """A wheel's package sits in site-packages with no checkout around it: indexes must not go there."""
+    from clipengine import cache, store
+
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    (site / "clipengine").mkdir(parents=True)
+    (site / "indexes").mkdir()  # even a folder of that name beside the package is not a checkout's
+    monkeypatch.setattr(store, "__file__", str(site / "clipengine" / "store.py"))
+    monkeypatch.delenv("CLIPENGINE_INDEX_DIR")
+    monkeypatch.delenv("CLIPENGINE_CACHE_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert resolve_index_path("photos") == (tmp_path / "data" / "clipengine" / "indexes" / "photos").resolve()
+    assert cache.cache_dir() == tmp_path / "cache" / "clipengine"
+    monkeypatch.setenv("CLIPENGINE_INDEX_DIR", str(tmp_path / "mine"))  # the variable still wins
+    assert resolve_index_path("photos") == (tmp_path / "mine" / "photos").resolve()

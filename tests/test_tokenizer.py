@@ -81,6 +81,7 @@ def texts() -> list[str]:
     return corpus()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("context_length", [77, 32])
 def test_ids_equal_open_clip_on_over_10000_strings(texts, tmp_path, context_length):
     from open_clip.tokenizer import SimpleTokenizer
@@ -99,6 +100,7 @@ def test_ids_equal_open_clip_on_over_10000_strings(texts, tmp_path, context_leng
     assert (got[expected[:, -1] != 0, -1] == ours.eot_id).all()
 
 
+@pytest.mark.slow
 def test_cleaning_options_and_extra_special_tokens(tmp_path):
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -142,7 +144,8 @@ def test_tokenising_imports_neither_torch_nor_open_clip(tmp_path):
 def hf_tokenizer_dir(tmp_path_factory):
     """A Hugging Face fast tokenizer (BERT-style WordPiece, trained here on real sentences), saved as a model
     repository would ship it, for open_clip's HFTokenizer to load."""
-    from tokenizers import Tokenizer as HfCore, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HfCore
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = HfCore(models.WordPiece(unk_token="[UNK]"))
@@ -158,6 +161,7 @@ def hf_tokenizer_dir(tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [{}, {"clean": "lower", "strip_sep_token": True}])
 def test_hugging_face_tokenizers_equal_open_clips_wrapper_on_over_10000_strings(texts, hf_tokenizer_dir, tmp_path,
                                                                                  options):

@@ -10,7 +10,7 @@ import torch
 from clipengine.errors import BadInput
 from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
-from clipengine.train.data import PairDataset, StepBatches, collate_pairs, sample_seed, split_validation
+from clipengine.training.data import PairDataset, StepBatches, collate_pairs, sample_seed, split_validation
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from clipengine.embed import split_transform
+from clipengine.errors import BadInput
 from clipengine.images import DROP, WHITE, open_image
 from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
-from clipengine.train import data as train_data
-from clipengine.train.data import PairDataset
-from clipengine.errors import BadInput
 from clipengine.sizes import parse_size
-from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom
+from clipengine.training import data as train_data
+from clipengine.training.data import PairDataset
+from clipengine.training.decoded import DecodedCache, TrainingShrink, crop_headroom
 
 
 def test_the_shrink_keeps_what_the_random_crop_needs(tiny_model):
@@ -47,7 +47,7 @@ def test_the_cache_is_keyed_by_content_and_variant_and_bounded(tmp_path):
     cache = DecodedCache(tmp_path / "c.sqlite", "side78:white", max_bytes=3 * 20 * 30 * 3)
     keys = [DecodedCache.key(_png(im)) for im in images]
     assert len(set(keys)) == 4 and cache.get(keys[0]) is None
-    assert [cache.put(k, im) for k, im in zip(keys, images)] == [True, True, True, False]  # the 4th does not fit
+    assert [cache.put(k, im) for k, im in zip(keys, images, strict=True)] == [True, True, True, False]  # the 4th does not fit
     assert np.array_equal(np.asarray(cache.get(keys[1])), np.asarray(images[1]))
     assert cache.get(keys[3]) is None
     other = DecodedCache(tmp_path / "c.sqlite", "side78:drop")
@@ -90,16 +90,21 @@ def test_a_second_epoch_decodes_nothing_and_crops_the_same(tmp_path, tiny_model,
     def dataset(cache):
         return PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64, shrink=shrink, cache=cache)
 
-    decodes = []
+    decodes: list[int] = []
     real = train_data.open_image
-    monkeypatch.setattr(train_data, "open_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
+
+    def counted_open_image(*args, **kwargs):
+        decodes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_data, "open_image", counted_open_image)
     cache = DecodedCache(tmp_path / "c.sqlite", "side78:white")
     first = [dataset(cache)[(i, 7)][0] for i in range(6)]
     assert len(decodes) == 6
     again = [dataset(cache)[(i, 7)][0] for i in range(6)]  # a new dataset: the next run, or a new worker
     assert len(decodes) == 6  # nothing decoded again
     uncached = [dataset(None)[(i, 7)][0] for i in range(6)]
-    for a, b, c in zip(first, again, uncached):
+    for a, b, c in zip(first, again, uncached, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)  # the cache changes the time, never the pixels
     Path(pairs.images[0]).write_bytes(_jpeg_of_another_scene())
     dataset(cache)[(0, 7)]
@@ -112,6 +117,7 @@ def _jpeg_of_another_scene() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_awkward_images_decode_and_crop_without_warnings(tmp_path, tiny_model):
     """A 156 MP image warned about decompression bombs on every random crop, and one over 179 MP raised."""
     folder = tmp_path / "odd"
@@ -139,5 +145,5 @@ def test_transparency_is_white_or_what_open_clip_sees(tmp_path):
     white = np.asarray(open_image(data, transparency=WHITE).image)
     dropped = open_image(data, transparency=DROP).image
     assert tuple(white[1, 1]) == (255, 255, 255) and tuple(white[0, 0]) == (200, 100, 50)
-    assert dropped.mode == "RGBA"  # open_clip's transform resizes with alpha, then drops it (tests/test_bench.py)
+    assert dropped.mode == "RGBA"  # open_clip's transform resizes with alpha, then drops it (tests/test_evaluation.py)
     assert np.array_equal(np.asarray(dropped), np.asarray(Image.open(io.BytesIO(data))))

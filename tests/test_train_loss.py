@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from clipengine.causal_text import TrainingForward
-from clipengine.train.distributed import World
-from clipengine.train.loop import _forward_backward, cosine_lr, param_groups
-from clipengine.train.loss import contrastive_loss, sigmoid_loss
+from clipengine.training.distributed import World
+from clipengine.training.loop import _forward_backward, cosine_lr, param_groups
+from clipengine.training.loss import contrastive_loss, sigmoid_loss
 
 
 def _features(n: int = 16, d: int = 32, seed: int = 0):
@@ -25,10 +25,10 @@ def _features(n: int = 16, d: int = 32, seed: int = 0):
 
 
 def _value_and_grads(fn, *inputs):
-    inputs = [x.detach().clone().requires_grad_() for x in inputs]
-    loss = fn(*inputs)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = fn(*leaves)
     loss.backward()
-    return loss.detach(), [x.grad for x in inputs]
+    return loss.detach(), [x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -38,7 +38,7 @@ def test_contrastive_loss_equals_open_clip(with_bias):
     ours, our_grads = _value_and_grads(contrastive_loss, *inputs)
     theirs, their_grads = _value_and_grads(ClipLoss(), *inputs)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    for a, b in zip(our_grads, their_grads):
+    for a, b in zip(our_grads, their_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert ours > 0
 
@@ -48,7 +48,7 @@ def test_sigmoid_loss_equals_open_clip():
     ours, our_grads = _value_and_grads(sigmoid_loss, image, text, scale, bias)
     theirs, their_grads = _value_and_grads(SigLipLoss(), image, text, scale, bias)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
-    for a, b in zip(our_grads, their_grads):
+    for a, b in zip(our_grads, their_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -91,7 +91,7 @@ def test_accumulation_equals_the_full_batch(tiny_model, loss_fn):
 
     # what accumulation would give without the cache: a sum of small-batch losses, each with 3 negatives
     model.zero_grad(set_to_none=True)
-    for p, t in zip(pixels.chunk(4), texts.chunk(4)):
+    for p, t in zip(pixels.chunk(4), texts.chunk(4), strict=True):
         img, txt, scale = model(p, t)[:3]
         (loss_fn(img, txt, scale) / 4).backward()
     naive = model.logit_scale.grad.clone()
@@ -101,7 +101,7 @@ def test_accumulation_equals_the_full_batch(tiny_model, loss_fn):
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [cosine_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert cosine_lr(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
 
 

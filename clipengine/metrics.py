@@ -16,7 +16,7 @@ scores, merged only where a block beats it. 100,000 images × 500,000 captions n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def _top_values(scores, k: int, dim: int):
     return top
 
 
-def retrieval_hits(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequence[int],
+def retrieval_hits(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequence[int] | np.ndarray,
                    ks: Sequence[int] = DEFAULT_KS, *, block_bytes: int = BLOCK_BYTES) -> dict[str, np.ndarray]:
     """Per query, whether it is a hit at each k: ``text_to_image_R@k`` holds one bool per caption,
     ``image_to_text_R@k`` one per image that has a caption (in image order). `text_owner[t]` is the row
@@ -105,7 +105,7 @@ def retrieval_hits(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequ
     return hits
 
 
-def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequence[int],
+def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_owner: Sequence[int] | np.ndarray,
                      ks: Sequence[int] = DEFAULT_KS, *, block_bytes: int = BLOCK_BYTES) -> dict[str, float]:
     """Recall@k in both directions (see `retrieval_hits`): keys ``text_to_image_R@k`` and
     ``image_to_text_R@k``, values in [0, 1]."""
@@ -134,7 +134,7 @@ def chance_recall(n_images: int, k: int) -> float:
     return min(1.0, k / max(1, n_images))
 
 
-def classification_metrics(logits: np.ndarray, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: Sequence[int] | np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy (a hit when the true class is among the k highest logits) and mean per-class
     recall (balanced accuracy over the classes that occur in `labels`), as CLIP_benchmark reports them."""
     import torch

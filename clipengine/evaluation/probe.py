@@ -13,16 +13,16 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from clipengine.bench.metrics import classification_metrics
-from clipengine.bench.report import BenchResult
-from clipengine.images import WHITE
-from clipengine.bench.retrieval import Progress, embed_captions, embed_image_refs, model_settings
 from clipengine.errors import BadInput
+from clipengine.evaluation.report import EvaluationResult
+from clipengine.evaluation.retrieval import Progress, embed_captions, embed_image_refs, model_settings
+from clipengine.images import WHITE
+from clipengine.metrics import classification_metrics
 from clipengine.models import LoadedModel, ModelSpec, load_model, resolve_source
 from clipengine.pairs import LabelledSet, read_labelled
 
@@ -107,7 +107,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, names: Sequence[str], val_fraction: f
 def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), with_text: bool = False,
                     test_fraction: float = 0.2, val_fraction: float = 0.2, device: str | None = None,
                     batch_size: int | None = None, workers: int | None = None,
-                    progress: Progress | None = None, transparency: str = WHITE) -> BenchResult:
+                    progress: Progress | None = None, transparency: str = WHITE) -> EvaluationResult:
     """Test accuracy of a logistic-regression probe on frozen features of a class-folder image set."""
     started = time.perf_counter()
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1:
@@ -130,7 +130,7 @@ def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), w
     logits[:, classifier.classes_] = scores  # classes absent from training are never predicted
     metrics = classification_metrics(logits, y_test, ks=(1, 5))
     metrics["val_acc@1"] = val_accuracy
-    return BenchResult(
+    return EvaluationResult(
         task="probe", dataset={"path": os.path.abspath(str(data)), "layout": "class folders", "split": split_from},
         model=source, metrics=metrics,
         counts={"n_images": len(y_train) + len(y_test), "n_train": len(y_train), "n_test": len(y_test),

@@ -32,7 +32,7 @@ def _versions() -> dict[str, str]:
 
 
 @dataclass
-class BenchResult:
+class EvaluationResult:
     """One benchmark run. `counts` (``n_images``, ``n_captions``, …) also appear at the JSON's top level."""
 
     task: str  # retrieval | zeroshot | probe

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import torch
 
-from clipengine.bench.metrics import classification_metrics, hits_at_k, retrieval_hits, retrieval_recall
+from clipengine.metrics import classification_metrics, hits_at_k, retrieval_hits, retrieval_recall
 
-clip_benchmark = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval",
-                                     reason="installed by `make test` (pip install --no-deps clip-benchmark)")
+
+def _clip_benchmark():
+    """CLIP_benchmark's retrieval metrics, for the cross-checks only: the hand-computed cases run without it."""
+    return pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval",
+                               reason="installed by `make test` (pip install --no-deps clip-benchmark)")
 
 
 def unit(rows) -> np.ndarray:
@@ -19,6 +24,7 @@ def unit(rows) -> np.ndarray:
 
 def clip_benchmark_hits(image_emb, text_emb, owners, k):
     """CLIP_benchmark's per-query recall (its `recall_at_k` through `batchify`) turned into hits, as it does."""
+    clip_benchmark = _clip_benchmark()
     scores = torch.from_numpy(text_emb) @ torch.from_numpy(image_emb).T
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), torch.as_tensor(owners)] = True
@@ -95,8 +101,8 @@ def _brute_force_ranks(image_emb, text_emb, owners):
     for s, t in ((scores, target), (scores.T, target.T)):
         rows = [r for r in range(len(s)) if t[r].any()]
         best = np.array([s[r][t[r]].max() for r in rows])
-        above = np.array([(s[r][~t[r]] > b).sum() for r, b in zip(rows, best)])
-        tied = np.array([(s[r][~t[r]] == b).sum() for r, b in zip(rows, best)])
+        above = np.array([(s[r][~t[r]] > b).sum() for r, b in zip(rows, best, strict=True)])
+        tied = np.array([(s[r][~t[r]] == b).sum() for r, b in zip(rows, best, strict=True)])
         out.append((above, tied))
     return out
 
@@ -130,6 +136,15 @@ def test_recall_at_scale_needs_no_dense_matrix():
     whole = retrieval_recall(images, texts, owners, ks=(1, 5, 10))
     one_row = retrieval_recall(images, texts, owners, ks=(1, 5, 10), block_bytes=1)
     assert whole == one_row
+    images, texts, owners = _random_set(6, 3000, dim=8)  # ~9,000 captions: a dense score matrix is ~108 MB
+    assert len(images) * len(texts) * 4 > 100e6
+    tracemalloc.start()
+    try:
+        retrieval_recall(images, texts, owners, ks=(1, 5, 10), block_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16e6, peak
 
 
 def test_bad_embeddings_are_refused():

@@ -18,7 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's temperature 0.07
 MAX_LOGIT_SCALE = math.log(100)  # clamped after every step, as in CLIP
 SIGLIP_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0

@@ -1,7 +1,7 @@
 """Image–text retrieval benchmarks: a model on a captioned set, or a saved index against its exact search.
 
 `retrieval_benchmark` embeds every image (decoded at full size, then open_clip's preprocessing; transparent
-pixels composited on white, or with `transparency` "drop" as open_clip and CLIP_benchmark do) and every caption, then computes recall@k in both directions (`clipengine.bench.metrics`).
+pixels composited on white, or with `transparency` "drop" as open_clip and CLIP_benchmark do) and every caption, then computes recall@k in both directions (`clipengine.metrics`).
 `index_retrieval_benchmark` takes the image vectors from an index and asks its faiss index for the
 top k of each caption, next to the exact recall on the same queries: what the index's search costs.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from clipengine.bench.metrics import DEFAULT_KS, hits_at_k, retrieval_recall
-from clipengine.bench.report import BenchResult
 from clipengine.errors import BadInput
+from clipengine.evaluation.report import EvaluationResult
 from clipengine.images import TRANSPARENCY, WHITE
+from clipengine.metrics import DEFAULT_KS, hits_at_k, retrieval_recall
 from clipengine.models import LoadedModel, ModelSpec, autocast_dtype, check_same_model, load_model, resolve_source
 from clipengine.pairs import PairSet, read_pairs
 
@@ -124,7 +124,7 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
                         split: str | None = None, ks: Sequence[int] = DEFAULT_KS, device: str | None = None,
                         batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
                         precision: str | None = None, progress: Progress | None = None,
-                        transparency: str = WHITE) -> BenchResult:
+                        transparency: str = WHITE) -> EvaluationResult:
     """Recall@k of a model on an image–caption set (any layout `clipengine.pairs.read_pairs` reads;
     a Karpathy split file gives its ``test`` split unless `split` says otherwise). `runtime` "onnx" embeds
     through the model's exported towers (`precision` fp32 or int8) instead of torch. `transparency` DROP
@@ -140,7 +140,7 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
         raise BadInput(f"none of the {len(pairs)} images in {data} could be decoded "
                        f"(first: {embedded.skipped[0][0]}: {embedded.skipped[0][1]})")
     metrics = retrieval_recall(embedded.image_emb, embedded.text_emb, embedded.owners, ks)
-    return BenchResult(
+    return EvaluationResult(
         task="retrieval", dataset=_dataset_info(data, pairs, image_root, split), model=source, metrics=metrics,
         counts={"n_images": len(embedded.image_emb), "n_captions": len(embedded.text_emb),
                 "n_skipped_images": len(embedded.skipped), "n_dropped_rows": len(pairs.dropped)},
@@ -151,7 +151,7 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
 
 def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(),
                               image_root=None, split: str | None = None, ks: Sequence[int] = DEFAULT_KS,
-                              device: str | None = None, progress: Progress | None = None) -> BenchResult:
+                              device: str | None = None, progress: Progress | None = None) -> EvaluationResult:
     """Recall@k with an index's images as the gallery: captions from `data` whose images the index
     holds are the queries. Reports exact recall (both directions, on the index's stored vectors) and
     text→image recall through the index's own faiss search (``index_text_to_image_R@k``)."""
@@ -170,7 +170,7 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
         raise BadInput(f"index {index_path} holds no searchable images")
     row_of_id = {int(i): r for r, i in enumerate(ids)}
     queries, owners, owner_ids, missing = [], [], [], []
-    for image, path, captions in zip(pairs.images, wanted, pairs.captions):
+    for image, path, captions in zip(pairs.images, wanted, pairs.captions, strict=True):
         image_id = id_of.get(path) if path else None
         if image_id is None or image_id not in row_of_id:
             missing.append((str(image), "not in the index"))
@@ -188,7 +188,7 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
     _, ranked = faiss_index.search(text_emb, k_max)
     through_index = hits_at_k(ranked, np.asarray(owner_ids), ks)
     metrics.update({f"index_text_to_image_R@{k}": v for k, v in through_index.items()})
-    return BenchResult(
+    return EvaluationResult(
         task="retrieval", dataset={**_dataset_info(data, pairs, image_root, split), "index": str(index_path)},
         model=source, metrics=metrics,
         counts={"n_images": len(ids), "n_query_images": len(set(owner_ids)), "n_captions": len(queries),

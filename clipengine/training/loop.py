@@ -20,9 +20,10 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -30,17 +31,23 @@ from clipengine.causal_text import TrainingForward
 from clipengine.embed import PixelNormalizer, available_cores, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS, WHITE
-from clipengine.sizes import parse_size
+from clipengine.metrics import chance_recall, retrieval_recall
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
-from clipengine.bench.metrics import chance_recall, retrieval_recall
-from clipengine.train import checkpoint as ckpt
-from clipengine.train.cpu_plan import CpuPlanner, Plan
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
-from clipengine.train.decoded import DecodedCache, TrainingShrink, crop_headroom
-from clipengine.train.data import (PairDataset, Sequential, StepBatches, collate_pairs, default_val_size,
-                                   split_validation)
-from clipengine.train.distributed import World, barrier, mean_over_world, setup_world, teardown_world
-from clipengine.train.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from clipengine.sizes import parse_size
+from clipengine.training import checkpoint as ckpt
+from clipengine.training.cpu_plan import CpuPlanner, Plan
+from clipengine.training.data import (
+    PairDataset,
+    Sequential,
+    StepBatches,
+    collate_pairs,
+    default_val_size,
+    split_validation,
+)
+from clipengine.training.decoded import DecodedCache, TrainingShrink, crop_headroom
+from clipengine.training.distributed import World, barrier, mean_over_world, setup_world, teardown_world
+from clipengine.training.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
 LOG_FILE = "log.jsonl"
 # settings a resumed run must share with the run it continues (others, like --epochs, may change)
@@ -59,33 +66,33 @@ class TrainConfig:
     data: str
     out: str
     model: str = "tiny"
-    pretrained: Optional[str] = None  # tag or weights file of `model`; "none" for random weights
-    checkpoint: Optional[str] = None  # start from a checkpoint directory instead of model/pretrained
+    pretrained: str | None = None  # tag or weights file of `model`; "none" for random weights
+    checkpoint: str | None = None  # start from a checkpoint directory instead of model/pretrained
     epochs: int = 10
     batch_size: int = 64
     accum_steps: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.2
-    warmup_steps: Optional[int] = None  # default: 5% of all steps
+    warmup_steps: int | None = None  # default: 5% of all steps
     beta1: float = 0.9
-    beta2: Optional[float] = None  # default: by architecture, as open_clip_train chooses (`adam_defaults`)
-    eps: Optional[float] = None
-    grad_clip: Optional[float] = 1.0  # None or 0: no clipping
+    beta2: float | None = None  # default: by architecture, as open_clip_train chooses (`adam_defaults`)
+    eps: float | None = None
+    grad_clip: float | None = 1.0  # None or 0: no clipping
     loss: str = "clip"  # clip (InfoNCE) or siglip (sigmoid)
     lock_image: bool = False
     lock_text: bool = False
     grad_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 (or fp16 with a scaler) on GPU, fp32 on CPU
-    device: Optional[str] = None
-    workers: Optional[int] = None  # data-loading processes (default: by device and cores)
-    threads: Optional[int] = None  # torch threads on the CPU (default: the cores the workers leave free)
+    device: str | None = None
+    workers: int | None = None  # data-loading processes (default: by device and cores)
+    threads: int | None = None  # torch threads on the CPU (default: the cores the workers leave free)
     seed: int = 0
-    val_size: Optional[int] = None  # held-out images (default: 10%, at most 1000); 0 disables
-    val_data: Optional[str] = None  # a separate validation set instead of a held-out split
-    image_root: Optional[str] = None  # for COCO JSON whose file names are relative elsewhere
+    val_size: int | None = None  # held-out images (default: 10%, at most 1000); 0 disables
+    val_data: str | None = None  # a separate validation set instead of a held-out split
+    image_root: str | None = None  # for COCO JSON whose file names are relative elsewhere
     save_every: int = 0  # steps between checkpoints; 0 = at the end of each epoch only
     log_every: int = 10
-    max_steps: Optional[int] = None  # stop after this many steps in all (the schedule still spans all epochs)
+    max_steps: int | None = None  # stop after this many steps in all (the schedule still spans all epochs)
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_cache: str = "auto"  # decoded images kept across epochs and runs: auto (the cache directory), off, or a file
     decode_cache_size: str = "4GiB"
@@ -136,7 +143,8 @@ def adam_defaults(arch: str) -> tuple[float, float]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: never on biases, norms, embeddings or the temperature/bias."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -246,11 +254,13 @@ def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
     for j, (p, t) in enumerate(chunks):
         last = j == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not world.distributed else wrapped.no_sync()
+        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with sync:
             with autocast():
                 outs = wrapped(p, t)
             rows = slice(offsets[j], offsets[j] + sizes[j])
+            assert image.grad is not None and text.grad is not None and scale.grad is not None
             grads = [image.grad[rows], text.grad[rows], scale.grad / len(chunks),
                      None if bias is None else bias.grad / len(chunks)]
             pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads, strict=True) if o is not None and o.requires_grad]
@@ -273,7 +283,9 @@ def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, work
     pixel_transform, normalizer = _split(loaded.image_transform(), loaded.device)
     dataset = PairDataset(pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=max_pixels, all_captions=True, transparency=transparency)
-    images, texts, owners = [], [], []
+    images: list[torch.Tensor] = []
+    texts: list[torch.Tensor] = []
+    owners: list[int] = []
     for pixels, tokens, owner, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
         owners.extend(o + sum(map(len, images)) for o in owner)  # batch rows -> rows of the whole set
         with loaded.autocast():
@@ -347,12 +359,14 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
 
     # ---- model, optimiser, precision
     loaded, model_cfg, arch = _build_model(config, device, resume_from)
-    beta2, eps = adam_defaults(arch)
-    config = dataclasses.replace(config, beta2=config.beta2 if config.beta2 is not None else beta2,
-                                 eps=config.eps if config.eps is not None else eps)  # checkpoints record what ran
+    default_beta2, default_eps = adam_defaults(arch)
+    beta2 = config.beta2 if config.beta2 is not None else default_beta2
+    eps = config.eps if config.eps is not None else default_eps
+    config = dataclasses.replace(config, beta2=beta2, eps=eps)  # checkpoints record what ran
     model = loaded.model
     model.train()
-    forward = wrapped = TrainingForward(model)
+    forward = TrainingForward(model)
+    wrapped: torch.nn.Module = forward
     if world.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -367,7 +381,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
 
     groups = param_groups(model, config.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, beta2), eps=eps,
                                   fused=device.type in ("cuda", "cpu"))  # one kernel for all parameters
     loss_fn = LOSSES[config.loss]
 
@@ -417,7 +431,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
 
     # ---- the loop
     bad: dict[str, str] = {}
-    bad_attempts = samples_seen = 0
+    bad_attempts = samples_seen = 0.0
     samples = 0
     train_seconds = 0.0
     loss_value: float | None = None

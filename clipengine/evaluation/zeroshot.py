@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from clipengine.bench.metrics import classification_metrics
-from clipengine.bench.report import BenchResult
-from clipengine.images import WHITE
-from clipengine.bench.retrieval import Progress, embed_image_refs, model_settings
 from clipengine.errors import BadInput
+from clipengine.evaluation.report import EvaluationResult
+from clipengine.evaluation.retrieval import Progress, embed_image_refs, model_settings
+from clipengine.images import WHITE
+from clipengine.metrics import classification_metrics
 from clipengine.models import ModelSpec, load_model, resolve_source
 from clipengine.pairs import read_labelled
 
@@ -90,7 +90,7 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
                        classnames_file: str | os.PathLike | None = None,
                        templates_file: str | os.PathLike | None = None, device: str | None = None,
                        batch_size: int | None = None, workers: int | None = None,
-                       progress: Progress | None = None, transparency: str = WHITE) -> BenchResult:
+                       progress: Progress | None = None, transparency: str = WHITE) -> EvaluationResult:
     """acc@1, acc@5 and mean per-class recall on an image folder with one sub-folder per class."""
     started = time.perf_counter()
     labelled = read_labelled(data)
@@ -105,7 +105,7 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
         raise BadInput(f"none of the {len(labelled)} images in {data} could be decoded")
     labels = np.asarray(labelled.labels)[kept]
     metrics = classification_metrics(image_emb @ classifier.T, labels, ks=(1, 5))
-    return BenchResult(
+    return EvaluationResult(
         task="zeroshot", dataset={"path": os.path.abspath(str(data)), "layout": "class folders"},
         model=source, metrics=metrics,
         counts={"n_images": len(kept), "n_classes": len(names), "n_skipped_images": len(skipped)},

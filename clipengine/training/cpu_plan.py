@@ -65,14 +65,14 @@ class CpuPlanner:
     _warm: bool = False
 
     @classmethod
-    def for_run(cls, cores: int, steps_left: int) -> "CpuPlanner":
+    def for_run(cls, cores: int, steps_left: int) -> CpuPlanner:
         plans = candidates(cores)
         if steps_left < MIN_RUN_STEPS:
             return cls.fixed(plans[0])
         return cls(plans[1:], [Trial(plans[0])])
 
     @classmethod
-    def fixed(cls, plan: Plan) -> "CpuPlanner":
+    def fixed(cls, plan: Plan) -> CpuPlanner:
         """No trials: the plan the user set (or the GPU's, or a distributed run's, whose ranks must agree)."""
         return cls([], [Trial(plan)], chosen=plan)
 

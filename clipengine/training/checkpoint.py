@@ -90,12 +90,6 @@ def read_checkpoint_state(directory: Path) -> dict[str, Any]:
                        f"delete {directory} to resume from an earlier checkpoint") from None
 
 
-def load_weights(model: Any, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(directory / CHECKPOINT_WEIGHTS)))
-
-
 def read_run_config(directory: Path) -> dict:
     try:
         return json.loads((directory / RUN_CONFIG_FILE).read_text())

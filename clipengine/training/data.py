@@ -12,17 +12,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from clipengine.errors import BadInput
-from clipengine.images import (DEFAULT_MAX_PIXELS, WHITE, Decoded, ImageRef, Skipped, describe_ref, open_image,
-                               read_image_bytes)
+from clipengine.images import (
+    DEFAULT_MAX_PIXELS,
+    WHITE,
+    Decoded,
+    ImageRef,
+    Skipped,
+    describe_ref,
+    open_image,
+    read_image_bytes,
+)
 from clipengine.pairs import PairSet
-from clipengine.train.decoded import DecodedCache, TrainingShrink
-
+from clipengine.training.decoded import DecodedCache, TrainingShrink
 
 
 def split_validation(pairs: PairSet, size: int) -> tuple[PairSet, PairSet]:
@@ -68,7 +75,7 @@ class PairDataset(Dataset):
     `pixel_transform` is the PIL half of open_clip's transform, ending in a uint8 tensor: normalising
     happens batched on the device, and a quarter of the bytes cross from the worker (see
     `clipengine.embed.split_transform`). With `shrink`, a decoded image is first reduced to what the
-    random crop needs, and kept in `cache` for later epochs and runs (`clipengine.train.decoded`).
+    random crop needs, and kept in `cache` for later epochs and runs (`clipengine.training.decoded`).
     A sample whose image cannot be decoded is replaced by the next decodable one, deterministically, so
     batches keep their size on every rank; the bad image is reported with the batch.
     """
@@ -97,15 +104,16 @@ class PairDataset(Dataset):
         data = read_image_bytes(ref)
         if isinstance(data, Skipped):
             return data
-        key = self.cache.key(data) if self.cache else None
-        if key is not None and (image := self.cache.get(key)) is not None:
+        cache = self.cache
+        key = cache.key(data) if cache else None
+        if cache and key is not None and (image := cache.get(key)) is not None:
             return Decoded(image, image.width, image.height)
         decoded = open_image(data, max_pixels=self.max_pixels, transparency=self.transparency,
                              draft_size=self.shrink.side if self.shrink else self.image_size)
         if isinstance(decoded, Decoded) and self.shrink:
             decoded = Decoded(self.shrink(decoded.image), decoded.width, decoded.height)
-            if key is not None:
-                self.cache.put(key, decoded.image)
+            if cache and key is not None:
+                cache.put(key, decoded.image)
         return decoded
 
     def _tokenize(self, caption: str) -> torch.Tensor:
