@@ -53,13 +53,17 @@ def _isolated_index_dir(tmp_path, monkeypatch, _export_cache):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    """A folder of 12 distinct photo-like JPEGs in two sub-folders."""
-    folder = tmp_path / "photos"
+def write_photos(folder: Path) -> Path:
+    """12 distinct photo-like JPEGs in two sub-folders of `folder`."""
     write_photo_folder(folder / "a", 6, (200, 150), seed=0)
     write_photo_folder(folder / "b", 6, (150, 200), seed=100)
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A folder of 12 distinct photo-like JPEGs in two sub-folders."""
+    return write_photos(tmp_path / "photos")
 
 
 def raw_png(width: int, height: int, bit_depth: int, pixel_data: bytes) -> bytes:

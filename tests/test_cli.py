@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import committed_count, interruptible, write_bad_inputs
+from conftest import committed_count, interruptible, write_bad_inputs, write_photos
 from typer.testing import CliRunner
 
 from clipengine.cli import app
@@ -31,6 +32,23 @@ def run(*args: str, code: int = 0):
 def indexed(photos, monkeypatch):
     run("index", photos, "--index", "photos", "--model", "tiny", "--workers", "0")
     return photos
+
+
+@pytest.fixture(scope="module")
+def _shared_index_dir(tmp_path_factory, _export_cache) -> Path:
+    """An index directory holding "photos", built once for the tests that only read it."""
+    root = tmp_path_factory.mktemp("shared")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLIPENGINE_INDEX_DIR", str(root / "indexes"))
+        m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
+        run("index", write_photos(root / "photos"), "--index", "photos", "--model", "tiny", "--workers", "0")
+    return root / "indexes"
+
+
+@pytest.fixture
+def read_only_index(_shared_index_dir, monkeypatch):
+    """The shared "photos" index as this test's index directory (a test that writes must use `indexed`)."""
+    monkeypatch.setenv("CLIPENGINE_INDEX_DIR", str(_shared_index_dir))
 
 
 def test_index_search_info_round_trip_by_name(indexed, tmp_path):
@@ -95,7 +113,7 @@ def test_skipped_files_are_reported_and_listed(tmp_path):
     (["reindex", "--index", "photos", "--target-recall", "1.5"], "--target-recall must be in (0, 1]"),
     (["reindex", "--index", "nothing-here"], "no index at"),
 ])
-def test_user_mistakes_are_one_line_errors(indexed, args, message):
+def test_user_mistakes_are_one_line_errors(read_only_index, args, message):
     result = run(*args, code=1)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

@@ -203,6 +203,7 @@ def test_linear_probe_separates_separable_classes(classes, tmp_path):
         probe_benchmark(classes, spec=TINY, with_text=True, workers=0)
 
 
+@pytest.mark.slow
 def test_probe_uses_train_and_test_folders_when_present(classes, tmp_path):
     for split, names in (("train", range(0, 15)), ("test", range(15, 20))):
         for cls in ("red", "green", "blue"):

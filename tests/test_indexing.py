@@ -190,6 +190,7 @@ def test_a_loaded_model_is_reused_and_checked_against_the_index(photos, tmp_path
     assert index_info(index).count == 6
 
 
+@pytest.mark.slow
 def test_corrupt_index_is_refused_untouched_and_rebuild_recovers(photos, tmp_path):
     index = tmp_path / "idx"
     build(photos, index)

@@ -189,6 +189,7 @@ def test_a_tower_that_does_not_export_keeps_torch_and_the_other_tower_still_serv
         same_hits(searcher.search_text("a photo"), reference.search_text("a photo"))
 
 
+@pytest.mark.slow
 def test_export_replaces_the_previous_one_and_a_second_index_reuses_the_verified_cache(index, photos, tmp_path,
                                                                                     monkeypatch):
     first = record_of(index)["dir"]
@@ -266,6 +267,7 @@ def test_indexing_runtime_follows_the_measured_speed_and_onnx_vectors_equal_torc
                 assert np.abs(vectors[str(f)] - reference.image_vector(f)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_int8_towers_are_measured_on_the_index_and_used_only_when_asked_or_close_enough(index, photos, tmp_path):
     from clipengine.export import export_index
     from clipengine.query_encoders import QueryEncoders
