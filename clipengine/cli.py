@@ -365,7 +365,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
     lines = [
         f"index     {report.path}",
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
-        f"images    {report.count} searchable, {len(report.skipped)} skipped, {report.unique_vectors} distinct",
+        f"images    {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct",
         f"search    {_describe_faiss(report.faiss)}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {_describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
@@ -374,10 +374,10 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
     lines += [f"advice    {a}" for a in report.advice]
     for line in lines:
         out.print(line, markup=False)
-    for skip in report.skipped[:50]:
+    for skip in report.skipped_files[:50]:
         out.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False)
-    if len(report.skipped) > 50:
-        out.print(f"  ... and {len(report.skipped) - 50} more (--json lists all)", markup=False)
+    if len(report.skipped_files) > 50:
+        out.print(f"  ... and {len(report.skipped_files) - 50} more (--json lists all)", markup=False)
 
 
 @app.command()

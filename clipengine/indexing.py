@@ -302,7 +302,7 @@ class IndexInfo:
     path: str
     model: dict
     count: int
-    skipped: list[dict]
+    skipped_files: list[dict]  # {path, reason} of each file that could not be used (IndexReport.skipped counts them)
     unique_vectors: int
     dim: int
     metric: str
@@ -328,7 +328,7 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             path=str(path),
             model=store.manifest["model"],
             count=counts["count"],
-            skipped=[{"path": p, "reason": r} for p, r in store.skipped()],
+            skipped_files=[{"path": p, "reason": r} for p, r in store.skipped()],
             unique_vectors=counts["unique_vectors"],
             dim=store.dim,
             metric=store.manifest["metric"],

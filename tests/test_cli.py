@@ -66,7 +66,7 @@ def test_index_search_info_round_trip_by_name(indexed, tmp_path):
     by_path = json.loads(run("search", "--image", query, "--index", str(index_dir), "-k", "1", "--json").stdout)
     assert by_path[0]["path"] == str(query)
     info = json.loads(run("info", "--index", "photos", "--json").stdout)
-    assert info["count"] == 12 and info["skipped"] == [] and info["model"]["arch"] == "tiny"
+    assert info["count"] == 12 and info["skipped_files"] == [] and info["model"]["arch"] == "tiny"
     assert "12 searchable" in run("info", "--index", "photos").stdout
 
 
@@ -93,8 +93,8 @@ def test_skipped_files_are_reported_and_listed(tmp_path):
     out = run("index", tmp_path / "bad", "--index", "bad", "--model", "tiny", "--workers", "0").stdout
     assert "skipped" in out and "empty file" in out
     info = json.loads(run("info", "--index", "bad", "--json").stdout)
-    assert len(info["skipped"]) == sum(outcome != "ok" for outcome in expected.values())
-    assert all(set(s) == {"path", "reason"} for s in info["skipped"])
+    assert len(info["skipped_files"]) == sum(outcome != "ok" for outcome in expected.values())
+    assert all(set(s) == {"path", "reason"} for s in info["skipped_files"])
 
 
 @pytest.mark.parametrize("args,message", [

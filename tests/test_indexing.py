@@ -117,7 +117,7 @@ def test_every_bad_input_is_skipped_counted_and_listed(tmp_path):
     expected = write_bad_inputs(folder)
     index = tmp_path / "idx"
     report = build(folder, index)
-    skipped = {os.path.relpath(s["path"], folder): s["reason"] for s in index_info(index).skipped}
+    skipped = {os.path.relpath(s["path"], folder): s["reason"] for s in index_info(index).skipped_files}
     ok = {name for name, outcome in expected.items() if outcome == "ok"}
     assert report.count == len(ok) and report.skipped == len(expected) - len(ok)
     assert set(skipped) == set(expected) - ok

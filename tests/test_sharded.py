@@ -58,7 +58,7 @@ def test_two_processes_build_the_index_one_process_builds(tmp_path, tiny_model):
     assert sorted(ours) == sorted(theirs)
     for path in ours:
         np.testing.assert_allclose(theirs[path], ours[path], atol=1e-5)
-    assert [s["path"] for s in index_info(sharded).skipped] == [str(photos / "broken.jpg")]
+    assert [s["path"] for s in index_info(sharded).skipped_files] == [str(photos / "broken.jpg")]
     assert not (sharded / SHARDS_DIR).exists()
     query = ours[str(photos / "img_000003.jpg")]
     with Searcher(single) as a, Searcher(sharded) as b:
