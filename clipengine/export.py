@@ -39,7 +39,8 @@ import numpy as np
 from clipengine import query_encoders as qe
 from clipengine.cache import cache_dir
 from clipengine.errors import BadInput, first_line
-from clipengine.store import ENCODERS_PREFIX, IndexStore, StageProgress
+from clipengine.progress import StageProgress
+from clipengine.store import ENCODERS_PREFIX, IndexStore
 from clipengine.tokenizer import save_tokenizer
 
 MAX_ABS_DIFF = 1e-4

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,11 +19,10 @@ from clipengine.ann import DRIFT_RATIO, n_lists
 from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
+from clipengine.progress import FileProgress, StageProgress
 from clipengine.query_encoders import check_runtime
 from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
-from clipengine.store import ENCODERS_PENDING, FileRecord, IndexStore, StageProgress, remove_index
-
-ProgressCallback = Callable[[int, int], None]  # (files done, files to do)
+from clipengine.store import ENCODERS_PENDING, FileRecord, IndexStore, remove_index
 
 
 @dataclass
@@ -123,7 +122,7 @@ def index_folder(
     quantize: str | None = None,
     runtime: str | None = None,
     precision: str | None = None,
-    progress: ProgressCallback | None = None,
+    progress: FileProgress | None = None,
     build_progress: StageProgress | None = None,
 ) -> IndexReport:
     """Bring the index at `index_path` up to date with the images under `folder`.
@@ -261,7 +260,7 @@ def _commit(store: IndexStore, report: IndexReport, records: list[FileRecord], r
 
 def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: IndexReport, *,
                       batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
-                      progress: ProgressCallback | None) -> None:
+                      progress: FileProgress | None) -> None:
     groups = embed_records(model, files, store.known_hashes(), batch_size=batch_size, workers=workers,
                            commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
     for records in groups:
@@ -270,7 +269,7 @@ def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: 
 
 def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], *, batch_size: int | None,
                   workers: int | None, commit_every: int, max_pixels: int, draft: bool,
-                  progress: ProgressCallback | None) -> Iterator[list[FileRecord]]:
+                  progress: FileProgress | None) -> Iterator[list[FileRecord]]:
     """Embed files into records ready to commit, yielded in groups of at least `commit_every` (the last one
     smaller): each group is what one commit, or one shard's part file, holds."""
     from clipengine.embed import embed_images

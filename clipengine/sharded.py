@@ -32,7 +32,6 @@ from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.indexing import (
     FaissPolicy,
     IndexReport,
-    ProgressCallback,
     _commit,
     _open_or_create,
     embed_records,
@@ -41,9 +40,10 @@ from clipengine.indexing import (
     plan_and_drop,
 )
 from clipengine.models import ModelSpec, describe_source
+from clipengine.progress import FileProgress, StageProgress
 from clipengine.query_encoders import check_runtime
 from clipengine.scan import FoundFile
-from clipengine.store import FileRecord, IndexStore, StageProgress
+from clipengine.store import FileRecord, IndexStore
 
 SHARDS_DIR = "shards"
 TIMEOUT = dt.timedelta(days=1)
@@ -71,7 +71,7 @@ def index_folder_sharded(
     quantize: str | None = None,
     runtime: str | None = None,
     precision: str | None = None,
-    progress: ProgressCallback | None = None,
+    progress: FileProgress | None = None,
     build_progress: StageProgress | None = None,
 ) -> IndexReport | None:
     """`index_folder` for a process of a torchrun job. Returns the report on rank 0, None on the others.
@@ -159,7 +159,7 @@ def _plan(root: str, index_path: Path, spec: ModelSpec, device: str | None, incl
 
 def _embed_share(job: dict, rank: int, world: int, index_path: Path, *, device: str | None,
                  batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
-                 progress: ProgressCallback | None) -> None:
+                 progress: FileProgress | None) -> None:
     """Embed every world-th file starting at `rank`, writing part files as it goes."""
     share = [FoundFile(*f) for f in job["files"][rank::world]]
     if not share:

@@ -30,7 +30,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from clipengine import __version__, ann
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
+from clipengine.progress import StageProgress
 from clipengine.scan import Recorded
 
 FORMAT = "clipengine-index"
@@ -50,7 +51,6 @@ ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipeng
 ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

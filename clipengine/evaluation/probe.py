@@ -20,11 +20,12 @@ import numpy as np
 
 from clipengine.errors import BadInput
 from clipengine.evaluation.report import EvaluationResult
-from clipengine.evaluation.retrieval import Progress, embed_captions, embed_image_refs, model_settings
+from clipengine.evaluation.retrieval import embed_captions, embed_image_refs, model_settings
 from clipengine.images import WHITE
 from clipengine.metrics import classification_metrics
 from clipengine.models import LoadedModel, ModelSpec, load_model, resolve_source
 from clipengine.pairs import LabelledSet, read_labelled
+from clipengine.progress import StageProgress
 
 COARSE_C = tuple(10.0 ** e for e in range(-6, 7))
 MAX_ITER = 1000
@@ -53,7 +54,7 @@ def read_probe_data(data: str | os.PathLike, test_fraction: float) -> tuple[Labe
 
 
 def features(model: LoadedModel, labelled: LabelledSet, with_text: bool, *, batch_size, workers,
-             progress: Progress | None, transparency: str = WHITE
+             progress: StageProgress | None, transparency: str = WHITE
              ) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
     """(features, labels, image names, skipped) for the images that could be decoded."""
     image_emb, kept, skipped = embed_image_refs(model, labelled.images, batch_size=batch_size, workers=workers,
@@ -107,7 +108,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, names: Sequence[str], val_fraction: f
 def probe_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), with_text: bool = False,
                     test_fraction: float = 0.2, val_fraction: float = 0.2, device: str | None = None,
                     batch_size: int | None = None, workers: int | None = None,
-                    progress: Progress | None = None, transparency: str = WHITE) -> EvaluationResult:
+                    progress: StageProgress | None = None, transparency: str = WHITE) -> EvaluationResult:
     """Test accuracy of a logistic-regression probe on frozen features of a class-folder image set."""
     started = time.perf_counter()
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1:

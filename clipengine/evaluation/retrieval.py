@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,8 +22,7 @@ from clipengine.images import TRANSPARENCY, WHITE
 from clipengine.metrics import DEFAULT_KS, hits_at_k, retrieval_recall
 from clipengine.models import LoadedModel, ModelSpec, autocast_dtype, check_same_model, load_model, resolve_source
 from clipengine.pairs import PairSet, read_pairs
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
+from clipengine.progress import StageProgress
 
 
 @dataclass
@@ -67,7 +66,7 @@ def model_for(source: dict, device: str | None, runtime: str | None, precision: 
 
 
 def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | None = None,
-                     workers: int | None = None, progress: Progress | None = None, transparency: str = WHITE
+                     workers: int | None = None, progress: StageProgress | None = None, transparency: str = WHITE
                      ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Embed images decoded at full size; returns (vectors, rows of `images` they belong to, skipped)."""
     if transparency not in TRANSPARENCY:
@@ -92,7 +91,7 @@ def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | 
 
 
 def embed_captions(model: LoadedModel, texts: Sequence[str], *, batch_size: int = 256,
-                   progress: Progress | None = None) -> np.ndarray:
+                   progress: StageProgress | None = None) -> np.ndarray:
     from clipengine.embed import embed_texts
 
     out = np.empty((len(texts), model.embed_dim), dtype=np.float32)
@@ -105,7 +104,7 @@ def embed_captions(model: LoadedModel, texts: Sequence[str], *, batch_size: int 
 
 
 def embed_pairs(model: LoadedModel, pairs: PairSet, *, batch_size: int | None = None, workers: int | None = None,
-                progress: Progress | None = None, transparency: str = WHITE) -> EmbeddedPairs:
+                progress: StageProgress | None = None, transparency: str = WHITE) -> EmbeddedPairs:
     """Embed a captioned set. An image that cannot be decoded is left out with its captions, and listed."""
     image_emb, kept, skipped = embed_image_refs(model, pairs.images, batch_size=batch_size, workers=workers,
                                                 progress=progress, transparency=transparency)
@@ -123,7 +122,7 @@ def _dataset_info(data: str | os.PathLike, pairs: PairSet, image_root, split) ->
 def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(), image_root=None,
                         split: str | None = None, ks: Sequence[int] = DEFAULT_KS, device: str | None = None,
                         batch_size: int | None = None, workers: int | None = None, runtime: str | None = None,
-                        precision: str | None = None, progress: Progress | None = None,
+                        precision: str | None = None, progress: StageProgress | None = None,
                         transparency: str = WHITE) -> EvaluationResult:
     """Recall@k of a model on an image–caption set (any layout `clipengine.pairs.read_pairs` reads;
     a Karpathy split file gives its ``test`` split unless `split` says otherwise). `runtime` "onnx" embeds
@@ -151,7 +150,7 @@ def retrieval_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(
 
 def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.PathLike, *, spec: ModelSpec = ModelSpec(),
                               image_root=None, split: str | None = None, ks: Sequence[int] = DEFAULT_KS,
-                              device: str | None = None, progress: Progress | None = None) -> EvaluationResult:
+                              device: str | None = None, progress: StageProgress | None = None) -> EvaluationResult:
     """Recall@k with an index's images as the gallery: captions from `data` whose images the index
     holds are the queries. Reports exact recall (both directions, on the index's stored vectors) and
     text→image recall through the index's own faiss search (``index_text_to_image_R@k``)."""

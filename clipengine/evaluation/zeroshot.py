@@ -16,11 +16,12 @@ import numpy as np
 
 from clipengine.errors import BadInput
 from clipengine.evaluation.report import EvaluationResult
-from clipengine.evaluation.retrieval import Progress, embed_image_refs, model_settings
+from clipengine.evaluation.retrieval import embed_image_refs, model_settings
 from clipengine.images import WHITE
 from clipengine.metrics import classification_metrics
 from clipengine.models import ModelSpec, load_model, resolve_source
 from clipengine.pairs import read_labelled
+from clipengine.progress import StageProgress
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 _WNID = re.compile(r"^n\d{8}$")
@@ -90,7 +91,7 @@ def zeroshot_benchmark(data: str | os.PathLike, *, spec: ModelSpec = ModelSpec()
                        classnames_file: str | os.PathLike | None = None,
                        templates_file: str | os.PathLike | None = None, device: str | None = None,
                        batch_size: int | None = None, workers: int | None = None,
-                       progress: Progress | None = None, transparency: str = WHITE) -> EvaluationResult:
+                       progress: StageProgress | None = None, transparency: str = WHITE) -> EvaluationResult:
     """acc@1, acc@5 and mean per-class recall on an image folder with one sub-folder per class."""
     started = time.perf_counter()
     labelled = read_labelled(data)
