@@ -196,7 +196,7 @@ def index(
 
     stages, on_stage = _stage_progress()
     options = dict(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
-                   max_pixels=pixels, draft=not exact_decode, include_hidden=include_hidden,
+                   max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
                    retry_skipped=retry_skipped, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
                    export=export, quantize=quantize, runtime=runtime, precision=precision, progress=on_progress,
                    build_progress=on_stage)

@@ -160,20 +160,20 @@ def embed_images(
     workers: int | None = None,
     known_hashes: Collection[str] = (),
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft: bool = True,
+    exact_decode: bool = False,
     transparency: str = WHITE,
 ) -> Iterator[list[ImageEmbedding]]:
     """Embed image files in batches, yielding each batch's outcomes in input order.
 
     Files whose content hash is in `known_hashes` are hashed but not decoded (their vector exists).
-    `draft=False` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing;
+    `exact_decode=True` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing;
     `transparency` DROP treats alpha as open_clip does (clipengine.images.TRANSPARENCY).
     """
     if not paths:
         return
     pixel_transform, normalize = split_transform(model.image_transform())
     dataset = ImageFiles(paths, pixel_transform, known_hashes=known_hashes, max_pixels=max_pixels,
-                         draft_size=model.image_size if draft else None, transparency=transparency)
+                         draft_size=None if exact_decode else model.image_size, transparency=transparency)
     workers = default_workers(model.device) if workers is None else workers
     loader = DataLoader(
         dataset,

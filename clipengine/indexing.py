@@ -113,7 +113,7 @@ def index_folder(
     workers: int | None = None,
     commit_every: int = 256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft: bool = True,
+    exact_decode: bool = False,
     include_hidden: bool = False,
     retry_skipped: bool = False,
     rebuild: bool = False,
@@ -152,7 +152,7 @@ def index_folder(
                 model = load_model(store.manifest["model"], device=device)
             embedder, report.runtime = embedding_runtime(store, model, runtime, precision)
             _embed_and_commit(store, embedder, plan.to_embed, report, batch_size=batch_size, workers=workers,
-                              commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
+                              commit_every=commit_every, max_pixels=max_pixels, exact_decode=exact_decode, progress=progress)
             store.drop_unused_vectors()
         if policy_changed or not plan.is_noop or not store.faiss_current():
             store.save_faiss(rebuild=policy_changed, progress=build_progress)
@@ -259,16 +259,16 @@ def _commit(store: IndexStore, report: IndexReport, records: list[FileRecord], r
 
 
 def _embed_and_commit(store: IndexStore, model, files: list[FoundFile], report: IndexReport, *,
-                      batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
+                      batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, exact_decode: bool,
                       progress: FileProgress | None) -> None:
     groups = embed_records(model, files, store.known_hashes(), batch_size=batch_size, workers=workers,
-                           commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
+                           commit_every=commit_every, max_pixels=max_pixels, exact_decode=exact_decode, progress=progress)
     for records in groups:
         _commit(store, report, records)
 
 
 def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], *, batch_size: int | None,
-                  workers: int | None, commit_every: int, max_pixels: int, draft: bool,
+                  workers: int | None, commit_every: int, max_pixels: int, exact_decode: bool,
                   progress: FileProgress | None) -> Iterator[list[FileRecord]]:
     """Embed files into records ready to commit, yielded in groups of at least `commit_every` (the last one
     smaller): each group is what one commit, or one shard's part file, holds."""
@@ -280,7 +280,7 @@ def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], 
     if progress:
         progress(0, len(files))
     outcomes = embed_images(model, [f.path for f in files], batch_size=batch_size, workers=workers,
-                            known_hashes=known_hashes, max_pixels=max_pixels, draft=draft)
+                            known_hashes=known_hashes, max_pixels=max_pixels, exact_decode=exact_decode)
     for batch in outcomes:
         for e in batch:
             f = by_path[e.path]

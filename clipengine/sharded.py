@@ -63,7 +63,7 @@ def index_folder_sharded(
     workers: int | None = None,
     commit_every: int = 256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    draft: bool = True,
+    exact_decode: bool = False,
     include_hidden: bool = False,
     retry_skipped: bool = False,
     faiss_policy: FaissPolicy = FaissPolicy(),
@@ -106,7 +106,7 @@ def index_folder_sharded(
         error = None
         try:
             _embed_share(job, rank, world, index_path, device=device, batch_size=batch_size, workers=workers,
-                         commit_every=commit_every, max_pixels=max_pixels, draft=draft,
+                         commit_every=commit_every, max_pixels=max_pixels, exact_decode=exact_decode,
                          progress=progress if rank == 0 else None)
         except Exception as e:  # reported to rank 0, which merges what every rank did write
             error = f"rank {rank}: {e}"
@@ -158,7 +158,7 @@ def _plan(root: str, index_path: Path, spec: ModelSpec, device: str | None, incl
 
 
 def _embed_share(job: dict, rank: int, world: int, index_path: Path, *, device: str | None,
-                 batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, draft: bool,
+                 batch_size: int | None, workers: int | None, commit_every: int, max_pixels: int, exact_decode: bool,
                  progress: FileProgress | None) -> None:
     """Embed every world-th file starting at `rank`, writing part files as it goes."""
     share = [FoundFile(*f) for f in job["files"][rank::world]]
@@ -179,7 +179,7 @@ def _embed_share(job: dict, rank: int, world: int, index_path: Path, *, device: 
     folder = index_path / SHARDS_DIR / f"rank-{rank:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     groups = embed_records(model, share, set(job["known_hashes"]), batch_size=batch_size, workers=workers,
-                           commit_every=commit_every, max_pixels=max_pixels, draft=draft, progress=progress)
+                           commit_every=commit_every, max_pixels=max_pixels, exact_decode=exact_decode, progress=progress)
     for records in groups:
         _write_part(folder, records, model.embed_dim)
 

@@ -30,7 +30,7 @@ def test_split_transform_is_bit_identical_to_open_clips(tiny_model):
 
 def test_exact_decode_matches_the_naive_pipeline(tiny_model, tmp_path):
     paths = [str(p) for p in write_photo_folder(tmp_path, 5, (300, 200))]
-    outcomes = [e for batch in embed_images(tiny_model, paths, batch_size=2, workers=0, draft=False) for e in batch]
+    outcomes = [e for batch in embed_images(tiny_model, paths, batch_size=2, workers=0, exact_decode=True) for e in batch]
     for path, e in zip(paths, outcomes, strict=True):
         assert e.path == path and e.vector.dtype == np.float32
         np.testing.assert_allclose(e.vector, reference_embedding(tiny_model, path), atol=1e-5)
@@ -38,8 +38,8 @@ def test_exact_decode_matches_the_naive_pipeline(tiny_model, tmp_path):
 
 def test_draft_decode_stays_close_to_exact(tiny_model, tmp_path):
     paths = [str(p) for p in write_photo_folder(tmp_path, 3, (1600, 1200))]
-    exact = [e.vector for b in embed_images(tiny_model, paths, workers=0, draft=False) for e in b]
-    fast = [e.vector for b in embed_images(tiny_model, paths, workers=0, draft=True) for e in b]
+    exact = [e.vector for b in embed_images(tiny_model, paths, workers=0, exact_decode=True) for e in b]
+    fast = [e.vector for b in embed_images(tiny_model, paths, workers=0, exact_decode=False) for e in b]
     for a, b in zip(exact, fast, strict=True):
         assert float(a @ b) > 0.99 and np.abs(a - b).max() > 1e-5  # close, and not equal: draft decoded smaller
 

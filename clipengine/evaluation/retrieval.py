@@ -75,7 +75,7 @@ def embed_image_refs(model: LoadedModel, images: Sequence, *, batch_size: int | 
 
     vectors, kept, skipped = [], [], []
     done = 0
-    for batch in embed_images(model, images, batch_size=batch_size, workers=workers, draft=False,
+    for batch in embed_images(model, images, batch_size=batch_size, workers=workers, exact_decode=True,
                               transparency=transparency):
         for item in batch:
             if item.vector is not None:
