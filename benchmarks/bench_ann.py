@@ -1,7 +1,7 @@
 """Approximate indexes at a million vectors: every kind clipengine can choose, side by side with exact search.
 
 Data: 1,000,000 unit vectors of dimension 512 from a mixture of Gaussians shaped like CLIP embeddings
-(clipengine.synthetic.clustered_unit_vectors: shared mean direction, 10,000 clusters of varied size),
+(tests/synthetic.py clustered_unit_vectors: shared mean direction, 10,000 clusters of varied size),
 and held-out queries drawn from the same mixture (not in the index): 500 tune the search depth (the
 same `ann.tune` an index build runs), 500 others measure recall@10 at that depth. Ground truth is exact
 inner-product search. For each kind: build time (train on a random sample + add), memory (the
@@ -29,9 +29,9 @@ from typing import TypeVar
 import faiss
 import numpy as np
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+from synthetic import clustered_unit_vectors
 
 from clipengine import ann
-from clipengine.synthetic import clustered_unit_vectors
 
 DIM, K = 512, 10
 T = TypeVar("T")

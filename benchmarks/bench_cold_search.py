@@ -104,9 +104,10 @@ def warm(index: str, queries: int = 50) -> dict:
 
 
 def build(root: Path, n: int) -> dict[str, Path]:
+    from synthetic import write_photo_folder
+
     from clipengine.indexing import index_folder
     from clipengine.models import ModelSpec
-    from clipengine.synthetic import write_photo_folder
 
     photos = root / "photos"
     write_photo_folder(photos, n, (640, 480))
@@ -141,7 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         indexes = build(Path(tmp), 60 if args.quick else 200)
         outside = Path(tmp) / "query.jpg"
-        from clipengine.synthetic import photo_like
+        from clipengine.scenes import photo_like
 
         photo_like(640, 480, seed=99_999).save(outside, quality=90)
         for name, index in indexes.items():

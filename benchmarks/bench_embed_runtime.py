@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+from synthetic import write_photo_folder
 
 from clipengine.embed import embed_images
 from clipengine.indexing import embedding_runtime, index_folder
 from clipengine.models import ModelSpec, load_model
 from clipengine.query_encoders import QueryEncoders
 from clipengine.store import IndexStore
-from clipengine.synthetic import write_photo_folder
 
 RUNTIMES = (("torch", None), ("onnx", "fp32"), ("onnx", "int8"))
 

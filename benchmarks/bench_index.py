@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+from synthetic import write_photo_folder
 
 from clipengine.indexing import index_folder
 from clipengine.models import ModelSpec, load_model
-from clipengine.synthetic import write_photo_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "bench"

@@ -1,11 +1,17 @@
-"""Where a benchmark script writes its result: --out if given, else results/<name>-<date>.json (not for --quick)."""
+"""Where a benchmark script writes its result: --out if given, else results/<name>-<date>.json (not for --quick).
+
+Every benchmark imports this first, so it also puts tests/ on sys.path: the benchmarks generate their
+photos and vectors with the tests' own generators (tests/synthetic.py).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def save_result(name: str, record: dict, out: Path | None, quick: bool) -> None:

@@ -72,7 +72,7 @@ def check_prompts() -> list[str]:
 
 def check_images(n: int = 50) -> list:
     """The 50 generated images an image tower is verified on: landscape, portrait, square, tiny, huge."""
-    from clipengine.synthetic import photo_like
+    from clipengine.scenes import photo_like
 
     shapes = [(640, 480), (480, 640), (224, 224), (100, 80), (1000, 300), (64, 64), (333, 517), (1200, 900),
               (250, 251), (31, 400)]

@@ -124,3 +124,23 @@ def write_scene_set(folder: str | os.PathLike, count: int, *, seed: int = 0, siz
             writer.writerows([name, c] for c in captions)
     os.replace(tmp, csv_path)
     return csv_path
+
+
+def photo_like(width: int, height: int, seed: int, noise: int = 12) -> Image.Image:
+    """A photo-like picture, distinct per seed: smooth colour regions with edges and per-pixel grain, so
+    that its JPEG has a camera photo's size and decoding cost. Export verifies image towers on these;
+    tests and benchmarks build folders of them (tests/synthetic.py)."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, 256, (max(2, height // 256 + 2), max(2, width // 256 + 2), 3), dtype=np.uint8)
+    img = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x0, x1 = sorted(rng.integers(0, width, 2))
+        y0, y1 = sorted(rng.integers(0, height, 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1 + 1, y1 + 1], fill=fill)
+    if noise:
+        pixels = np.asarray(img, dtype=np.int16)
+        pixels += rng.integers(-noise, noise + 1, (height, width, 1), dtype=np.int16)  # luminance grain
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return img

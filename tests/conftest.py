@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import write_photo_folder
 
+from clipengine.scenes import photo_like
 from clipengine.store import DATABASE
-from clipengine.synthetic import photo_like, write_photo_folder
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic import clustered_unit_vectors
 
 from clipengine import ann
 from clipengine.errors import BadInput
@@ -12,7 +13,6 @@ from clipengine.indexing import FaissPolicy, index_info, reindex
 from clipengine.search import Searcher
 from clipengine.sizes import parse_size
 from clipengine.store import FAISS_FILE, FileRecord, IndexStore
-from clipengine.synthetic import clustered_unit_vectors
 
 DIM = 32
 

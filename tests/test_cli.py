@@ -159,7 +159,7 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
-    from clipengine.synthetic import write_photo_folder
+    from synthetic import write_photo_folder
 
     write_photo_folder(tmp_path / "f", 80, (640, 480), fmt="PNG")
     env = {**os.environ, "CLIPENGINE_INDEX_DIR": str(tmp_path / "indexes")}

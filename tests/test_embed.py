@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import write_photo_folder
 
 import clipengine.embed as embed_module
 from clipengine.embed import ImageEmbedding, content_hash, embed_images, embed_pil_images, split_transform
-from clipengine.synthetic import photo_like, write_photo_folder
+from clipengine.scenes import photo_like
 
 
 def reference_embedding(model, path) -> np.ndarray:

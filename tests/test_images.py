@@ -8,7 +8,7 @@ from conftest import jpeg_bytes, png_16bit_rgb, png_claiming_size, write_bad_inp
 from PIL import Image
 
 from clipengine.images import Decoded, Skipped, open_image, parse_pixels, to_rgb
-from clipengine.synthetic import photo_like
+from clipengine.scenes import photo_like
 
 
 def pixel(result, xy):

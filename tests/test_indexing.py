@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import committed_count, interruptible, write_bad_inputs
+from synthetic import write_photo_folder
 
 import clipengine.embed as embed_module
 import clipengine.indexing as indexing_module
@@ -20,9 +21,9 @@ from clipengine.ann import index_ids
 from clipengine.errors import BadInput, IndexCorrupt, ModelMismatch
 from clipengine.indexing import index_folder, index_info
 from clipengine.models import ModelSpec
+from clipengine.scenes import photo_like
 from clipengine.search import Searcher
 from clipengine.store import MANIFEST, IndexStore
-from clipengine.synthetic import photo_like, write_photo_folder
 
 TINY = ModelSpec(arch="tiny")
 

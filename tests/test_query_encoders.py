@@ -17,9 +17,9 @@ from clipengine.cli import app
 from clipengine.errors import BadInput
 from clipengine.indexing import index_folder, index_info
 from clipengine.models import ModelSpec
+from clipengine.scenes import photo_like
 from clipengine.search import Searcher
 from clipengine.store import MANIFEST, IndexStore
-from clipengine.synthetic import photo_like
 
 TINY = ModelSpec(arch="tiny")
 QUERIES = ["a photo", "two red circles on the left of a large blue square", "🐶 on a beach, 犬", "caf\u00e9 &amp; cr\u00e8me",

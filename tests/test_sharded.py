@@ -10,12 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from synthetic import write_photo_folder
 
 from clipengine.indexing import index_folder, index_info
 from clipengine.search import Searcher
 from clipengine.sharded import SHARDS_DIR, _write_part
 from clipengine.store import FileRecord, IndexStore
-from clipengine.synthetic import write_photo_folder
 
 
 def stored(index) -> dict[str, np.ndarray]:

@@ -1,9 +1,8 @@
-"""Deterministic photo-like images and embedding-like vectors, so that tests, the offline demo and the
-benchmarks need no dataset.
+"""Folders of photo-like images and embedding-like vectors, so that tests and benchmarks need no dataset.
 
-`photo_like` makes what matters for the machinery: distinct content per seed, smooth colour regions
-with edges and per-pixel noise, so that JPEG files have realistic sizes (a 12-megapixel one is a few
-megabytes, as from a camera) and realistic decoding cost.
+The pictures are `clipengine.scenes.photo_like` (which export also verifies towers on): distinct per
+seed, with realistic JPEG sizes (a 12-megapixel one is a few megabytes) and decoding cost. Benchmarks
+import this file too (they put tests/ on sys.path).
 """
 
 from __future__ import annotations
@@ -12,24 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-
-def photo_like(width: int, height: int, seed: int, noise: int = 12) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    grid = rng.integers(0, 256, (max(2, height // 256 + 2), max(2, width // 256 + 2), 3), dtype=np.uint8)
-    img = Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 8))):
-        x0, x1 = sorted(rng.integers(0, width, 2))
-        y0, y1 = sorted(rng.integers(0, height, 2))
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1 + 1, y1 + 1], fill=fill)
-    if noise:
-        pixels = np.asarray(img, dtype=np.int16)
-        pixels += rng.integers(-noise, noise + 1, (height, width, 1), dtype=np.int16)  # luminance grain
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return img
+from clipengine.scenes import photo_like
 
 
 def write_photo_folder(folder: str | os.PathLike, n: int, size: tuple[int, int] = (640, 480), *,
@@ -73,12 +56,3 @@ def clustered_unit_vectors(n: int, dim: int = 512, *, clusters: int | None = Non
         block = centres[which] + rng.standard_normal((m, dim)) * (spread / np.sqrt(dim))
         out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
-
-
-if __name__ == "__main__":  # python -m clipengine.synthetic FOLDER [N] : the demo's built-in images
-    import sys
-
-    if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m clipengine.synthetic FOLDER [N]")
-    written = write_photo_folder(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 200)
-    print(f"wrote {len(written)} images to {sys.argv[1]}")
