@@ -34,6 +34,19 @@ def committed_count(index: Path) -> int:
         return 0
 
 
+def spy(monkeypatch, owner: object, name: str) -> list[tuple]:
+    """Replace `owner.name` by a wrapper that records each call's arguments and calls through."""
+    calls: list[tuple] = []
+    real = getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
 def interruptible() -> None:
     """preexec_fn for a child that a test stops with SIGINT: a test run launched as a background job ignores
     SIGINT, the child would inherit that, and Python then never raises KeyboardInterrupt in it."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import spy
 from PIL import Image
 
 from clipengine.embed import split_transform
@@ -90,14 +91,7 @@ def test_a_second_epoch_decodes_nothing_and_crops_the_same(tmp_path, tiny_model,
     def dataset(cache):
         return PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64, shrink=shrink, cache=cache)
 
-    decodes: list[int] = []
-    real = train_data.open_image
-
-    def counted_open_image(*args, **kwargs):
-        decodes.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_data, "open_image", counted_open_image)
+    decodes = spy(monkeypatch, train_data, "open_image")
     cache = DecodedCache(tmp_path / "c.sqlite", "side78:white")
     first = [dataset(cache)[(i, 7)][0] for i in range(6)]
     assert len(decodes) == 6

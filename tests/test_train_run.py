@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import spy
 from safetensors.torch import load_file
 
 from clipengine.errors import BadInput
@@ -60,7 +61,8 @@ def test_a_run_writes_a_checkpoint_that_index_and_search_load(scenes, tmp_path):
     step_dir = out / "checkpoints" / "step-00000010"
     groups = read_checkpoint_state(step_dir)["optimizer"]["param_groups"]  # what AdamW ran with
     assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {((0.9, 0.999), 1e-8)}  # open_clip's for a non-ViT name
-    assert (read_run_config(step_dir)["beta2"], read_run_config(step_dir)["eps"]) == (0.999, 1e-8)
+    recorded = read_run_config(step_dir)
+    assert (recorded["beta2"], recorded["eps"]) == (0.999, 1e-8)
 
     source = resolve_source(ModelSpec(checkpoint=str(out)))
     assert source["source"] == "checkpoint" and source["arch"] == "tiny"
@@ -210,14 +212,7 @@ def test_mixed_precision_with_accumulation_tracks_fp32(scenes, tmp_path, precisi
 def test_gradient_checkpointing_changes_memory_not_results(scenes, tmp_path, monkeypatch):
     import open_clip.transformer
 
-    calls: list[int] = []
-    real = open_clip.transformer.checkpoint
-
-    def counted_checkpoint(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(open_clip.transformer, "checkpoint", counted_checkpoint)
+    calls = spy(monkeypatch, open_clip.transformer, "checkpoint")
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
     train(TrainConfig(data=str(scenes), out=str(plain), epochs=1, log_every=1, max_steps=2, **FAST))
     assert not calls
@@ -249,7 +244,8 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_two_processes_under_torchrun_equal_one(scenes, tmp_path):
     """gloo on the CPU: the global batch is split over 2 ranks, features are gathered with gradients."""
     args = ["train", "--data", str(scenes), "--epochs", "1", "--batch-size", "8", "--workers", "0",
-            "--val-size", "8", "--max-steps", "3", "--lr", "1e-3", "--beta2", "0.98", "--eps", "1e-6", "--json"]
+            "--val-size", "8", "--max-steps", "3", "--lr", "1e-3",
+            "--beta2", str(ROUNDING_SAFE["beta2"]), "--eps", str(ROUNDING_SAFE["eps"]), "--json"]
     single = _cli(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -105,14 +105,14 @@ class PairDataset(Dataset):
         if isinstance(data, Skipped):
             return data
         cache = self.cache
-        key = cache.key(data) if cache else None
-        if cache and key is not None and (image := cache.get(key)) is not None:
+        key = cache.key(data) if cache else b""
+        if cache and (image := cache.get(key)) is not None:
             return Decoded(image, image.width, image.height)
         decoded = open_image(data, max_pixels=self.max_pixels, transparency=self.transparency,
                              draft_size=self.shrink.side if self.shrink else self.image_size)
         if isinstance(decoded, Decoded) and self.shrink:
             decoded = Decoded(self.shrink(decoded.image), decoded.width, decoded.height)
-            if cache and key is not None:
+            if cache:
                 cache.put(key, decoded.image)
         return decoded
 

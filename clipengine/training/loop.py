@@ -252,9 +252,9 @@ def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels
     scale_loss(loss).backward()
     sizes = [len(p) for p, _ in chunks]
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
     for j, (p, t) in enumerate(chunks):
         last = j == len(chunks) - 1
-        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
         sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with sync:
             with autocast():
