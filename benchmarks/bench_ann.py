@@ -31,7 +31,7 @@ import numpy as np
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 from synthetic import clustered_unit_vectors
 
-from clipengine import ann
+from clipengine.index import ann
 
 DIM, K = 512, 10
 T = TypeVar("T")
@@ -99,9 +99,9 @@ def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
     import sys
     import tempfile
 
+    from clipengine.index.search import Searcher
+    from clipengine.index.store import FileRecord, IndexStore
     from clipengine.models import ModelSpec, resolve_source
-    from clipengine.search import Searcher
-    from clipengine.store import FileRecord, IndexStore
 
     source = {**resolve_source(ModelSpec("ViT-B-32", "none")), "embed_dim": DIM}
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent / "indexes") as tmp:

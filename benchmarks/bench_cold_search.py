@@ -53,7 +53,7 @@ def split_in_process(index: str) -> dict:
     """Run in a fresh process (`--split INDEX`): the CLI's text search, step by step, timed."""
     marks = [time.perf_counter()]
     import clipengine.cli  # noqa: F401  (typer and what the CLI imports at start)
-    from clipengine.search import Searcher
+    from clipengine.index.search import Searcher
 
     marks.append(time.perf_counter())
     searcher = Searcher(index, one_shot=True)
@@ -90,7 +90,7 @@ def split(index: str, rounds: int) -> dict:
 
 def warm(index: str, queries: int = 50) -> dict:
     """Per-query time of the second and later text queries of one long-lived Searcher."""
-    from clipengine.search import Searcher
+    from clipengine.index.search import Searcher
 
     texts = [f"{TEXT} number {i}" for i in range(queries + 1)]
     with Searcher(index) as searcher:
@@ -106,7 +106,7 @@ def warm(index: str, queries: int = 50) -> dict:
 def build(root: Path, n: int) -> dict[str, Path]:
     from synthetic import write_photo_folder
 
-    from clipengine.indexing import index_folder
+    from clipengine.index.pipeline import index_folder
     from clipengine.models import ModelSpec
 
     photos = root / "photos"

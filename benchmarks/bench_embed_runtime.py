@@ -29,10 +29,10 @@ from results_file import save_result  # benchmarks/ is on sys.path when a script
 from synthetic import write_photo_folder
 
 from clipengine.embed import embed_images
-from clipengine.indexing import embedding_runtime, index_folder
+from clipengine.index.pipeline import embedding_runtime, index_folder
+from clipengine.index.query_encoders import QueryEncoders
+from clipengine.index.store import IndexStore
 from clipengine.models import ModelSpec, load_model
-from clipengine.query_encoders import QueryEncoders
-from clipengine.store import IndexStore
 
 RUNTIMES = (("torch", None), ("onnx", "fp32"), ("onnx", "int8"))
 

@@ -27,7 +27,7 @@ DEFAULT = ["tiny", "ViT-S-32", "ViT-B-32", "RN50", "convnext_base", "coca_ViT-B-
 
 
 def one(arch: str) -> dict:
-    from clipengine.export import export_towers
+    from clipengine.index.export import export_towers
     from clipengine.models import ModelSpec, load_model
 
     started = time.perf_counter()

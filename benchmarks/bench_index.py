@@ -36,7 +36,7 @@ from PIL import Image
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 from synthetic import write_photo_folder
 
-from clipengine.indexing import index_folder
+from clipengine.index.pipeline import index_folder
 from clipengine.models import ModelSpec, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def ours(model, folder: Path, n: int, batch: int, workers: int | None) -> float:
 
 RSS_SCRIPT = """
 import json, sys
-from clipengine.indexing import index_folder
+from clipengine.index.pipeline import index_folder
 from clipengine.models import ModelSpec
 r = index_folder(sys.argv[1], sys.argv[2], ModelSpec(arch="tiny"))
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
+from clipengine.index.search import Searcher
+from clipengine.index.store import FileRecord, IndexStore
 from clipengine.models import ModelSpec, resolve_source
-from clipengine.search import Searcher
-from clipengine.store import FileRecord, IndexStore
 
 DIM, K, QUERIES = 512, 10, 300
 

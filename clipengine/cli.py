@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import typer
 
 from clipengine.errors import ClipEngineError, FallbackNotice
+from clipengine.index.store import INDEX_DIR_ENV, resolve_index_path
 from clipengine.models import ModelSpec
-from clipengine.store import INDEX_DIR_ENV, resolve_index_path
 
 app = typer.Typer(
     add_completion=False,
@@ -176,8 +176,8 @@ def index(
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
     from clipengine.errors import BadInput
     from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
-    from clipengine.indexing import index_folder
-    from clipengine.sharded import in_torchrun, index_folder_sharded
+    from clipengine.index.pipeline import index_folder
+    from clipengine.index.sharded import in_torchrun, index_folder_sharded
 
     if threads:
         import torch
@@ -232,7 +232,7 @@ def index(
 
 def _describe_encoders(record: dict | None) -> str:
     """One line on the exported query encoders: per tower, verified (how closely) or why not."""
-    from clipengine.query_encoders import never_exported
+    from clipengine.index.query_encoders import never_exported
 
     if record is None or never_exported(record):
         return "torch (no exported query encoders)"
@@ -253,7 +253,7 @@ def _describe_encoders(record: dict | None) -> str:
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
-    from clipengine.indexing import FaissPolicy
+    from clipengine.index.pipeline import FaissPolicy
     from clipengine.sizes import parse_size
 
     return FaissPolicy(parse_size(memory_budget, "--memory-budget") if memory_budget else None, factory, target_recall)
@@ -284,7 +284,7 @@ def reindex(
     as_json: JsonArg = False,
 ) -> None:
     """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
-    from clipengine.indexing import reindex as reindex_index
+    from clipengine.index.pipeline import reindex as reindex_index
 
     stages, on_stage = _stage_progress()
     with stages:
@@ -323,7 +323,7 @@ def search(
     import numpy as np
 
     from clipengine.errors import BadInput
-    from clipengine.search import Searcher, path_prefix
+    from clipengine.index.search import Searcher, path_prefix
 
     if sum(x is not None for x in (query, image, vector)) != 1:
         raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
@@ -355,7 +355,7 @@ def search(
 @_user_errors
 def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
-    from clipengine.indexing import index_info
+    from clipengine.index.pipeline import index_info
     from clipengine.models import describe_source
 
     report = index_info(resolve_index_path(index_name, index_dir))
@@ -390,7 +390,7 @@ def export(
 ) -> None:
     """Export the index model's text and image towers to ONNX, verified against torch, so that searches
     start in a fraction of a second without loading torch. Replaces an earlier export."""
-    from clipengine.export import export_index
+    from clipengine.index.export import export_index
 
     stages, on_stage = _stage_progress()
     with stages:

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from synthetic import write_photo_folder
 
+from clipengine.index.store import DATABASE
 from clipengine.scenes import photo_like
-from clipengine.store import DATABASE
 
 
 @pytest.fixture(scope="session")

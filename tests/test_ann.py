@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from synthetic import clustered_unit_vectors
 
-from clipengine import ann
 from clipengine.errors import BadInput
-from clipengine.indexing import FaissPolicy, index_info, reindex
-from clipengine.search import Searcher
+from clipengine.index import ann
+from clipengine.index.pipeline import FaissPolicy, index_info, reindex
+from clipengine.index.search import Searcher
+from clipengine.index.store import FAISS_FILE, FileRecord, IndexStore
 from clipengine.sizes import parse_size
-from clipengine.store import FAISS_FILE, FileRecord, IndexStore
 
 DIM = 32
 

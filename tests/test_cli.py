@@ -16,7 +16,7 @@ from conftest import committed_count, interruptible, write_bad_inputs, write_pho
 from typer.testing import CliRunner
 
 from clipengine.cli import app
-from clipengine.store import MANIFEST
+from clipengine.index.store import MANIFEST
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_index_search_info_round_trip_by_name(indexed, tmp_path):
 
 def test_search_by_vector_and_prefix(indexed, tmp_path):
     query = sorted(indexed.rglob("*.jpg"))[0]
-    from clipengine.search import Searcher
+    from clipengine.index.search import Searcher
 
     with Searcher(tmp_path / "indexes" / "photos") as s:
         np.save(tmp_path / "q.npy", s.image_vector(query))

@@ -16,14 +16,14 @@ from conftest import committed_count, interruptible, write_bad_inputs
 from synthetic import write_photo_folder
 
 import clipengine.embed as embed_module
-import clipengine.indexing as indexing_module
-from clipengine.ann import index_ids
+import clipengine.index.pipeline as indexing_module
 from clipengine.errors import BadInput, IndexCorrupt, ModelMismatch
-from clipengine.indexing import index_folder, index_info
+from clipengine.index.ann import index_ids
+from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.search import Searcher
+from clipengine.index.store import MANIFEST, IndexStore
 from clipengine.models import ModelSpec
 from clipengine.scenes import photo_like
-from clipengine.search import Searcher
-from clipengine.store import MANIFEST, IndexStore
 
 TINY = ModelSpec(arch="tiny")
 
@@ -237,7 +237,7 @@ def test_search_prefix_and_vector_queries(photos, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from clipengine.indexing import index_folder
+from clipengine.index.pipeline import index_folder
 from clipengine.models import ModelSpec
 index_folder(sys.argv[1], sys.argv[2], ModelSpec(arch="tiny"), workers=0, batch_size=4, commit_every=4)
 """

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import clipengine.export as export_module
+import clipengine.index.export as export_module
 from clipengine.cli import app
 from clipengine.errors import BadInput
-from clipengine.indexing import index_folder, index_info
+from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.search import Searcher
+from clipengine.index.store import MANIFEST, IndexStore
 from clipengine.models import ModelSpec
 from clipengine.scenes import photo_like
-from clipengine.search import Searcher
-from clipengine.store import MANIFEST, IndexStore
 
 TINY = ModelSpec(arch="tiny")
 QUERIES = ["a photo", "two red circles on the left of a large blue square", "🐶 on a beach, 犬", "caf\u00e9 &amp; cr\u00e8me",
@@ -269,8 +269,8 @@ def test_indexing_runtime_follows_the_measured_speed_and_onnx_vectors_equal_torc
 
 @pytest.mark.slow
 def test_int8_towers_are_measured_on_the_index_and_used_only_when_asked_or_close_enough(index, photos, tmp_path):
-    from clipengine.export import export_index
-    from clipengine.query_encoders import QueryEncoders
+    from clipengine.index.export import export_index
+    from clipengine.index.query_encoders import QueryEncoders
 
     with pytest.raises(BadInput, match="--quantize int8"):  # no int8 tower exported yet
         _embed_one(photos, index, precision="int8")
@@ -303,7 +303,7 @@ def _embed_one(photos, index, precision):
 
 
 def test_int8_recall_is_measured_against_fp32_top_10():
-    from clipengine.export import top_k_overlap
+    from clipengine.index.export import top_k_overlap
 
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((500, 16)).astype(np.float32)

@@ -6,7 +6,7 @@ import os
 
 from conftest import write_bad_inputs
 
-from clipengine.scan import FoundFile, Recorded, plan_update, scan_folder
+from clipengine.index.scan import FoundFile, Recorded, plan_update, scan_folder
 
 
 def test_scan_finds_images_recursively_and_reports_unreadable_entries(tmp_path):

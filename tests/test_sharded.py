@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from synthetic import write_photo_folder
 
-from clipengine.indexing import index_folder, index_info
-from clipengine.search import Searcher
-from clipengine.sharded import SHARDS_DIR, _write_part
-from clipengine.store import FileRecord, IndexStore
+from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.search import Searcher
+from clipengine.index.sharded import SHARDS_DIR, _write_part
+from clipengine.index.store import FileRecord, IndexStore
 
 
 def stored(index) -> dict[str, np.ndarray]:

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
-from clipengine.store import DATABASE, FAISS_FILE, MANIFEST, FileRecord, IndexStore, remove_index, resolve_index_path
+from clipengine.index.store import (
+    DATABASE,
+    FAISS_FILE,
+    MANIFEST,
+    FileRecord,
+    IndexStore,
+    remove_index,
+    resolve_index_path,
+)
 
 DIM = 8
 
@@ -189,7 +197,8 @@ def test_index_names_and_paths(tmp_path, monkeypatch):
 
 def test_an_installed_package_keeps_indexes_and_caches_in_the_users_directories(tmp_path, monkeypatch):
     """A wheel's package sits in site-packages with no checkout around it: indexes must not go there."""
-    from clipengine import cache, store
+    from clipengine import cache
+    from clipengine.index import store
 
     site = tmp_path / "venv" / "lib" / "site-packages"
     (site / "clipengine").mkdir(parents=True)

@@ -46,8 +46,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_run_writes_a_checkpoint_that_index_and_search_load(scenes, tmp_path):
-    from clipengine.indexing import index_folder
-    from clipengine.search import Searcher
+    from clipengine.index.pipeline import index_folder
+    from clipengine.index.search import Searcher
 
     out = tmp_path / "run"
     report = train(TrainConfig(data=str(scenes), out=str(out), epochs=2, log_every=1, **FAST))

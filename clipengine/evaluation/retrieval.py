@@ -51,7 +51,7 @@ def model_settings(model: LoadedModel) -> dict:
 def model_for(source: dict, device: str | None, runtime: str | None, precision: str | None) -> Iterator[LoadedModel]:
     """The model a benchmark embeds with: torch (default), or its exported ONNX towers (`runtime` "onnx", or
     `precision` "int8"), so that what the query encoders change is a measured number."""
-    from clipengine.query_encoders import check_runtime
+    from clipengine.index.query_encoders import check_runtime
 
     check_runtime(runtime, precision)
     onnx = runtime == "onnx" or precision == "int8"
@@ -59,7 +59,7 @@ def model_for(source: dict, device: str | None, runtime: str | None, precision: 
     if not onnx:
         yield model
         return
-    from clipengine.export import onnx_runtime
+    from clipengine.index.export import onnx_runtime
 
     with onnx_runtime(model, precision or "fp32") as exported:
         yield exported
@@ -154,7 +154,7 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
     """Recall@k with an index's images as the gallery: captions from `data` whose images the index
     holds are the queries. Reports exact recall (both directions, on the index's stored vectors) and
     text→image recall through the index's own faiss search (``index_text_to_image_R@k``)."""
-    from clipengine.store import IndexStore
+    from clipengine.index.store import IndexStore
 
     started = time.perf_counter()
     pairs = read_pairs(data, image_root, split, default_split="test")

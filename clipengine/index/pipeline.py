@@ -15,14 +15,14 @@ from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clipengine.ann import DRIFT_RATIO, n_lists
 from clipengine.errors import BadInput
 from clipengine.images import DEFAULT_MAX_PIXELS
+from clipengine.index.ann import DRIFT_RATIO, n_lists
+from clipengine.index.query_encoders import check_runtime
+from clipengine.index.scan import FoundFile, Plan, plan_update, scan_folder
+from clipengine.index.store import ENCODERS_PENDING, FileRecord, IndexStore, remove_index
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.progress import FileProgress, StageProgress
-from clipengine.query_encoders import check_runtime
-from clipengine.scan import FoundFile, Plan, plan_update, scan_folder
-from clipengine.store import ENCODERS_PENDING, FileRecord, IndexStore, remove_index
 
 
 @dataclass
@@ -131,7 +131,7 @@ def index_folder(
     model is used) and anything else named is refused unless it is the same model. `model`, an already
     loaded `LoadedModel`, saves loading it again when indexing several folders. A `faiss_policy` that
     differs from the index's retrains its search structure (see `IndexStore.save_faiss`). `export`: write
-    the query encoders that let searches start without torch (`clipengine.export`); None does it for a new
+    the query encoders that let searches start without torch (`clipengine.index.export`); None does it for a new
     index, and advises it for an older one that has none; `quantize` "int8" adds int8 query encoders.
     `runtime`/`precision`: what embeds the images (see `embedding_runtime`).
     """
@@ -167,7 +167,7 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool 
     """The last step of every indexing run: export the query encoders if asked (None: if the index is new and
     has not had its export yet, even when its first run was interrupted), and report the result."""
     if export or (export is None and store.query_encoders == ENCODERS_PENDING):
-        from clipengine.export import export_query_encoders
+        from clipengine.index.export import export_query_encoders
         from clipengine.models import load_model
 
         export_query_encoders(model or load_model(store.manifest["model"], device="cpu"), store, quantize=quantize,
@@ -181,7 +181,7 @@ def finish_index(store: IndexStore, report: IndexReport, model, *, export: bool 
 def encoders_advice(store: IndexStore) -> list[str]:
     """What to do when searches must load torch though they need not: no query encoders, or damaged ones.
     (A model that does not export has nothing to do: `info` shows why, tower by tower.)"""
-    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, fallback_advice
+    from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, fallback_advice
 
     try:
         QueryEncoders.open(store.path, store.query_encoders)
@@ -200,7 +200,7 @@ def embedding_runtime(store: IndexStore, model, runtime: str | None, precision: 
     """
     import dataclasses
 
-    from clipengine.query_encoders import EncodersUnavailable, QueryEncoders
+    from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders
 
     check_runtime(runtime, precision)
     image = (store.query_encoders or {}).get("image") or {}

@@ -2,7 +2,7 @@
 
 A `Searcher` opens an index read-only and encodes a query the cheapest way that gives the same vector:
 a raw vector needs nothing; an image that is itself in the index and unchanged uses its stored vector;
-anything else goes through the index's exported ONNX towers (`clipengine.query_encoders`: no torch, a
+anything else goes through the index's exported ONNX towers (`clipengine.index.query_encoders`: no torch, a
 fraction of a second in a fresh process), and only an index without verified towers loads the torch
 model. The model is always the index's own; naming another is refused before anything is loaded.
 """
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
+from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
+from clipengine.index.store import IndexStore
 from clipengine.models import ModelSpec, check_same_model
-from clipengine.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
-from clipengine.store import IndexStore
 
 if TYPE_CHECKING:
-    from clipengine.ann import SearchableIndex
+    from clipengine.index.ann import SearchableIndex
     from clipengine.models import LoadedModel
 
 

@@ -8,7 +8,7 @@
                       vectors (content hash -> float32 embedding, width, height), folders indexed,
                       the commit generation, and what the faiss file is (kind, training, tuning, drift)
       vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id): exact or
-                      approximate as clipengine.ann chooses
+                      approximate as clipengine.index.ann chooses
       lock            flock()ed by the single process allowed to write
 
 Why this shape. Every change is one sqlite transaction (synchronous=FULL), so a `kill -9` leaves
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipengine import __version__, ann
+from clipengine import __version__
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
+from clipengine.index import ann
+from clipengine.index.scan import Recorded
 from clipengine.progress import StageProgress
-from clipengine.scan import Recorded
 
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
@@ -47,7 +48,7 @@ MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
 FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "lock"
-ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.export)
+ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.index.export)
 ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
@@ -112,7 +113,7 @@ def default_index_dir() -> Path:
     """
     if os.environ.get(INDEX_DIR_ENV):
         return Path(os.environ[INDEX_DIR_ENV]).expanduser()
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (checkout / "indexes").is_dir():
         return checkout / "indexes"
     import platformdirs
@@ -451,7 +452,7 @@ class IndexStore:
 
     @property
     def query_encoders(self) -> dict | None:
-        """What `clipengine.export` recorded: per tower, verified (and how closely) or failed (and why)."""
+        """What `clipengine.index.export` recorded: per tower, verified (and how closely) or failed (and why)."""
         return self.manifest.get("query_encoders")
 
     def set_query_encoders(self, record: dict) -> None:

@@ -2,7 +2,7 @@
 
 A text query in a fresh process used to cost 4.5 s (tiny) to 6.4 s (ViT-B-32): importing torch and
 open_clip, then loading the whole model to run its text tower once. An index now carries its model's
-towers as ONNX files (written and verified by `clipengine.export`), and this module runs them with
+towers as ONNX files (written and verified by `clipengine.index.export`), and this module runs them with
 numpy, onnxruntime and the torch-free tokenizer only. Where the time went decided the shape:
 
 * **Weights are memory-mapped, not read.** The towers are saved with their weights as external data,
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from clipengine.errors import BadInput, first_line
-from clipengine.store import ENCODERS_PENDING
+from clipengine.index.store import ENCODERS_PENDING
 from clipengine.tokenizer import load_tokenizer
 
 TEXT_FILE = "text.onnx"

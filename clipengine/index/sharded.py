@@ -29,7 +29,7 @@ import numpy as np
 
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
-from clipengine.indexing import (
+from clipengine.index.pipeline import (
     FaissPolicy,
     IndexReport,
     _commit,
@@ -39,11 +39,11 @@ from clipengine.indexing import (
     finish_index,
     plan_and_drop,
 )
+from clipengine.index.query_encoders import check_runtime
+from clipengine.index.scan import FoundFile
+from clipengine.index.store import FileRecord, IndexStore
 from clipengine.models import ModelSpec, describe_source
 from clipengine.progress import FileProgress, StageProgress
-from clipengine.query_encoders import check_runtime
-from clipengine.scan import FoundFile
-from clipengine.store import FileRecord, IndexStore
 
 SHARDS_DIR = "shards"
 TIMEOUT = dt.timedelta(days=1)

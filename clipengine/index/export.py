@@ -1,6 +1,6 @@
 """Export a model's text and image towers to ONNX, verify them against torch, and keep only what passes.
 
-`export_query_encoders` writes, into a new directory of the index, what `clipengine.query_encoders` runs
+`export_query_encoders` writes, into a new directory of the index, what `clipengine.index.query_encoders` runs
 without torch: the towers (weights as external data, so that they are memory-mapped), the token table and
 positions of a causal text tower, and the tokenizer's files. Each tower is then checked the way queries will
 use it: 200 fixed prompts of every length (empty to far beyond the context, with Unicode, emoji and HTML
@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipengine import query_encoders as qe
 from clipengine.cache import cache_dir
 from clipengine.errors import BadInput, first_line
+from clipengine.index import query_encoders as qe
+from clipengine.index.store import ENCODERS_PREFIX, IndexStore
 from clipengine.progress import StageProgress
-from clipengine.store import ENCODERS_PREFIX, IndexStore
 from clipengine.tokenizer import save_tokenizer
 
 MAX_ABS_DIFF = 1e-4
