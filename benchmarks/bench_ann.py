@@ -113,8 +113,8 @@ def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
                                   for i in range(start, min(start + 20_000, len(vectors)))])
 
             commit_s, _ = timed(commit_all)
-            build_s, _ = timed(store.save_faiss)
-            state = store.faiss_state()
+            build_s, _ = timed(store.structure.save)
+            state = store.structure.state
         open_s, searcher = timed(lambda: Searcher(path))
         with searcher:
             first_s, _ = timed(lambda: searcher.search_vector(queries[0], K))
@@ -125,12 +125,12 @@ def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
         cli_s, _ = timed(lambda: subprocess.run(command, check=True, capture_output=True))
         size = sum(f.stat().st_size for f in path.iterdir())
     row = {"n": len(vectors), "commit_s": round(commit_s, 1), "save_faiss_s": round(build_s, 1),
-           "kind": state["kind"], "factory": state["factory"], "tuning": state["tuning"],
+           "kind": state.kind, "factory": state.factory, "tuning": state.tuning and state.tuning.to_dict(),
            "open_s": round(open_s, 3), "first_query_ms": round(first_s * 1000, 2),
            "searcher_p50_ms": p50, "searcher_p99_ms": p99, "cli_search_vector_s": round(cli_s, 2),
            "index_bytes_on_disk": size}
-    print(f"store path: commit {commit_s:.0f} s, build+tune {build_s:.0f} s ({state['factory']}, "
-          f"{state['tuning']['param']}={state['tuning']['value']}, recall@10 {state['tuning']['recall_at_10']}), "
+    print(f"store path: commit {commit_s:.0f} s, build+tune {build_s:.0f} s ({state.factory}, "
+          f"{state.tuning.param}={state.tuning.value}, recall@10 {state.tuning.recall_at_10}), "
           f"Searcher p50 {p50:.2f} ms p99 {p99:.2f} ms, `clipengine search --vector` {cli_s:.2f} s", flush=True)
     return row
 

@@ -40,7 +40,7 @@ def build_index(path: Path, n: int, seed: int = 0) -> np.ndarray:
         for begin in range(0, n, 10_000):
             store.commit([FileRecord(f"/bench/img_{i:07d}.jpg", 1000, 0, f"{i:064x}", 640, 480, vectors[i])
                           for i in range(begin, min(begin + 10_000, n))])
-        store.save_faiss()
+        store.structure.save()
     return vectors
 
 

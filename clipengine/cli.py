@@ -174,10 +174,8 @@ def index(
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
 
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
-    from clipengine.errors import BadInput
     from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
-    from clipengine.index.pipeline import index_folder
-    from clipengine.index.sharded import in_torchrun, index_folder_sharded
+    from clipengine.index.pipeline import IndexOptions, index_folder
 
     if threads:
         import torch
@@ -187,7 +185,11 @@ def index(
         pixels = parse_pixels(max_pixels) if max_pixels else DEFAULT_MAX_PIXELS
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-pixels") from None
-    path = resolve_index_path(index_name, index_dir)
+    options = IndexOptions(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
+                           max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
+                           retry_skipped=retry_skipped, rebuild=rebuild,
+                           faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
+                           export=export, quantize=quantize, runtime=runtime, precision=precision)
     progress = _progress("embedding", _rate_column())
     task = progress.add_task("embedding", total=None)
 
@@ -195,21 +197,12 @@ def index(
         progress.update(task, completed=done, total=total)
 
     stages, on_stage = _stage_progress()
-    options = dict(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
-                   max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
-                   retry_skipped=retry_skipped, faiss_policy=_faiss_policy(memory_budget, faiss_factory, target_recall),
-                   export=export, quantize=quantize, runtime=runtime, precision=precision, progress=on_progress,
-                   build_progress=on_stage)
-    spec = _spec(model, pretrained, checkpoint, preprocess_from)
     with progress, stages:
-        if in_torchrun():
-            if rebuild:
-                raise BadInput("--rebuild is not available under torchrun: delete the index first")
-            report = index_folder_sharded(folder, path, spec, **options)
-            if report is None:  # not rank 0: rank 0 reports for the job
-                return
-        else:
-            report = index_folder(folder, path, spec, rebuild=rebuild, **options)
+        report = index_folder(folder, resolve_index_path(index_name, index_dir),
+                              _spec(model, pretrained, checkpoint, preprocess_from), options,
+                              progress=on_progress, build_progress=on_stage)
+    if report is None:  # a torchrun process other than rank 0: rank 0 reports for the job
+        return
     if as_json:
         _print_json(report.to_dict())
         return
@@ -223,7 +216,7 @@ def index(
         out.print(f"  ... and {len(report.skips) - 20} more skipped (see `clipengine info`)", markup=False)
     out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
     if report.faiss:
-        out.print(f"  search: {_describe_faiss(report.faiss)}", markup=False)
+        out.print(f"  search: {report.faiss.describe()}", markup=False)
     if report.query_encoders:
         out.print(f"  queries: {_describe_encoders(report.query_encoders)}", markup=False)
     for advice in report.advice:
@@ -253,24 +246,10 @@ def _describe_encoders(record: dict | None) -> str:
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
-    from clipengine.index.pipeline import FaissPolicy
+    from clipengine.index.structure import FaissPolicy
     from clipengine.sizes import parse_size
 
     return FaissPolicy(parse_size(memory_budget, "--memory-budget") if memory_budget else None, factory, target_recall)
-
-
-def _describe_faiss(state: dict) -> str:
-    text = f"{state['kind']} ({state['factory']})"
-    tuning = state.get("tuning")
-    if tuning:
-        depth = f"{tuning['param']} {tuning['value']}: " if tuning["param"] else ""
-        if tuning.get("k_factor"):
-            depth = f"{tuning['param']} {tuning['value']}, re-ranking {tuning['k_factor']}x: "
-        text += (f", {depth}recall@10 {tuning['recall_at_10']:.3f} vs exact, {tuning['p50_ms']:.2f} ms/query p50 "
-                 f"({tuning['p99_ms']:.2f} p99) at {tuning['at_count']:,} vectors")
-        if not tuning["reached"]:
-            text += f"; target {tuning['target']} not reached"
-    return text
 
 
 @app.command()
@@ -284,7 +263,7 @@ def reindex(
     as_json: JsonArg = False,
 ) -> None:
     """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
-    from clipengine.index.pipeline import reindex as reindex_index
+    from clipengine.index.info import reindex as reindex_index
 
     stages, on_stage = _stage_progress()
     with stages:
@@ -294,7 +273,7 @@ def reindex(
         _print_json(report.to_dict())
         return
     out.print(f"index {report.path}: {report.count:,} vectors", markup=False)
-    out.print(f"  search: {_describe_faiss(report.faiss)}", markup=False)
+    out.print(f"  search: {report.faiss.describe()}", markup=False)
 
 
 @app.command()
@@ -355,7 +334,7 @@ def search(
 @_user_errors
 def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
-    from clipengine.index.pipeline import index_info
+    from clipengine.index.info import index_info
     from clipengine.models import describe_source
 
     report = index_info(resolve_index_path(index_name, index_dir))
@@ -366,7 +345,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"index     {report.path}",
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"images    {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct",
-        f"search    {_describe_faiss(report.faiss)}{'' if report.faiss_current else '; behind: rebuilt on load'}",
+        f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {_describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",

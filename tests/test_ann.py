@@ -3,15 +3,18 @@ without retraining, drift and reindex, memory-mapped serving, threads and the BL
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from synthetic import clustered_unit_vectors
 
 from clipengine.errors import BadInput
 from clipengine.index import ann
-from clipengine.index.pipeline import FaissPolicy, index_info, reindex
+from clipengine.index.info import index_info, reindex
 from clipengine.index.search import Searcher
 from clipengine.index.store import FAISS_FILE, FileRecord, IndexStore
+from clipengine.index.structure import FaissPolicy
 from clipengine.sizes import parse_size
 
 DIM = 32
@@ -30,7 +33,7 @@ def records(vectors: np.ndarray, start: int = 0) -> list[FileRecord]:
 def make_store(tmp_path, vectors: np.ndarray, factory: str | None = None, **policy) -> IndexStore:
     store = IndexStore.create(tmp_path / "idx", source(), {"factory": factory, **policy})
     store.commit(records(vectors))
-    store.save_faiss()
+    store.structure.save()
     return store
 
 
@@ -129,13 +132,13 @@ KINDS = {"flat": None, "flat-fp16": "SQfp16", "hnsw": "HNSW16", "ivf-flat": "IVF
 def test_each_kind_grows_without_retraining_and_never_returns_a_deleted_file(tmp_path, kind):
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=1)
     with make_store(tmp_path, vectors[:2500], KINDS[kind]) as store:
-        state = store.faiss_state()
-        assert state["kind"] == kind and state["tuning"]["recall_at_10"] > 0
-        trained = state["trained"]
+        state = store.structure.state
+        assert state.kind == kind and state.tuning.recall_at_10 > 0
+        trained = state.trained
         doomed = store.ids_of_paths(["/photos/000005.jpg", "/photos/000006.jpg"])
         store.commit(records(vectors[2500:], start=2500), remove_ids=list(doomed.values()))
-        store.save_faiss()
-        assert store.faiss_state()["trained"] == trained  # added and removed without retraining
+        store.structure.save()
+        assert store.structure.state.trained == trained  # added and removed without retraining
         new_id = store.ids_of_paths(["/photos/002700.jpg"])["/photos/002700.jpg"]
     with Searcher(tmp_path / "idx") as searcher:
         assert searcher.faiss.ntotal == 2998
@@ -148,11 +151,11 @@ def test_a_kind_change_as_the_collection_grows_retrains(tmp_path, monkeypatch):
     monkeypatch.setattr(ann, "FLAT_MAX", 1000)
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=2)
     with make_store(tmp_path, vectors[:800]) as store:
-        assert store.faiss_state()["kind"] == "flat"
+        assert store.structure.state.kind == "flat"
         store.commit(records(vectors[800:], start=800))
-        store.save_faiss()
-        state = store.faiss_state()
-        assert state["kind"] == "ivf-pq-refine" and state["trained"]["n_train"] > 0 and state["tuning"]["reached"]
+        store.structure.save()
+        state = store.structure.state
+        assert state.kind == "ivf-pq-refine" and state.trained.n_train > 0 and state.tuning.reached
 
 
 def test_drift_is_measured_and_reindex_retrains(tmp_path):
@@ -160,22 +163,22 @@ def test_drift_is_measured_and_reindex_retrains(tmp_path):
     elsewhere = -clustered_unit_vectors(2000, DIM, clusters=30, seed=5)  # a part of the space training never saw
     with make_store(tmp_path, here, "IVF32,Flat") as store:
         store.commit(records(elsewhere, start=3000))
-        store.save_faiss()
-        drift = store.faiss_state()["drift"]
-    assert drift["added_since_training"] == 2000 and drift["error_ratio"] > ann.DRIFT_RATIO
+        store.structure.save()
+        drift = store.structure.state.drift
+    assert drift.added_since_training == 2000 and drift.error_ratio > ann.DRIFT_RATIO
     assert any("drifted" in a and "clipengine reindex" in a for a in index_info(tmp_path / "idx").advice)
     info = reindex(tmp_path / "idx", FaissPolicy(target_recall=0.9))
-    assert info.faiss["trained"]["at_count"] == 5000 and not [a for a in info.advice if "reindex" in a]
-    assert info.faiss_policy["target_recall"] == 0.9 and info.faiss["tuning"]["target"] == 0.9
+    assert info.faiss.trained.at_count == 5000 and not [a for a in info.advice if "reindex" in a]
+    assert info.faiss_policy["target_recall"] == 0.9 and info.faiss.tuning.target == 0.9
 
 
 def test_hnsw_deletions_are_reported_until_a_reindex_drops_them(tmp_path):
     vectors = clustered_unit_vectors(500, DIM, clusters=10, seed=6)
     with make_store(tmp_path, vectors, "HNSW16") as store:
         store.commit(remove_ids=list(store.ids_of_paths(f"/photos/{i:06d}.jpg" for i in range(200)).values()))
-        store.save_faiss()
+        store.structure.save()
     assert any("deleted vectors" in a for a in index_info(tmp_path / "idx").advice)
-    assert reindex(tmp_path / "idx").faiss["trained"]["at_count"] == 300
+    assert reindex(tmp_path / "idx").faiss.trained.at_count == 300
     assert not [a for a in index_info(tmp_path / "idx").advice if "reindex" in a]
 
 
@@ -188,7 +191,7 @@ def test_a_searcher_maps_the_index_file_instead_of_loading_it(tmp_path, factory)
     make_store(tmp_path, vectors, factory).close()
     faiss_file = str((tmp_path / "idx" / FAISS_FILE).resolve())
     with IndexStore.open(tmp_path / "idx") as store:
-        loaded = store.faiss_view().search(vectors[:20], 5)
+        loaded = store.structure.view().search(vectors[:20], 5)
     with Searcher(tmp_path / "idx") as searcher:
         mapped = searcher.faiss.search(vectors[:20], 5)
         maps = open("/proc/self/maps").read()
@@ -203,3 +206,19 @@ def test_threads_and_the_blas_threshold_are_set_explicitly():
     assert faiss.omp_get_max_threads() == 1
     assert faiss.cvar.distance_compute_blas_threshold == ann.BLAS_MIN_QUERIES * 512
     ann.configure_threads(512)
+
+
+def test_faiss_state_round_trips_and_reads_older_records():
+    from clipengine.index.structure import Drift, FaissState, Training
+
+    tuning = ann.Tuning("nprobe", 8, 0.97, True, 0.95, 0.1, 0.3, 500, 5000)
+    state = FaissState("ivf-flat", "IVF256,Flat", "fits", 1000, 256, Training(5000, 5000, 5000, 0.25), tuning,
+                       Drift(10, 0, 1.1))
+    assert FaissState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+    older = {"kind": "flat", "factory": "IDMap2,Flat", "trained": {"n_train": 0, "at_count": 3, "max_id": 3},
+             "retired_key": 1}
+    assert FaissState.from_dict(older) == FaissState(trained=Training(0, 3, 3))
+    assert "nprobe 8: recall@10 0.970" in state.describe()
+    assert not state.advice(5000, False, "fix") and FaissState().advice(0, False, "fix") == []
+    drifted = FaissState(drift=Drift(10, 0, ann.DRIFT_RATIO + 1))
+    assert ["drifted" in a and a.endswith("fix to retrain") for a in drifted.advice(10, False, "fix")] == [True]

@@ -19,7 +19,8 @@ import clipengine.embed as embed_module
 import clipengine.index.pipeline as indexing_module
 from clipengine.errors import BadInput, IndexCorrupt, ModelMismatch
 from clipengine.index.ann import index_ids
-from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.info import index_info
+from clipengine.index.pipeline import IndexOptions, index_folder
 from clipengine.index.search import Searcher
 from clipengine.index.store import MANIFEST, IndexStore
 from clipengine.models import ModelSpec
@@ -42,7 +43,7 @@ def assert_consistent(index: Path, expected_paths) -> None:
     with IndexStore.open(index) as store:
         rows = store.rows(store.ids_under("/"))
         assert sorted(r.path for r in rows.values()) == sorted(str(p) for p in expected_paths)
-        view = store.faiss_view()
+        view = store.structure.view()
         assert view.ntotal == len(rows)
         assert sorted(index_ids(view.index).tolist()) == sorted(rows)
 
@@ -110,7 +111,22 @@ def test_each_folder_updates_only_its_own_files(photos, tmp_path):
     (photos / "b").mkdir()
     report = build(photos / "b", index)
     assert report.removed == 6 and report.count == 6
-    assert sorted(index_info(index).folders) == sorted([str(photos / "a"), str(photos / "b")])
+    info = index_info(index)
+    assert info.unique_vectors == 6  # a run that only removes files drops their vectors too
+    assert sorted(info.folders) == sorted([str(photos / "a"), str(photos / "b")])
+
+
+def test_options_object_and_keywords_lay_over_it(photos, tmp_path):
+    options = IndexOptions(workers=0, commit_every=5, exact_decode=True)
+    with pytest.raises(BadInput, match="--commit-every"):
+        index_folder(photos, tmp_path / "idx", TINY, options, commit_every=0)
+    with pytest.raises(TypeError, match="commit_evry"):
+        index_folder(photos, tmp_path / "idx", TINY, options, commit_evry=5)
+    assert not (tmp_path / "idx").exists()  # refused before anything was created
+    calls = []
+    report = index_folder(photos / "a", tmp_path / "idx", TINY, options, retry_skipped=True,
+                          progress=lambda done, total: calls.append((done, total)))
+    assert report.embedded == 6 and calls[-1] == (6, 6)
 
 
 def test_every_bad_input_is_skipped_counted_and_listed(tmp_path):

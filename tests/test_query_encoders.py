@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import clipengine.index.export as export_module
 from clipengine.cli import app
 from clipengine.errors import BadInput
-from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.info import index_info
+from clipengine.index.pipeline import index_folder
 from clipengine.index.search import Searcher
 from clipengine.index.store import MANIFEST, IndexStore
 from clipengine.models import ModelSpec

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from synthetic import write_photo_folder
 
-from clipengine.index.pipeline import index_folder, index_info
+from clipengine.index.info import index_info
+from clipengine.index.pipeline import index_folder
 from clipengine.index.search import Searcher
-from clipengine.index.sharded import SHARDS_DIR, _write_part
+from clipengine.index.sharded import SHARDS_DIR, PartWriter
 from clipengine.index.store import FileRecord, IndexStore
 
 
@@ -41,10 +42,8 @@ def test_two_processes_build_the_index_one_process_builds(tmp_path, tiny_model):
     with IndexStore.open(sharded, writable=True) as store:
         store.commit(remove_ids=[r.id for r in store.recorded_under(str(photos)).values()])
         vector = np.ones(store.dim, np.float32) / np.sqrt(store.dim)
-    part_dir = sharded / SHARDS_DIR / "rank-00001"
-    part_dir.mkdir(parents=True)
     st = extra.stat()
-    _write_part(part_dir, [FileRecord(str(extra), st.st_size, st.st_mtime_ns, "f" * 64, 96, 72, vector)], len(vector))
+    PartWriter(sharded, 1, len(vector))([FileRecord(str(extra), st.st_size, st.st_mtime_ns, "f" * 64, 96, 72, vector)])
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     run = subprocess.run(

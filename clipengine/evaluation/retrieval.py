@@ -163,8 +163,8 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
         ids, gallery = store.vectors()
         wanted = [os.path.abspath(p) if isinstance(p, str) else None for p in pairs.images]  # tar members: never indexed
         id_of = store.ids_of_paths(p for p in wanted if p)
-        faiss_index = store.faiss_view()
-        faiss_state = store.faiss_state()
+        faiss_index = store.structure.view()
+        faiss_state = store.structure.state
     if not len(ids):
         raise BadInput(f"index {index_path} holds no searchable images")
     row_of_id = {int(i): r for r, i in enumerate(ids)}
@@ -192,7 +192,7 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
         model=source, metrics=metrics,
         counts={"n_images": len(ids), "n_query_images": len(set(owner_ids)), "n_captions": len(queries),
                 "n_not_in_index": len(missing), "n_dropped_rows": len(pairs.dropped)},
-        settings={"ks": sorted(set(ks)), "image_vectors": "from the index", "faiss_index": faiss_state["factory"],
-                  "faiss_kind": faiss_state["kind"], "faiss_tuning": faiss_state.get("tuning"),
+        settings={"ks": sorted(set(ks)), "image_vectors": "from the index", "faiss_index": faiss_state.factory,
+                  "faiss_kind": faiss_state.kind, "faiss_tuning": faiss_state.tuning and faiss_state.tuning.to_dict(),
                   **model_settings(model)},
         seconds=time.perf_counter() - started, skipped=missing)

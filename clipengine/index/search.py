@@ -94,7 +94,7 @@ class Searcher:
     def faiss(self) -> SearchableIndex:
         """The index's faiss structure, memory-mapped: opening costs milliseconds at any size."""
         if self._faiss is None:
-            self._faiss = self.store.faiss_view(mmap=True)
+            self._faiss = self.store.structure.view(mmap=True)
         return self._faiss
 
     @property

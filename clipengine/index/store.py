@@ -1,4 +1,5 @@
-"""The index on disk: one self-describing directory, safe against a crash at any moment.
+"""The index on disk: one self-describing directory, safe against a crash at any moment. This module is
+its catalogue (manifest, meta.sqlite, the lock); `clipengine.index.structure` keeps vectors.faiss.
 
     <index>/
       manifest.json   format version, the model source (identity, embedding dim, preprocessing),
@@ -17,7 +18,9 @@ moved or duplicated photo reuses its embedding and a changed one never overwrite
 file is a *view*: written to a temporary file, fsynced and renamed into place, and tagged with the
 generation it reflects. Whenever it is behind (a crash between the two writes, say), it is brought up to
 date by id-set difference with the live rows; file ids come from AUTOINCREMENT and are never reused or
-rewritten (a changed file gets a new row), so that difference is all a sync needs.
+rewritten (a changed file gets a new row), so that difference is all a sync needs. The catalogue gives
+the structure what it needs through a handful of methods (`live_ids`, `vectors_of`, `generation`,
+`read_meta`/`write_meta`) and knows nothing of faiss.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,7 +44,9 @@ from clipengine import __version__
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.index import ann
 from clipengine.index.scan import Recorded
-from clipengine.progress import StageProgress
+
+if TYPE_CHECKING:
+    from clipengine.index.structure import SearchStructure
 
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
@@ -144,7 +150,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _replace_durably(tmp: Path, final: Path) -> None:
+def replace_durably(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -154,7 +160,7 @@ def _replace_durably(tmp: Path, final: Path) -> None:
 def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _replace_durably(tmp, path)
+    replace_durably(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,12 +328,28 @@ class IndexStore:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def _meta(self, key: str) -> int:
-        return int(self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+    def read_meta(self, key: str) -> str | None:
+        """A value of the meta table (what derived files such as the search structure record about themselves)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def write_meta(self, **values: str) -> None:
+        """Set meta values, all in one transaction."""
+        self._require_writable()
+        with self._transaction():
+            self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
     @property
     def generation(self) -> int:
-        return self._meta("generation")
+        """How many commits the catalogue has had: a derived file tagged with an older one is behind."""
+        return int(self.read_meta("generation") or 0)
+
+    @property
+    def structure(self) -> SearchStructure:
+        """The faiss file that answers searches, derived from this catalogue (clipengine.index.structure)."""
+        from clipengine.index.structure import SearchStructure
+
+        return SearchStructure(self)
 
     def recorded_under(self, folder: str) -> dict[str, Recorded]:
         """What the index holds for paths under `folder` (a directory path, absolute)."""
@@ -385,14 +407,15 @@ class IndexStore:
     def vectors(self, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every searchable file's id and vector, in id order: the gallery for exact search; or a random
         `sample` of them (read from sqlite alone, not after reading all)."""
-        live = self._live_ids()
-        return self._gather(live if sample is None else ann.sample_ids(live, sample, seed=0))
+        live = self.live_ids()
+        return self.gather(live if sample is None else ann.sample_ids(live, sample, seed=0))
 
-    def _live_ids(self) -> np.ndarray:
+    def live_ids(self) -> np.ndarray:
+        """The ids of every searchable file, ascending: what the search structure must hold."""
         rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
-    def _vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) in chunks for the given file ids, read straight from sqlite."""
         if ids.size > _READ_CHUNK:  # most of the index: one ordered pass beats many IN queries
             wanted = set(ids.tolist())
@@ -417,6 +440,15 @@ class IndexStore:
         vecs = np.frombuffer(b"".join(r[1] for r in batch), dtype="<f4").reshape(len(batch), self.dim)
         return ids, np.ascontiguousarray(vecs, dtype=np.float32)
 
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of those of `ids` that have a vector, in id order."""
+        chunks = list(self.vectors_of(ids))
+        if not chunks:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        got = np.concatenate([c[0] for c in chunks])
+        order = np.argsort(got, kind="stable")
+        return got[order], np.concatenate([c[1] for c in chunks])[order]
+
     def stored_vector(self, path: str, size: int, mtime_ns: int) -> np.ndarray | None:
         """The embedding of `path` if the index holds it and the file is unchanged, else None."""
         row = self._conn.execute(
@@ -424,7 +456,7 @@ class IndexStore:
             "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ?", (path, size, mtime_ns)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
-    # ---- the faiss view ----------------------------------------------------------------------
+    # ---- the search structure's policy ---------------------------------------------------------
 
     @property
     def faiss_policy(self) -> dict:
@@ -436,7 +468,7 @@ class IndexStore:
 
     def set_faiss_policy(self, **changes: object) -> bool:
         """Change the policy (keys of `faiss_policy`; None values are left alone). Returns whether it changed;
-        the structure follows at the next `save_faiss(rebuild=True)`."""
+        the structure follows at the next `structure.save(rebuild=True)`."""
         self._require_writable()
         if changes.get("factory"):
             ann.normalise_factory(str(changes["factory"]), self.dim)  # a bad string is refused here, not mid-build
@@ -467,141 +499,6 @@ class IndexStore:
         for tmp in self.path.glob(f".{ENCODERS_PREFIX}*.tmp-*"):  # left by an export that was killed
             if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def faiss_state(self) -> dict:
-        """What the faiss file on disk is: kind, factory, training sample, measured recall and latency, drift."""
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'faiss_state'").fetchone()
-        return json.loads(row[0]) if row else {"kind": "flat", "factory": "IDMap2,Flat"}
-
-    def _read_faiss(self, mmap: bool = False):
-        """The faiss file as it is on disk, or None if it is missing, damaged or of another dimension."""
-        try:
-            index = ann.read_index(str(self.path / FAISS_FILE),
-                                   mmap_factory=self.faiss_state()["factory"] if mmap else None)
-        except RuntimeError:
-            return None
-        return index if index.d == self.dim else None
-
-    def _synced(self, index, live: np.ndarray) -> np.ndarray:
-        """Bring a faiss index up to date with the live rows, by id-set difference, in place. Returns the
-        stale ids it still holds: indexes that cannot delete (HNSW, re-ranking) keep them, to be filtered
-        out of results."""
-        import faiss
-
-        have = ann.index_ids(index)
-        stale = np.setdiff1d(have, live, assume_unique=True)
-        if stale.size and ann.can_remove(index):
-            index.remove_ids(faiss.IDSelectorBatch(stale))
-            stale = stale[:0]
-        ann.add_chunks(index, self._vectors_of(np.setdiff1d(live, have, assume_unique=True)))
-        return stale
-
-    def faiss_view(self, *, mmap: bool = False) -> ann.SearchableIndex:
-        """The faiss index of every searchable file, current with the database, ready to search.
-
-        Normally just read (with `mmap`, mapped rather than loaded: an index bigger than memory is served
-        from the page cache); rebuilt in memory, never written, if the file is behind, so that a read-only
-        command never modifies the index.
-        """
-        ann.configure_threads(self.dim)
-        index = self._read_faiss(mmap) if self.faiss_current() else None
-        if index is None:
-            index = self._read_faiss() or self._new_flat()
-            return ann.SearchableIndex(index, self._synced(index, self._live_ids()))
-        excluded = None  # the live ids are read only when needed: a million of them cost a third of a second
-        if not ann.can_remove(index):
-            excluded = np.setdiff1d(ann.index_ids(index), self._live_ids(), assume_unique=True)
-        return ann.SearchableIndex(index, excluded)
-
-    def _new_flat(self):
-        return ann.new_index("IDMap2,Flat", self.dim)
-
-    def save_faiss(self, *, rebuild: bool = False, progress: StageProgress | None = None) -> bool:
-        """Sync the faiss file with the database, atomically. Returns False when it was already current.
-
-        The structure follows the policy: while the chosen kind stays the same, new vectors are added to
-        the trained index and deleted ones removed (no retraining), and the search depth is re-tuned once
-        the count has moved by a fifth. When the count or the policy calls for another kind (or `rebuild`),
-        the index is trained afresh on a random sample and tuned on held-out vectors.
-        """
-        import faiss
-
-        self._require_writable()
-        ann.configure_threads(self.dim)
-        on_disk = None if rebuild else self._read_faiss()
-        if on_disk is not None and self.faiss_current():
-            return False
-        generation, live, state = self.generation, self._live_ids(), self.faiss_state()
-        policy = self.faiss_policy
-        plan = ann.choose_index(live.size, self.dim, policy["memory_budget"], policy["factory"])
-        same_kind = plan.kind == state["kind"] and (not policy["factory"] or plan.factory == state["factory"])
-        if on_disk is None or not same_kind:
-            index, state = self._build(plan, live, generation, progress)
-        else:
-            index = on_disk
-            stale = self._synced(index, live)
-            state = self._refresh_state(index, state, live, stale, generation)
-        tmp = self.path / f".{FAISS_FILE}.tmp-{os.getpid()}"
-        faiss.write_index(index, str(tmp))
-        _replace_durably(tmp, self.path / FAISS_FILE)
-        with self._transaction():
-            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('faiss_state', ?)", (json.dumps(state),))
-            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'faiss_generation'", (str(generation),))
-        return True
-
-    def _build(self, plan: ann.IndexPlan, live: np.ndarray, seed: int, progress: StageProgress | None):
-        index = ann.new_index(plan.factory, self.dim)
-        train_ids = ann.sample_ids(live, ann.training_size(plan.factory, live.size), seed)
-        if progress:
-            progress("training", 0, 1)
-        training = ann.train_index(index, self._gather(train_ids)[1]) if train_ids.size else {"n_train": 0}
-        ann.add_chunks(index, self._vectors_of(live),
-                       on_added=(lambda added: progress("adding", added, live.size)) if progress else None)
-        state = {"kind": plan.kind, "factory": plan.factory, "reason": plan.reason, "estimated_bytes": plan.bytes,
-                 "lists": ann.list_count(index),
-                 "trained": {**training, "at_count": int(live.size), "max_id": int(live.max()) if live.size else 0}}
-        if progress:
-            progress("tuning", 0, 1)
-        state["tuning"] = self._tune(index, live, train_ids, seed)
-        return index, state
-
-    def _tune(self, index, live: np.ndarray, train_ids: np.ndarray, seed: int) -> dict | None:
-        """Tune the depth on vectors held out from training (all vectors, when training took them all)."""
-        if live.size < 2:
-            return None
-        query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1, exclude=train_ids)
-        if query_ids.size < min(ann.TUNING_QUERIES, live.size) // 2:
-            query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1)
-        truth = ann.GroundTruth.compute(self._gather(query_ids)[1], query_ids, self._vectors_of(live))
-        return ann.tune(index, truth, self.faiss_policy["target_recall"]).to_dict()
-
-    def _refresh_state(self, index, state: dict, live: np.ndarray, stale: np.ndarray, seed: int) -> dict:
-        """After an incremental sync: re-tune if the count moved by a fifth, and measure drift."""
-        state = dict(state)
-        tuned_at = (state.get("tuning") or {}).get("at_count", 0)
-        if abs(live.size - tuned_at) > 0.2 * max(tuned_at, 1):
-            state["tuning"] = self._tune(index, live, np.empty(0, np.int64), seed)
-        trained = state.get("trained", {})
-        new = live[live > trained.get("max_id", 0)]
-        drift = {"added_since_training": int(new.size), "stale_in_index": int(stale.size)}
-        baseline = trained.get("quantisation_error")
-        if baseline and new.size:
-            sample = ann.sample_ids(new, 2000, seed)
-            drift["error_ratio"] = round(ann.quantisation_error(index, self._gather(sample)[1]) / baseline, 3)
-        state["drift"] = drift
-        return state
-
-    def _gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of those of `ids` that have a vector, in id order."""
-        chunks = list(self._vectors_of(ids))
-        if not chunks:
-            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
-        got = np.concatenate([c[0] for c in chunks])
-        order = np.argsort(got, kind="stable")
-        return got[order], np.concatenate([c[1] for c in chunks])[order]
-
-    def faiss_current(self) -> bool:
-        return (self.path / FAISS_FILE).is_file() and self._meta("faiss_generation") == self.generation
 
     # ---- writing -----------------------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""What an index holds and what should be done about it (`info`), and retraining its search structure
+from the stored vectors (`reindex`): the two things a user does to an index besides adding and searching."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from clipengine.index.store import IndexStore
+from clipengine.index.structure import FaissPolicy, FaissState
+from clipengine.progress import StageProgress
+
+
+@dataclass
+class IndexInfo:
+    path: str
+    model: dict
+    count: int
+    skipped_files: list[dict]  # {path, reason} of each file that could not be used (IndexReport.skipped counts them)
+    unique_vectors: int
+    dim: int
+    metric: str
+    faiss: FaissState
+    faiss_policy: dict
+    folders: list[str]
+    created_at: str
+    size_bytes: int
+    faiss_current: bool
+    query_encoders: dict | None  # the exported towers: verified (how closely) or failed (why); None: not exported
+    advice: list[str]  # what to do about the search structure or the query encoders, if anything
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def index_info(index_path: str | os.PathLike) -> IndexInfo:
+    """What an index holds: its model, how many files are searchable, and what was skipped and why."""
+    path = Path(index_path)
+    with IndexStore.open(path) as store:
+        counts, state, policy = store.counts(), store.structure.state, store.faiss_policy
+        advice = state.advice(counts["count"], bool(policy["factory"]), f"run `clipengine reindex --index {path}`")
+        return IndexInfo(
+            path=str(path),
+            model=store.manifest["model"],
+            count=counts["count"],
+            skipped_files=[{"path": p, "reason": r} for p, r in store.skipped()],
+            unique_vectors=counts["unique_vectors"],
+            dim=store.dim,
+            metric=store.manifest["metric"],
+            faiss=state,
+            faiss_policy=policy,
+            folders=[p for p, _ in store.folders()],
+            created_at=store.manifest["created_at"],
+            size_bytes=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+            faiss_current=store.structure.current,
+            query_encoders=store.query_encoders,
+            advice=advice + encoders_advice(store),
+        )
+
+
+def encoders_advice(store: IndexStore) -> list[str]:
+    """What to do when searches must load torch though they need not: no query encoders, or damaged ones.
+    (A model that does not export has nothing to do: `info` shows why, tower by tower.)"""
+    from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, fallback_advice
+
+    try:
+        QueryEncoders.open(store.path, store.query_encoders)
+    except EncodersUnavailable as e:
+        advice = fallback_advice(store.query_encoders, e, store.path)
+        return [advice] if advice else []
+    return []
+
+
+def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
+            progress: StageProgress | None = None) -> IndexInfo:
+    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
+    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
+    path = Path(index_path)
+    with IndexStore.open(path, writable=True) as store:
+        store.set_faiss_policy(**faiss_policy.changes())
+        store.structure.save(rebuild=True, progress=progress)
+    return index_info(path)
