@@ -176,6 +176,7 @@ def index(
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
     from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
     from clipengine.index.pipeline import IndexOptions, index_folder
+    from clipengine.index.query_encoders import describe_encoders
 
     if threads:
         import torch
@@ -218,31 +219,9 @@ def index(
     if report.faiss:
         out.print(f"  search: {report.faiss.describe()}", markup=False)
     if report.query_encoders:
-        out.print(f"  queries: {_describe_encoders(report.query_encoders)}", markup=False)
+        out.print(f"  queries: {describe_encoders(report.query_encoders)}", markup=False)
     for advice in report.advice:
         out.print(f"  advice: {advice}", markup=False)
-
-
-def _describe_encoders(record: dict | None) -> str:
-    """One line on the exported query encoders: per tower, verified (how closely) or why not."""
-    from clipengine.index.query_encoders import never_exported
-
-    if record is None or never_exported(record):
-        return "torch (no exported query encoders)"
-    parts = []
-    for tower, what in (("text", "prompts"), ("image", "images")):
-        t = record.get(tower) or {}
-        if t.get("status") == "verified":
-            text = f"{tower} onnx, within {t['max_abs_diff']:.1e} of torch on {t['checked']} {what}"
-            int8 = t.get("int8")
-            if int8:
-                change = (f"recall@10 {-100 * int8['recall_drop']:+.2f} points vs fp32" if int8["recall_drop"] is not None
-                          else int8["reason"])
-                text += f" (int8: {change}; {'used' if int8['preferred'] else 'used only with --precision int8'})"
-            parts.append(text)
-        else:
-            parts.append(f"{tower} torch ({t.get('reason', 'not exported')})")
-    return "; ".join(parts)
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
@@ -335,6 +314,7 @@ def search(
 def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
     from clipengine.index.info import index_info
+    from clipengine.index.query_encoders import describe_encoders
     from clipengine.models import describe_source
 
     report = index_info(resolve_index_path(index_name, index_dir))
@@ -346,7 +326,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"images    {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct",
         f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
-        f"queries   {_describe_encoders(report.query_encoders)}",
+        f"queries   {describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
     ]
@@ -370,6 +350,7 @@ def export(
     """Export the index model's text and image towers to ONNX, verified against torch, so that searches
     start in a fraction of a second without loading torch. Replaces an earlier export."""
     from clipengine.index.export import export_index
+    from clipengine.index.query_encoders import describe_encoders
 
     stages, on_stage = _stage_progress()
     with stages:
@@ -377,7 +358,7 @@ def export(
     if as_json:
         _print_json(record)
         return
-    out.print(f"queries: {_describe_encoders(record)}", markup=False)
+    out.print(f"queries: {describe_encoders(record)}", markup=False)
     if not record.get("dir"):
         raise typer.Exit(1)
 
@@ -422,65 +403,13 @@ def _fmt_recall(val: dict) -> str:
                      for k, v in val.items())
 
 
-@app.command()
-@_user_errors
-def train(
-    data: Annotated[str | None, typer.Option(
-        "--data", help="Captions: CSV/TSV (filepath,caption), a folder with .txt sidecars, COCO JSON, or 'shards/{000..009}.tar'.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory; it becomes a checkpoint for --checkpoint.")] = Path("runs/clip"),
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Architecture (default tiny).")] = None,
-    pretrained: PretrainedArg = None,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Fine-tune from a checkpoint directory.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the training data (default 10).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Global batch: all processes and micro-batches (default 64).")] = None,
-    accum_steps: Annotated[int | None, typer.Option(help="Micro-batches per step; the loss still sees the whole batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-4).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay on weight matrices (default 0.2).")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps (default 5% of all steps).")] = None,
-    beta1: Annotated[float | None, typer.Option(help="AdamW beta1 (default 0.9).")] = None,
-    beta2: Annotated[float | None, typer.Option(help="AdamW beta2 (default: 0.98 for a model named ViT-*, else 0.999, as open_clip_train).")] = None,
-    eps: Annotated[float | None, typer.Option(help="AdamW epsilon (default: 1e-6 for ViT-*, else 1e-8).")] = None,
-    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm to this; 0 disables (default 1).")] = None,
-    loss: Annotated[str | None, typer.Option(help="clip (InfoNCE) or siglip (sigmoid).")] = None,
-    lock_image: Annotated[bool | None, typer.Option("--lock-image", help="Freeze the image tower (LiT).")] = None,
-    lock_text: Annotated[bool | None, typer.Option("--lock-text", help="Freeze the text tower.")] = None,
-    grad_checkpointing: Annotated[bool | None, typer.Option("--grad-checkpointing", help="Trade compute for activation memory.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")] = None,
-    device: DeviceArg = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads for the model on the CPU.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the data order, the augmentation and (from scratch) the initial weights.")] = None,
-    decode_cache: Annotated[str | None, typer.Option(help="Decoded images kept across epochs and runs: auto (the cache directory), off, or a file.")] = None,
-    decode_cache_size: Annotated[str | None, typer.Option(help="Largest size of the decode cache (default 4GiB).")] = None,
-    val_size: Annotated[int | None, typer.Option(help="Images held out for validation (default 10%, at most 1000; 0: none).")] = None,
-    val_data: Annotated[str | None, typer.Option(help="A separate validation set instead of holding out.")] = None,
-    image_root: Annotated[str | None, typer.Option(help="Folder that COCO file names are relative to.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default: each epoch).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps in all.")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Write a log.jsonl record every N steps (default 10).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
-    as_json: JsonArg = False,
-) -> None:
+def _train(as_json: bool = False, **given: Any) -> None:
     """Train a CLIP model from scratch, or fine-tune one, on image-caption pairs. Works under torchrun."""
-    from clipengine.errors import BadInput
-    from clipengine.training import TrainConfig, resume_config
     from clipengine.training import train as run_training
+    from clipengine.training.config import config_for_run
     from clipengine.training.cpu_plan import describe as describe_cpu_plan
 
-    given: dict[str, Any] = {"threads": threads, "data": data, "model": model, "pretrained": pretrained, "checkpoint": str(checkpoint) if checkpoint else None,
-             "epochs": epochs, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
-             "weight_decay": weight_decay, "warmup_steps": warmup_steps, "loss": loss, "lock_image": lock_image,
-             "lock_text": lock_text, "grad_checkpointing": grad_checkpointing, "precision": precision,
-             "device": device, "workers": workers, "seed": seed, "val_size": val_size, "val_data": val_data,
-             "image_root": image_root, "save_every": save_every, "max_steps": max_steps, "log_every": log_every,
-             "grad_clip": grad_clip, "beta1": beta1, "beta2": beta2, "eps": eps, "decode_cache": decode_cache,
-             "decode_cache_size": decode_cache_size}
-    if resume:
-        config = resume_config(out_dir, **given)
-    else:
-        if not data:
-            raise BadInput("name the training data: --data captions.csv (see `clipengine train --help`)")
-        config = TrainConfig(out=str(out_dir), **{k: v for k, v in given.items() if v is not None})
+    config = config_for_run(**given)
 
     progress = _progress("training", "{task.fields[info]}")
     task = progress.add_task("training", total=None, info="")
@@ -512,6 +441,30 @@ def train(
         for bad in report.bad_images[:10]:
             out.print(f"  skipped {bad['path']}: {bad['reason']}", markup=False)
     out.print(f"checkpoint: {report.out}  (use it with --checkpoint {report.out})", markup=False)
+
+
+def _with_train_options(command: Callable) -> Callable:
+    """Give `command` one option per TrainConfig field, with the field's help and default: the config is
+    the one place a training setting is written. Every option defaults to None (not given), so that a
+    resumed run keeps what it saved."""
+    import inspect
+
+    from clipengine.training.config import command_line_options
+
+    params = []
+    for option in command_line_options():
+        decls = [f"--{option.name.replace('_', '-')}", *([option.short] if option.short else [])]
+        shown = "" if option.default is None or option.default is False or "(default" in option.help \
+            else f" (default {option.default})"
+        info = typer.Option(*decls, help=option.help + shown)
+        params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[option.type | None, info]))
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonArg))
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return command
+
+
+train = app.command("train")(_with_train_options(_user_errors(_train)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,23 +509,18 @@ def _metrics_table(metrics: dict[str, float]):
     """Retrieval metrics as directions × k, like the papers' tables; other metrics as one row."""
     from rich.table import Table
 
+    from clipengine.metrics import recall_table
+
     table = Table(box=None, pad_edge=False)
-    by_direction: dict[str, dict[str, float]] = {}
-    other: dict[str, float] = {}
-    for name, value in metrics.items():
-        direction, _, k = name.rpartition("_R@")
-        if direction:
-            by_direction.setdefault(direction, {})[f"R@{k}"] = value
-        else:
-            other[name] = value
+    by_direction, other = recall_table(metrics)
     if by_direction:
-        columns = list(dict.fromkeys(c for row in by_direction.values() for c in row))
+        ks = sorted({k for row in by_direction.values() for k in row})
         table.add_column("")
-        for column in columns:
-            table.add_column(column, justify="right")
+        for k in ks:
+            table.add_column(f"R@{k}", justify="right")
         for direction, row in by_direction.items():
             label = direction.replace("_to_", " → ").replace("_", " ")
-            table.add_row(label, *(f"{100 * row[c]:.2f}" if c in row else "" for c in columns))
+            table.add_row(label, *(f"{100 * row[k]:.2f}" if k in row else "" for k in ks))
     else:
         for name in other:
             table.add_column(name, justify="right")

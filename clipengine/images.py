@@ -24,12 +24,13 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from clipengine.sizes import DEFAULT_MAX_PIXELS
+
 # what a folder scan and a caption folder count as images, by file name (the decoder has the last word)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 )
 
-DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
 TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an image inside a WebDataset shard
 ImageRef = str | TarMember  # where an image's bytes are: a file path or a tar member

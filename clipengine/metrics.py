@@ -121,6 +121,20 @@ def _metric_order(key: str) -> tuple[int, int]:
     return _DIRECTIONS.index(name) if name in _DIRECTIONS else len(_DIRECTIONS), int(k) if k.isdigit() else 0
 
 
+def recall_table(metrics: dict[str, float]) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Split metrics named ``DIRECTION_R@k`` (as this module names them) into {direction: {k: value}}, the
+    shape of the papers' tables; the others (accuracies) are returned as they are."""
+    by_direction: dict[str, dict[int, float]] = {}
+    other: dict[str, float] = {}
+    for name, value in metrics.items():
+        direction, _, k = name.rpartition("_R@")
+        if direction and k.isdigit():
+            by_direction.setdefault(direction, {})[int(k)] = value
+        else:
+            other[name] = value
+    return by_direction, other
+
+
 def hits_at_k(ranked_ids: np.ndarray, target_ids: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     """From ranked result ids (queries × k_max, as a faiss search returns them) and one target id per
     query: the fraction of queries whose target is in the first k, for each k."""

@@ -1,12 +1,15 @@
 """Sizes in bytes as people write them on a command line, read the same way by every option that takes one
 (`index --memory-budget`, `train --decode-cache-size`): k, M, G, T are powers of 1000, KiB, MiB, GiB,
-TiB powers of 1024."""
+TiB powers of 1024. And the one size limit every image path shares (kept here, away from PIL, so that
+the training config can name it without importing an image library)."""
 
 from __future__ import annotations
 
 import re
 
 from clipengine.errors import BadInput
+
+DEFAULT_MAX_PIXELS = 200_000_000  # pixels actually decoded; a 200 MP JPEG still fits after draft
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,37 @@ def test_ctrl_c_during_indexing_exits_130_with_a_hint(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert 4 <= committed_count(tmp_path / "indexes" / "x") < 80  # what was committed is kept
+
+
+def test_train_options_come_from_train_config(tmp_path, monkeypatch):
+    """Every TrainConfig setting is an option, with its help and default; what is given reaches the config,
+    and what is not keeps TrainConfig's default (or, resuming, the saved run's)."""
+    import dataclasses
+
+    from clipengine.training import TrainConfig
+    from clipengine.training.config import command_line_options
+
+    options = command_line_options()
+    settable = {f.name for f in dataclasses.fields(TrainConfig)} - {"max_pixels"}
+    assert {o.name for o in options} == settable
+    monkeypatch.setenv("COLUMNS", "300")  # no option name cut short, whatever the terminal
+    help_text = " ".join(re.sub("[│╭╮╰╯─]", " ", run("train", "--help").output).split())  # rich's boxes, unwrapped
+    for option in options:
+        assert f"--{option.name.replace('_', '-')}" in help_text
+    assert "(default 10)" in help_text and "(default 0.0005)" in help_text  # epochs, lr: from the dataclass
+
+    seen = []
+
+    def train(config, progress=None):
+        seen.append(config)
+        raise ZeroDivisionError  # stop here: the config is what this test is about
+
+    monkeypatch.setattr("clipengine.training.loop.train", train)
+    result = runner.invoke(app, ["train", "--data", "c.csv", "--out", str(tmp_path / "run"), "--epochs", "3",
+                                 "-m", "small", "--lock-image", "--lr", "1e-3", "--decode-cache", "off"])
+    assert isinstance(result.exception, ZeroDivisionError)  # reached the loop with the config below
+    expected = TrainConfig(data="c.csv", out=str(tmp_path / "run"), epochs=3, model="small", lock_image=True, lr=1e-3,
+                           decode_cache="off")
+    assert seen == [expected]
+    run("train", "--epochs", "3", code=1)  # no --data: a one-line error
+    assert "nothing to resume" in run("train", "--resume", "--out", str(tmp_path / "none"), code=1).output

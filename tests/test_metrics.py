@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipengine.metrics import classification_metrics, hits_at_k, retrieval_hits, retrieval_recall
+from clipengine.metrics import classification_metrics, hits_at_k, recall_table, retrieval_hits, retrieval_recall
 
 
 def _clip_benchmark():
@@ -179,3 +179,12 @@ def test_classification_metrics_by_hand_and_against_scikit_learn():
     for k in (1, 5):
         assert m[f"acc@{k}"] == pytest.approx(top_k_accuracy_score(labels, logits, k=k, labels=range(12)))
     assert m["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)))
+
+
+def test_recall_table_splits_metric_names_by_direction_and_k():
+    metrics = {"text_to_image_R@1": 0.1, "text_to_image_R@10": 0.5, "image_to_text_R@5": 0.3,
+               "index_text_to_image_R@1": 0.09, "acc@1": 0.7, "odd_R@x": 0.2}
+    by_direction, other = recall_table(metrics)
+    assert by_direction == {"text_to_image": {1: 0.1, 10: 0.5}, "image_to_text": {5: 0.3},
+                            "index_text_to_image": {1: 0.09}}
+    assert other == {"acc@1": 0.7, "odd_R@x": 0.2}

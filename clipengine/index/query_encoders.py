@@ -81,6 +81,26 @@ def never_exported(record: dict | None) -> bool:
     return not record or record == ENCODERS_PENDING
 
 
+def describe_encoders(record: dict | None) -> str:
+    """One line on the exported query encoders: per tower, verified (how closely) or why not."""
+    if record is None or never_exported(record):
+        return "torch (no exported query encoders)"
+    parts = []
+    for tower, what in (("text", "prompts"), ("image", "images")):
+        t = record.get(tower) or {}
+        if t.get("status") == "verified":
+            text = f"{tower} onnx, within {t['max_abs_diff']:.1e} of torch on {t['checked']} {what}"
+            int8 = t.get("int8")
+            if int8:
+                change = (f"recall@10 {-100 * int8['recall_drop']:+.2f} points vs fp32" if int8["recall_drop"] is not None
+                          else int8["reason"])
+                text += f" (int8: {change}; {'used' if int8['preferred'] else 'used only with --precision int8'})"
+            parts.append(text)
+        else:
+            parts.append(f"{tower} torch ({t.get('reason', 'not exported')})")
+    return "; ".join(parts)
+
+
 def check_runtime(runtime: str | None, precision: str | None) -> None:
     """Refuse runtime/precision options that name nothing: one rule for search, index and bench."""
     if runtime not in (None, "torch", "onnx"):

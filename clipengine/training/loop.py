@@ -36,6 +36,7 @@ from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, 
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
 from clipengine.sizes import parse_size
 from clipengine.training import checkpoint as ckpt
+from clipengine.training.config import RUN_IDENTITY, TrainConfig, adam_defaults
 from clipengine.training.cpu_plan import CpuPlanner, Plan
 from clipengine.training.data import (
     PairDataset,
@@ -50,56 +51,10 @@ from clipengine.training.distributed import World, barrier, mean_over_world, set
 from clipengine.training.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
 LOG_FILE = "log.jsonl"
-# settings a resumed run must share with the run it continues (others, like --epochs, may change)
-RUN_IDENTITY = ("data", "model", "pretrained", "checkpoint", "batch_size", "seed", "loss", "val_size",
-                "val_data", "lock_image", "lock_text")
 
 
 class TrainingDiverged(ClipEngineError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run. `batch_size` is global: split over processes, then over `accum_steps`."""
-
-    data: str
-    out: str
-    model: str = "tiny"
-    pretrained: str | None = None  # tag or weights file of `model`; "none" for random weights
-    checkpoint: str | None = None  # start from a checkpoint directory instead of model/pretrained
-    epochs: int = 10
-    batch_size: int = 64
-    accum_steps: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    warmup_steps: int | None = None  # default: 5% of all steps
-    beta1: float = 0.9
-    beta2: float | None = None  # default: by architecture, as open_clip_train chooses (`adam_defaults`)
-    eps: float | None = None
-    grad_clip: float | None = 1.0  # None or 0: no clipping
-    loss: str = "clip"  # clip (InfoNCE) or siglip (sigmoid)
-    lock_image: bool = False
-    lock_text: bool = False
-    grad_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 (or fp16 with a scaler) on GPU, fp32 on CPU
-    device: str | None = None
-    workers: int | None = None  # data-loading processes (default: by device and cores)
-    threads: int | None = None  # torch threads on the CPU (default: the cores the workers leave free)
-    seed: int = 0
-    val_size: int | None = None  # held-out images (default: 10%, at most 1000); 0 disables
-    val_data: str | None = None  # a separate validation set instead of a held-out split
-    image_root: str | None = None  # for COCO JSON whose file names are relative elsewhere
-    save_every: int = 0  # steps between checkpoints; 0 = at the end of each epoch only
-    log_every: int = 10
-    max_steps: int | None = None  # stop after this many steps in all (the schedule still spans all epochs)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_cache: str = "auto"  # decoded images kept across epochs and runs: auto (the cache directory), off, or a file
-    decode_cache_size: str = "4GiB"
-    resume: bool = False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -130,17 +85,6 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base_lr
 
 
-def adam_defaults(arch: str) -> tuple[float, float]:
-    """AdamW (beta2, eps) when not given: open_clip_train's rule, so that the same run trains the same.
-
-    CLIP used beta2 0.98 and eps 1e-6 for its ViTs (steadier over long, large-batch runs) and 0.999 and
-    1e-8 for the rest; open_clip_train tells them apart by "vit" in the model's name. On short runs of our
-    small named models 0.999 learns faster: the built-in scenes with `tiny` for 620 steps reached held-out
-    R@10 2.3 points higher in each of 3 seeds (benchmarks/results/train-*.json, README "Training").
-    """
-    return (0.98, 1e-6) if "vit" in arch.lower() else (0.999, 1e-8)
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: never on biases, norms, embeddings or the temperature/bias."""
     decay: list[torch.nn.Parameter] = []
@@ -151,17 +95,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exempt = p.ndim < 2 or "embedding" in name or "logit_" in name or name.endswith(".bias")
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def resume_config(out: str | Path, **given: Any) -> TrainConfig:
-    """The config of the run in `out`, with the settings given here (not None) laid over it."""
-    steps = ckpt.step_directories(Path(out))
-    if not steps:
-        raise BadInput(f"nothing to resume in {out}: it holds no checkpoint")
-    saved = ckpt.read_run_config(steps[-1])
-    saved["max_steps"] = None  # a stop-early limit belongs to the invocation that set it, not to the run
-    saved.update({k: v for k, v in given.items() if v is not None}, out=str(out), resume=True)
-    return TrainConfig(**saved)
 
 
 # --------------------------------------------------------------------------------------------------
