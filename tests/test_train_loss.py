@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from clipengine.causal_text import TrainingForward
+from clipengine.training.config import TrainConfig
 from clipengine.training.distributed import World
-from clipengine.training.loop import _forward_backward, cosine_lr, param_groups
-from clipengine.training.loss import contrastive_loss, sigmoid_loss
+from clipengine.training.loop import Optimisation, cosine_lr, param_groups
+from clipengine.training.loss import LOSSES, contrastive_loss, sigmoid_loss
 
 
 def _features(n: int = 16, d: int = 32, seed: int = 0):
@@ -66,23 +64,26 @@ def _batch(model, n: int = 16, seed: int = 1):
     return pixels, texts
 
 
-def _grads(model, pixels, texts, accum_steps, loss_fn=contrastive_loss):
-    model.zero_grad(set_to_none=True)
-    forward = TrainingForward(model)
-    loss = _forward_backward(forward, forward, pixels, texts, loss_fn, World(), accum_steps,
-                             contextlib.nullcontext, lambda x: x)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def _grads(opt: Optimisation, pixels, texts, accum_steps):
+    opt.model.zero_grad(set_to_none=True)
+    loss = opt.forward_backward(pixels, texts, accum_steps)
+    return loss, {n: p.grad.clone() for n, p in opt.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_fn", [contrastive_loss, sigmoid_loss])
-def test_accumulation_equals_the_full_batch(tiny_model, loss_fn):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_accumulation_equals_the_full_batch(tiny_model, loss):
     """Four micro-batches give the gradient of the whole batch's loss (all negatives), the temperature's too."""
     import copy
+    import dataclasses
 
     model = copy.deepcopy(tiny_model.model).train()
+    loaded = dataclasses.replace(tiny_model, model=model)
+    opt = Optimisation(loaded, TrainConfig("unused", loss=loss, precision="fp32"), 0.98, 1e-6, World(),
+                       torch.device("cpu"))
+    loss_fn = LOSSES[loss]
     pixels, texts = _batch(model)
-    full_loss, full = _grads(model, pixels, texts, 1, loss_fn)
-    accum_loss, accum = _grads(model, pixels, texts, 4, loss_fn)
+    full_loss, full = _grads(opt, pixels, texts, 1)
+    accum_loss, accum = _grads(opt, pixels, texts, 4)
     torch.testing.assert_close(accum_loss, full_loss, rtol=1e-5, atol=1e-6)
     assert full.keys() == accum.keys() and "logit_scale" in full
     torch.testing.assert_close(accum["logit_scale"], full["logit_scale"], rtol=1e-4, atol=1e-6)

@@ -21,7 +21,7 @@ from clipengine.models import ModelSpec, load_model, resolve_source
 from clipengine.scenes import write_scene_set
 from clipengine.training import TrainConfig, TrainingDiverged, resume_config, train
 from clipengine.training.checkpoint import read_checkpoint_state, read_run_config
-from clipengine.training.loop import adam_defaults
+from clipengine.training.config import adam_defaults
 
 pytestmark = pytest.mark.slow  # every test here trains a model
 

@@ -161,44 +161,104 @@ def _loader(dataset: PairDataset, sampler: Any, workers: int, device: torch.devi
 # --------------------------------------------------------------------------------------------------
 
 
-def _forward_backward(forward: TrainingForward, wrapped: torch.nn.Module, pixels: torch.Tensor, texts: torch.Tensor,
-                      loss_fn: Callable, world: World, accum_steps: int, autocast: Callable,
-                      scale_loss: Callable) -> torch.Tensor:
-    """Forward and backward over one local batch; returns the (local) loss. See the module docstring.
-    `wrapped` is `forward`, or the DDP module around it."""
-    if accum_steps == 1:
-        with autocast():
-            image, text, scale, bias = wrapped(pixels, texts)
-        loss = loss_fn(image.float(), text.float(), scale.float(), None if bias is None else bias.float(),
-                       rank=world.rank, world_size=world.world_size)
+class Optimisation:
+    """The model wrapped for training and everything that updates it: DDP, AdamW, the precision and its
+    gradient scaler, the loss. One step is `forward_backward` then `update`; in between the loop checks
+    the loss, so that a NaN never reaches the weights."""
+
+    def __init__(self, loaded: LoadedModel, config: TrainConfig, beta2: float, eps: float, world: World,
+                 device: torch.device):
+        self.model = loaded.model
+        self.model.train()
+        self.forward = TrainingForward(self.model)
+        self.wrapped: torch.nn.Module = self.forward
+        if world.distributed:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[device.index] if device.type == "cuda" else None)
+        self.amp_dtype, needs_scaler = _precision(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+        groups = param_groups(self.model, config.weight_decay)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, beta2), eps=eps,
+                                           fused=device.type in ("cuda", "cpu"))  # one kernel for all parameters
+        self.loss_fn = LOSSES[config.loss]
+        self.world = world
+        self.device = device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def forward_backward(self, pixels: torch.Tensor, texts: torch.Tensor, accum_steps: int) -> torch.Tensor:
+        """Forward and backward over one local batch; returns the (local) loss. With `accum_steps` > 1, by
+        gradient caching (see the module docstring)."""
+        world = self.world
+        scale_loss = self.scaler.scale if self.scaler else (lambda loss: loss)
+        if accum_steps == 1:
+            with self.autocast():
+                image, text, scale, bias = self.wrapped(pixels, texts)
+            loss = self.loss_fn(image.float(), text.float(), scale.float(), None if bias is None else bias.float(),
+                                rank=world.rank, world_size=world.world_size)
+            scale_loss(loss).backward()
+            return loss.detach()
+
+        chunks = list(zip(pixels.chunk(accum_steps), texts.chunk(accum_steps), strict=True))
+        with torch.no_grad(), self.autocast():
+            cached = [self.forward(p, t) for p, t in chunks]
+        image = torch.cat([c[0] for c in cached]).float().requires_grad_()
+        text = torch.cat([c[1] for c in cached]).float().requires_grad_()
+        scale = cached[0][2].float().requires_grad_()
+        bias = None if cached[0][3] is None else cached[0][3].float().requires_grad_()
+        loss = self.loss_fn(image, text, scale, bias, rank=world.rank, world_size=world.world_size)
         scale_loss(loss).backward()
+        sizes = [len(p) for p, _ in chunks]
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        ddp = self.wrapped if isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel) else None
+        for j, (p, t) in enumerate(chunks):
+            last = j == len(chunks) - 1
+            sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    outs = self.wrapped(p, t)
+                rows = slice(offsets[j], offsets[j] + sizes[j])
+                assert image.grad is not None and text.grad is not None and scale.grad is not None
+                grads = [image.grad[rows], text.grad[rows], scale.grad / len(chunks),
+                         None if bias is None else bias.grad / len(chunks)]
+                pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads, strict=True)
+                         if o is not None and o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return loss.detach()
 
-    chunks = list(zip(pixels.chunk(accum_steps), texts.chunk(accum_steps), strict=True))
-    with torch.no_grad(), autocast():
-        cached = [forward(p, t) for p, t in chunks]
-    image = torch.cat([c[0] for c in cached]).float().requires_grad_()
-    text = torch.cat([c[1] for c in cached]).float().requires_grad_()
-    scale = cached[0][2].float().requires_grad_()
-    bias = None if cached[0][3] is None else cached[0][3].float().requires_grad_()
-    loss = loss_fn(image, text, scale, bias, rank=world.rank, world_size=world.world_size)
-    scale_loss(loss).backward()
-    sizes = [len(p) for p, _ in chunks]
-    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
-    for j, (p, t) in enumerate(chunks):
-        last = j == len(chunks) - 1
-        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
-        with sync:
-            with autocast():
-                outs = wrapped(p, t)
-            rows = slice(offsets[j], offsets[j] + sizes[j])
-            assert image.grad is not None and text.grad is not None and scale.grad is not None
-            grads = [image.grad[rows], text.grad[rows], scale.grad / len(chunks),
-                     None if bias is None else bias.grad / len(chunks)]
-            pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads, strict=True) if o is not None and o.requires_grad]
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    return loss.detach()
+    def update(self, lr: float, grad_clip: float | None) -> None:
+        """Clip, step AdamW at `lr`, clear the gradients, and keep the temperature within CLIP's bound."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable, grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def temperature_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +335,123 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         teardown_world(world)
 
 
-def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World, device: torch.device,
-         progress: Callable[[dict], None] | None) -> TrainReport:
-    # ---- data
+@dataclass
+class Tally:
+    """What the loop has done so far: the step it is at, the samples and seconds behind it, the last loss,
+    and the images it could not decode (a run whose images mostly fail stops, rather than learn from few)."""
+
+    step: int
+    samples: int = 0
+    seconds: float = 0.0
+    loss: float | None = None
+    bad: dict[str, str] = field(default_factory=dict)
+    bad_attempts: float = 0.0
+    samples_seen: float = 0.0
+
+    def count_batch(self, loss: torch.Tensor, bad_here: list[tuple[str, str]], batch: int, world: World) -> None:
+        for ref, reason in bad_here:
+            self.bad.setdefault(ref, reason)
+        stats = mean_over_world(torch.tensor([loss.item(), len(bad_here), batch], dtype=torch.float64), world)
+        self.loss = float(stats[0])
+        self.bad_attempts += float(stats[1])
+        self.samples_seen += float(stats[2])
+
+    def check(self, out: Path) -> None:
+        """Stop on a loss that is not finite, or on a data set that mostly cannot be decoded."""
+        assert self.loss is not None
+        if not math.isfinite(self.loss):
+            kept = ckpt.step_directories(out)
+            where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+            raise TrainingDiverged(f"the loss became {self.loss} at step {self.step + 1}: stopped; {where}. "
+                                   "Lower --lr, raise --warmup-steps, or use --precision fp32")
+        if self.bad_attempts > MOSTLY_BAD * self.samples_seen:
+            ref, reason = next(iter(self.bad.items()))
+            raise BadInput(f"most training images cannot be decoded ({int(self.bad_attempts)} failures in "
+                           f"{int(self.samples_seen)} samples; first: {ref}: {reason})")
+
+    def finish_step(self, batch_size: int, seconds: float) -> None:
+        self.step += 1
+        self.samples += batch_size
+        self.seconds += seconds
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+class Journal:
+    """Where the main process reports: OUT/log.jsonl and the caller's progress callback. Other ranks stay quiet."""
+
+    def __init__(self, out: Path, world: World, progress: Callable[[dict], None] | None):
+        self.out, self.world, self.progress = out, world, progress
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict, *, log: bool = True) -> None:
+        if not self.world.is_main:
+            return
+        if log:
+            _log(self.out, record)
+        if self.progress:
+            self.progress(record)
+
+
+@dataclass
+class Schedule:
+    """Where the run is going: steps in all (the lr schedule spans them), warmup, and where this invocation stops."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    last: int
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, steps_per_epoch: int) -> Schedule:
+        total = config.epochs * steps_per_epoch
+        warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total))
+        return cls(steps_per_epoch, total, warmup, min(total, config.max_steps) if config.max_steps else total)
+
+    def lr(self, step: int, base_lr: float) -> float:
+        return cosine_lr(step, base_lr, self.warmup, self.total)
+
+    def epoch_ends(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step >= self.last
+
+
+@dataclass
+class Run:
+    """What stays fixed while the loop runs, and the two things it does at an epoch's end."""
+
+    config: TrainConfig
+    out: Path
+    world: World
+    loaded: LoadedModel
+    model_cfg: dict
+    arch: str
+    opt: Optimisation
+    journal: Journal
+    val_pairs: PairSet
+
+    def save(self, tally: Tally, epoch: int) -> None:
+        """A checkpoint of this step: the weights, plus what --resume needs (optimiser, scaler, RNG, config)."""
+        if self.world.is_main:
+            state = {"step": tally.step, "epoch": epoch, **self.opt.state(), "rng": ckpt.rng_state()}
+            ckpt.write_checkpoint(self.out, tally.step, self.opt.model, self.model_cfg, self.loaded.preprocess_cfg,
+                                  self.arch, state, self.config.to_dict())
+        barrier(self.world)
+
+    def validate(self, tally: Tally, epoch: int, workers: int) -> dict[str, float]:
+        """Held-out recall, on the main process (the others wait)."""
+        result: dict[str, float] = {}
+        if self.world.is_main and len(self.val_pairs):
+            result = evaluate(self.loaded, self.val_pairs, workers=workers, max_pixels=self.config.max_pixels)
+            self.journal({"kind": "val", "step": tally.step, "epoch": epoch, "recall": result})
+        barrier(self.world)
+        return result
+
+
+def _read_data(config: TrainConfig, world: World) -> tuple[PairSet, PairSet, PairSet]:
+    """(everything read, the training pairs, the validation pairs)."""
     pairs = read_pairs(config.data, config.image_root)
     if config.val_data:
         train_pairs, val_pairs = pairs, read_pairs(config.val_data, config.image_root)
@@ -287,51 +461,35 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     local_batch = config.batch_size // world.world_size
     if local_batch % config.accum_steps:
         raise BadInput(f"the batch of each process ({local_batch}) must be divisible by --accum-steps {config.accum_steps}")
+    return pairs, train_pairs, val_pairs
+
+
+def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World, device: torch.device,
+         progress: Callable[[dict], None] | None) -> TrainReport:
+    # ---- data
+    pairs, train_pairs, val_pairs = _read_data(config, world)
     sampler = StepBatches(len(train_pairs), config.batch_size, seed=config.seed, rank=world.rank,
                           world_size=world.world_size)
 
-    # ---- model, optimiser, precision
+    # ---- model and optimiser; the AdamW settings that ran are what checkpoints record
     loaded, model_cfg, arch = _build_model(config, device, resume_from)
     default_beta2, default_eps = adam_defaults(arch)
-    beta2 = config.beta2 if config.beta2 is not None else default_beta2
-    eps = config.eps if config.eps is not None else default_eps
-    config = dataclasses.replace(config, beta2=beta2, eps=eps)  # checkpoints record what ran
-    model = loaded.model
-    model.train()
-    forward = TrainingForward(model)
-    wrapped: torch.nn.Module = forward
-    if world.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype, needs_scaler = _precision(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
+    config = dataclasses.replace(config, beta2=default_beta2 if config.beta2 is None else config.beta2,
+                                 eps=default_eps if config.eps is None else config.eps)
+    assert config.beta2 is not None and config.eps is not None
+    opt = Optimisation(loaded, config, config.beta2, config.eps, world, device)
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-
-    def scale_loss(loss: torch.Tensor) -> torch.Tensor:
-        return scaler.scale(loss) if scaler else loss
-
-    groups = param_groups(model, config.weight_decay)
-    trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, beta2), eps=eps,
-                                  fused=device.type in ("cuda", "cpu"))  # one kernel for all parameters
-    loss_fn = LOSSES[config.loss]
-
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, round(0.05 * total_steps))
-    last_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
-    step = 0
+    # ---- the schedule, and where this run starts in it
+    schedule = Schedule.for_run(config, sampler.steps_per_epoch)
+    tally = Tally(step=0)
     if resume_from is not None:
         state = ckpt.read_checkpoint_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        opt.restore(state)
         ckpt.restore_rng_state(state["rng"])
-        step = int(state["step"])
+        tally.step = int(state["step"])
 
-    planner = _cpu_planner(config, device, world, last_step - step)
+    # ---- loading: workers and threads (measured on a CPU), the decode cache, the loader
+    planner = _cpu_planner(config, device, world, schedule.last - tally.step)
     plan = planner.current
     torch.set_num_threads(plan.threads)
     transform = loaded.image_transform(train=True)
@@ -341,121 +499,62 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
                           max_pixels=config.max_pixels, shrink=shrink, cache=cache)
     loader = _loader(dataset, sampler, plan.workers, device)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    run = Run(config, out, world, loaded, model_cfg, arch, opt, Journal(out, world, progress), val_pairs)
 
-    def save(epoch: int) -> None:
-        if world.is_main:
-            state = {"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler else None, "rng": ckpt.rng_state()}
-            ckpt.write_checkpoint(out, step, model, model_cfg, loaded.preprocess_cfg, arch, state, config.to_dict())
-        barrier(world)
-
-    def validate(epoch: int) -> dict[str, float]:
-        result: dict[str, float] = {}
-        if world.is_main and len(val_pairs):
-            result = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)
-            record = {"kind": "val", "step": step, "epoch": epoch, "recall": result}
-            _log(out, record)
-            if progress:
-                progress(record)
-        barrier(world)
-        return result
-
-    # ---- the loop
-    bad: dict[str, str] = {}
-    bad_attempts = samples_seen = 0.0
-    samples = 0
-    train_seconds = 0.0
-    loss_value: float | None = None
+    # ---- the loop: an epoch at a time, from wherever the run stands
     val: dict[str, float] = {}
-    epoch = step // steps_per_epoch
-    while step < last_step:
-        sampler.set_position(epoch, step - epoch * steps_per_epoch)
+    epoch = tally.step // schedule.steps_per_epoch
+    while tally.step < schedule.last:
+        sampler.set_position(epoch, tally.step - epoch * schedule.steps_per_epoch)
         switch_to: Plan | None = None
         tick = time.perf_counter()
         for pixels, texts, _, bad_here in loader:
             waited = time.perf_counter() - tick
-            lr = cosine_lr(step, config.lr, warmup, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            pixels = normalizer(pixels)
-            texts = texts.to(device, non_blocking=True)
-            loss = _forward_backward(forward, wrapped, pixels, texts, loss_fn, world, config.accum_steps,
-                                     autocast, scale_loss)
-            for ref, reason in bad_here:
-                bad.setdefault(ref, reason)
-            stats = mean_over_world(torch.tensor([loss.item(), len(bad_here), len(pixels)], dtype=torch.float64), world)
-            loss_value, bad_attempts, samples_seen = (float(stats[0]), bad_attempts + float(stats[1]),
-                                                      samples_seen + float(stats[2]))
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                kept = ckpt.step_directories(out)
-                where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
-                raise TrainingDiverged(f"the loss became {loss_value} at step {step + 1}: stopped; {where}. "
-                                       "Lower --lr, raise --warmup-steps, or use --precision fp32")
-            if bad_attempts > MOSTLY_BAD * samples_seen:
-                ref, reason = next(iter(bad.items()))
-                raise BadInput(f"most training images cannot be decoded ({int(bad_attempts)} failures in "
-                               f"{int(samples_seen)} samples; first: {ref}: {reason})")
-            if scaler:
-                scaler.unscale_(optimizer)
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            samples += config.batch_size
+            lr = schedule.lr(tally.step, config.lr)
+            loss = opt.forward_backward(normalizer(pixels), texts.to(device, non_blocking=True), config.accum_steps)
+            tally.count_batch(loss, bad_here, len(pixels), world)
+            try:
+                tally.check(out)
+            except ClipEngineError:
+                opt.discard()
+                raise
+            opt.update(lr, config.grad_clip)
             step_seconds = time.perf_counter() - tick
-            train_seconds += step_seconds
-            if world.is_main:
-                record = {"kind": "step", "step": step, "total": last_step, "epoch": epoch, "loss": loss_value,
-                          "lr": lr, "logit_scale": float(model.logit_scale.detach().exp()),
-                          "samples_per_second": samples / train_seconds if train_seconds else 0.0,
-                          "seconds": train_seconds}
-                if step % config.log_every == 0 or step == last_step:
-                    _log(out, record)
-                if progress:
-                    progress(record)
-            if config.save_every and step % config.save_every == 0 and step < last_step:
-                save(epoch)
+            tally.finish_step(config.batch_size, step_seconds)
+            run.journal({"kind": "step", "step": tally.step, "total": schedule.last, "epoch": epoch,
+                         "loss": tally.loss, "lr": lr, "logit_scale": opt.temperature_scale,
+                         "samples_per_second": tally.samples_per_second, "seconds": tally.seconds},
+                        log=tally.step % config.log_every == 0 or tally.step == schedule.last)
+            if config.save_every and tally.step % config.save_every == 0 and tally.step < schedule.last:
+                run.save(tally, epoch)
             if planner.deciding:
                 switch_to = planner.observe(step_seconds, waited)
                 if switch_to == plan:
                     switch_to = None  # decided on the plan it runs
-                if not planner.deciding and world.is_main:
-                    decision = planner.record()
-                    _log(out, decision)
-                    if progress:
-                        progress(decision)
-            if step >= last_step or switch_to is not None:
+                if not planner.deciding:
+                    run.journal(planner.record())
+            if tally.step >= schedule.last or switch_to is not None:
                 break
             tick = time.perf_counter()
         if switch_to is not None:  # a new plan: its threads, and a loader with its workers
             plan = switch_to
             torch.set_num_threads(plan.threads)
             loader = _loader(dataset, sampler, plan.workers, device)
-            if step % steps_per_epoch and step < last_step:
+            if not schedule.epoch_ends(tally.step):
                 continue  # on with this epoch from the next step
-        if step % steps_per_epoch == 0 or step >= last_step:
-            val = validate(epoch)
-            save(epoch)
+        if schedule.epoch_ends(tally.step):
+            val = run.validate(tally, epoch, plan.workers)
+            run.save(tally, epoch)
         epoch += 1
-    if step >= last_step and not val and resume_from is not None and world.is_main and len(val_pairs):
+    if tally.step >= schedule.last and not val and resume_from is not None and world.is_main and len(val_pairs):
         val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)  # resumed a finished run
 
     return TrainReport(
-        out=str(out), step=step, epoch=min(epoch, config.epochs), samples=samples, seconds=train_seconds,
-        samples_per_second=samples / train_seconds if train_seconds else 0.0, loss=loss_value,
-        logit_scale=float(model.logit_scale.detach().exp()), val=val, val_images=len(val_pairs),
+        out=str(out), step=tally.step, epoch=min(epoch, config.epochs), samples=tally.samples, seconds=tally.seconds,
+        samples_per_second=tally.samples_per_second, loss=tally.loss, logit_scale=opt.temperature_scale, val=val,
+        val_images=len(val_pairs),
         chance={f"text_to_image_R@{k}": chance_recall(len(val_pairs), k) for k in (1, 5, 10)} if len(val_pairs) else {},
-        dropped_rows=len(pairs.dropped), bad_images=[{"path": r, "reason": why} for r, why in bad.items()],
+        dropped_rows=len(pairs.dropped), bad_images=[{"path": r, "reason": why} for r, why in tally.bad.items()],
         decode_cache=cache.stats() if cache and world.is_main else {},
     )
 
