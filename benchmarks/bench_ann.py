@@ -93,7 +93,7 @@ def bench_kind(plan: ann.IndexPlan, vectors: np.ndarray, tune_truth: ann.GroundT
 
 def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
     """The whole user path at N: vectors committed to an index (as `clipengine index` does after embedding),
-    the automatic choice built, trained and tuned by save_faiss, then searched through Searcher (memory-mapped)
+    the automatic choice built, trained and tuned by SearchStructure.save, then searched through Searcher (memory-mapped)
     and through a fresh `clipengine search --vector` process."""
     import subprocess
     import sys

@@ -9,7 +9,7 @@ and prints ours/ceiling and ours/naive. Then, with the tiny model (memory flatne
 pipeline, not the model), the peak RSS of indexing 1k and 10k images, and the wall time of
 `clipengine index` over the 10k unchanged files, as a user runs it (a fresh process).
 
-Targets (issue 2, on the 2-core CPU): ours >= 0.85x ceiling on 12 MP JPEGs, >= 1.4x naive; peak RSS flat
+Targets (on the 2-core CPU): ours >= 0.85x ceiling on 12 MP JPEGs, >= 1.4x naive; peak RSS flat
 from 1k to 10k; no-op re-index of 10k files < 3 s.
 
     python benchmarks/bench_index.py            # full run, ~25 minutes here the first time

@@ -15,7 +15,7 @@ Each trainer runs as a user would run it: ours with its automatic CPU plan, open
   recall      each final model scored by the same code (clipengine.training.evaluate) on the same held-out
               set, with the transparency policy it was trained with (ours: white; open_clip: dropped alpha)
 
-Targets (issue 12): ours >= 1.3x open_clip's samples/s in every regime, and mean held-out recall (3 seeds)
+Targets: ours >= 1.3x open_clip's samples/s in every regime, and mean held-out recall (3 seeds)
 equal or better in `scenes` and `emoji`.
 
     python benchmarks/bench_train.py                       # every regime, seeds 0 1 2 (about an hour here)

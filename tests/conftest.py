@@ -108,8 +108,8 @@ def jpeg_bytes(img: Image.Image, **kw) -> bytes:
 
 
 def write_bad_inputs(folder: Path) -> dict[str, str]:
-    """Every awkward file of the issue, written into `folder`. Returns {file name: expected outcome},
-    where the outcome is 'ok' or a fragment of the skip reason."""
+    """Every awkward file real collections hold (truncated, zero-byte, CMYK, 16-bit, huge...), written into
+    `folder`. Returns {file name: expected outcome}, where the outcome is 'ok' or a fragment of the skip reason."""
     folder.mkdir(parents=True, exist_ok=True)
     good = photo_like(160, 120, seed=7)
     full = jpeg_bytes(photo_like(400, 300, seed=8))

@@ -201,9 +201,9 @@ def test_an_installed_package_keeps_indexes_and_caches_in_the_users_directories(
     from clipengine.index import store
 
     site = tmp_path / "venv" / "lib" / "site-packages"
-    (site / "clipengine").mkdir(parents=True)
+    (site / "clipengine" / "index").mkdir(parents=True)
     (site / "indexes").mkdir()  # even a folder of that name beside the package is not a checkout's
-    monkeypatch.setattr(store, "__file__", str(site / "clipengine" / "store.py"))
+    monkeypatch.setattr(store, "__file__", str(site / "clipengine" / "index" / "store.py"))
     monkeypatch.delenv("CLIPENGINE_INDEX_DIR")
     monkeypatch.delenv("CLIPENGINE_CACHE_DIR")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
