@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Debian's Chromium, which the browser tests drive (tests/test_serve_browser.py): browser downloads cannot work here
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint bench emoji-set clean
 
@@ -14,10 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt clip-benchmark
 	touch $(STAMP)
 
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP) lint
+test: $(STAMP) lint $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 # ruff (pyflakes, isort, bugbear, pyupgrade) and mypy over the whole tree, as configured in pyproject.toml

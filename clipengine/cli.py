@@ -286,19 +286,28 @@ def search(
     if sum(x is not None for x in (query, image, vector)) != 1:
         raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
     path = resolve_index_path(index_name, index_dir)
-    with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
-                  precision=precision, one_shot=True) as searcher:
-        where = path_prefix(prefix) if prefix else None
-        if query is not None:
-            hits = searcher.search_text(query, k, where)
-        elif image is not None:
-            hits = searcher.search_image(image, k, where)
-        elif vector is not None:
-            try:
-                q = np.load(vector, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise BadInput(f"cannot read query vector {vector}: {e}") from None
-            hits = searcher.search_vector(q, k, where)
+    where = path_prefix(prefix) if prefix else None
+    q = None
+    if vector is not None:
+        try:
+            q = np.load(vector, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read query vector {vector}: {e}") from None
+    hits = None
+    if (runtime, precision, device, model, pretrained, checkpoint) == (None,) * 6:  # as a service would run it
+        from clipengine.serve.discovery import search_through_service
+
+        hits = search_through_service(path, text=query, image=image, vector=q, k=k, prefix=where)
+    if hits is None:
+        with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
+                      precision=precision, one_shot=True) as searcher:
+            if query is not None:
+                hits = searcher.search_text(query, k, where)
+            elif image is not None:
+                hits = searcher.search_image(image, k, where)
+            else:
+                assert q is not None
+                hits = searcher.search_vector(q, k, where)
     if as_json:
         _print_json([h.to_dict() for h in hits])
     elif paths_only:
@@ -307,6 +316,47 @@ def search(
         err.print("no results" + (f" under {where}" if where else ""), markup=False)
     else:
         sys.stdout.write("".join(f"{h.rank:>4}  {h.score:+.4f}  {h.path}\n" for h in hits))
+
+
+@app.command()
+@_user_errors
+def serve(
+    index_names: Annotated[list[str], typer.Option(
+        "--index", "-i", help="Index to serve (name or path); repeat for several, picked on the page.")] = ["default"],  # noqa: B006
+    index_dir: IndexDirArg = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    token: Annotated[str | None, typer.Option(
+        envvar="CLIPENGINE_TOKEN", help="Require this bearer token on every request (open the page as /?token=...).")] = None,
+    max_upload: Annotated[str, typer.Option(help="Largest image a search may upload.")] = "64MiB",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+) -> None:
+    """Keep indexes open behind an HTTP API and a web page: search them in a browser, or from other programs.
+
+    `clipengine search` on a served index asks the service, which answers in milliseconds."""
+    from clipengine.serve.app import ServiceConfig
+    from clipengine.serve.server import serve as run_service
+    from clipengine.sizes import parse_size
+
+    names = {}
+    for name in index_names:
+        path = resolve_index_path(name, index_dir)
+        names[path.name if path.name not in names else str(path)] = path
+    config = ServiceConfig(names, token=token, max_upload=parse_size(max_upload, "--max-upload"))
+
+    def ready(url: str, warnings: list[str]) -> None:
+        for warning in warnings:
+            err.print(f"warning: {warning}", markup=False)
+        err.print(f"serving {', '.join(names)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", markup=False)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url + (f"/?token={token}" if token else "/"))
+
+    try:
+        run_service(config, host, port, on_ready=ready)
+    except KeyboardInterrupt:
+        err.print("stopped", markup=False)
 
 
 @app.command()

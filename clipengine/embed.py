@@ -14,7 +14,6 @@ batch of vectors is handed to the caller before the next is computed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from clipengine.images import (
     Decoded,
     ImageRef,
     Skipped,
+    content_hash,
     describe_ref,
     open_image,
     read_image_bytes,
@@ -66,10 +66,6 @@ def split_transform(transform: Compose) -> tuple[Compose, Normalize]:
     if cut is None or not isinstance(steps[-1], Normalize) or cut != len(steps) - 2:
         raise ValueError(f"unexpected preprocessing pipeline: {transform}")
     return Compose([*steps[:cut], PILToTensor()]), steps[-1]
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class ImageFiles(Dataset):

@@ -13,6 +13,7 @@ makes large photos affordable. Both happen before the image is ever held in memo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import struct
@@ -130,6 +131,12 @@ def read_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes
         return Skipped("is a directory")
     except OSError as e:
         return Skipped(f"cannot read file: {e.strerror or e}")
+
+
+def content_hash(data: bytes) -> str:
+    """A file's content identity: the index keys vectors by it, so a moved, copied or uploaded image that is
+    already indexed needs no decoding."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def describe_ref(ref: ImageRef) -> str:

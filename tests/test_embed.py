@@ -9,7 +9,8 @@ from PIL import Image
 from synthetic import write_photo_folder
 
 import clipengine.embed as embed_module
-from clipengine.embed import ImageEmbedding, content_hash, embed_images, embed_pil_images, split_transform
+from clipengine.embed import ImageEmbedding, embed_images, embed_pil_images, split_transform
+from clipengine.images import content_hash
 from clipengine.scenes import photo_like
 
 

@@ -70,6 +70,7 @@ class Searcher:
         self.one_shot = one_shot
         self.precision = precision
         self._faiss: SearchableIndex | None = None
+        self._faiss_generation = -1
         self._model: LoadedModel | None = None
         self._encoders: QueryEncoders | None | bool = False if runtime == "torch" else None
 
@@ -94,8 +95,18 @@ class Searcher:
     def faiss(self) -> SearchableIndex:
         """The index's faiss structure, memory-mapped: opening costs milliseconds at any size."""
         if self._faiss is None:
+            self._faiss_generation = self.store.generation
             self._faiss = self.store.structure.view(mmap=True)
         return self._faiss
+
+    def refresh(self) -> bool:
+        """Follow commits made since the search structure was read (by an `index` run going on now): the next
+        query reads it again, current with the catalogue. Returns whether there was anything to follow.
+        A resident searcher calls this before its queries; the catalogue itself is always read live."""
+        if self._faiss is None or self.store.generation == self._faiss_generation:
+            return False
+        self._faiss = None
+        return True
 
     @property
     def encoders(self) -> QueryEncoders | None:
@@ -144,13 +155,32 @@ class Searcher:
         stored = self.store.stored_vector(path, st.st_size, st.st_mtime_ns)
         if stored is not None:
             return stored
-        from clipengine.images import Decoded, open_image  # PIL: not needed by text queries
+        return self._decoded_vector(path, str(image_path))
+
+    def image_bytes_vector(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+        """The vector of an image given as bytes (an upload), decoded under the same pixel cap as indexing; or,
+        for the bytes of an indexed image, its stored vector (as `image_vector` gives for its path)."""
+        from clipengine.images import content_hash
+
+        stored = self.store.vector_of_content(content_hash(bytes(data)))
+        return stored if stored is not None else self._decoded_vector(data, "the uploaded image", max_pixels)
+
+    def id_vector(self, file_id: int) -> np.ndarray:
+        """The stored vector of an indexed file: "more like this" without reading the file."""
+        ids, vectors = self.store.gather(np.asarray([file_id], dtype=np.int64))
+        if not ids.size:
+            raise BadInput(f"no searchable file has id {file_id} in this index")
+        return vectors[0]
+
+    def _decoded_vector(self, source: str | bytes, what: str, max_pixels: int | None = None) -> np.ndarray:
+        from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, open_image  # PIL: not needed by text queries
 
         encoders = self.encoders
         onnx = encoders if encoders is not None and encoders.available("image") else None
-        decoded = open_image(path, draft_size=onnx.image_size if onnx else self.model.image_size)  # as indexing does
+        decoded = open_image(source, draft_size=onnx.image_size if onnx else self.model.image_size,  # as indexing does
+                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
         if not isinstance(decoded, Decoded):
-            raise BadInput(f"cannot use {image_path} as a query: {decoded.reason}")
+            raise BadInput(f"cannot use {what} as a query: {decoded.reason}")
 
         def on_torch(images: list) -> np.ndarray:
             from clipengine.embed import embed_pil_images
@@ -192,3 +222,7 @@ class Searcher:
 
     def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None) -> list[Hit]:
         return self.search_vector(self.image_vector(image_path), k, prefix)
+
+    def search_id(self, file_id: int, k: int = 10, prefix: str | None = None) -> list[Hit]:
+        """Files like an indexed one (itself first, at score 1)."""
+        return self.search_vector(self.id_vector(file_id), k, prefix)

@@ -103,6 +103,8 @@ class FileRow:
     path: str
     width: int
     height: int
+    size: int = 0  # bytes and mtime when indexed (read by `file`): a file that differs now is not the one indexed
+    mtime_ns: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +172,9 @@ def write_json_atomic(path: Path, obj: object) -> None:
 
 def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
     uri = f"file:{db_path}?mode={'ro' if readonly else 'rw'}"
-    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+    # check_same_thread off: a resident service opens an index once and queries it from its worker threads,
+    # one at a time (clipengine.serve holds a lock per index)
+    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
     if not readonly:
         conn.execute("PRAGMA synchronous = FULL")
@@ -386,6 +390,13 @@ class IndexStore:
                  f"WHERE f.id IN ({marks})")
         return {r[0]: FileRow(*r) for r in self._conn.execute(query, ids)}
 
+    def file(self, file_id: int) -> FileRow | None:
+        """One searchable file by id, with the size and mtime it had when indexed (None: no such file)."""
+        row = self._conn.execute(
+            "SELECT f.id, f.path, v.width, v.height, f.size, f.mtime_ns FROM files f JOIN vectors v ON v.hash = f.hash "
+            "WHERE f.id = ?", (int(file_id),)).fetchone()
+        return None if row is None else FileRow(*row)
+
     def ids_under(self, prefix: str) -> np.ndarray:
         """Ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
         hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
@@ -448,6 +459,11 @@ class IndexStore:
         got = np.concatenate([c[0] for c in chunks])
         order = np.argsort(got, kind="stable")
         return got[order], np.concatenate([c[1] for c in chunks])[order]
+
+    def vector_of_content(self, digest: str) -> np.ndarray | None:
+        """The embedding stored for this content hash (`images.content_hash`), if the index holds one."""
+        row = self._conn.execute("SELECT vector FROM vectors WHERE hash = ?", (digest,)).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
     def stored_vector(self, path: str, size: int, mtime_ns: int) -> np.ndarray | None:
         """The embedding of `path` if the index holds it and the file is unchanged, else None."""

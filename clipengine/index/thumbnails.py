@@ -1,0 +1,62 @@
+"""Small pictures of indexed files, made once and kept in the index directory (<index>/thumbnails/).
+
+A file is reached only by its id in the catalogue, never by a path someone supplies, and only while it is
+the file that was indexed (same size and mtime): a path swapped since for a link to somewhere else, or a
+file replaced, is refused. Decoding goes through `open_image`, so a thumbnail obeys the same pixel cap and
+reduced-size JPEG decoding as indexing, and EXIF-rotated photos come out upright.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from clipengine.errors import ClipEngineError
+from clipengine.index.store import FileRow, IndexStore
+
+THUMBNAILS_DIR = "thumbnails"
+SIZES = (128, 256, 512)  # the sides offered: a handful, so that the cache holds few versions of a file
+QUALITY = 85
+
+
+class FileUnavailable(ClipEngineError):
+    """No indexed file has this id, or the file on disk is no longer the one indexed."""
+
+
+def indexed_file(store: IndexStore, file_id: int) -> FileRow:
+    """The indexed file with this id, checked to be unchanged on disk since it was indexed."""
+    row = store.file(file_id)
+    if row is None:
+        raise FileUnavailable(f"no searchable file has id {file_id}")
+    try:
+        st = os.stat(row.path)
+    except OSError:
+        raise FileUnavailable(f"file {file_id} is no longer on disk") from None
+    if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+        raise FileUnavailable(f"file {file_id} has changed since it was indexed: index its folder again")
+    return row
+
+
+def thumbnail(store: IndexStore, file_id: int, size: int = 256) -> Path:
+    """The JPEG thumbnail of an indexed file, at most `size` pixels a side (rounded up to one of SIZES)."""
+    side = next((s for s in SIZES if s >= size), SIZES[-1])
+    row = indexed_file(store, file_id)
+    folder = store.path / THUMBNAILS_DIR
+    path = folder / f"{row.id}-{side}.jpg"  # ids are never reused: a changed file gets a new id and a new name
+    if path.is_file():
+        return path
+    from clipengine.images import Decoded, open_image
+
+    decoded = open_image(row.path, draft_size=side)
+    if not isinstance(decoded, Decoded):
+        raise FileUnavailable(f"file {file_id} cannot be decoded any more: {decoded.reason}")
+    image = decoded.image
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=QUALITY)
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)  # a cache, rebuilt when missing: no fsync
+    return path

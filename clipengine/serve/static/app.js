@@ -1,0 +1,153 @@
+// The page of `clipengine serve`: no build step, no dependencies, works offline.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const state = { index: null };
+
+function params(extra) {
+  const p = new URLSearchParams({ k: $("k").value || "24", ...extra });
+  if (state.index) p.set("index", state.index);
+  if ($("prefix").value.trim()) p.set("prefix", $("prefix").value.trim());
+  return p;
+}
+
+async function call(url, options) {
+  const response = await fetch(url, options);
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function status(text, isError) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", !!isError);
+}
+
+function render(hits, what, started) {
+  const results = $("results");
+  results.replaceChildren();
+  for (const hit of hits) {
+    const card = document.createElement("button");
+    card.type = "button";
+    card.className = "hit";
+    card.dataset.id = hit.id;
+    card.title = `more like this: ${hit.path}`;
+    const img = document.createElement("img");
+    img.loading = "lazy";
+    img.alt = hit.path.split("/").pop();
+    img.src = `/api/thumbnail/${hit.id}?` + new URLSearchParams(state.index ? { index: state.index } : {});
+    img.width = 256;
+    img.height = 256;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    const original = `/api/file/${hit.id}?` + new URLSearchParams(state.index ? { index: state.index } : {});
+    meta.innerHTML = `<span class="score">${hit.rank}. ${hit.score.toFixed(3)}</span> ` +
+      `<a href="${original}" target="_blank" rel="noopener" tabindex="-1">open</a>` +
+      `<span class="path"></span>`;
+    meta.querySelector(".path").textContent = hit.path;
+    meta.querySelector("a").addEventListener("click", (e) => e.stopPropagation());
+    card.append(img, meta);
+    card.addEventListener("click", () => similar(hit.id, hit.path));
+    results.append(card);
+  }
+  const ms = Math.round(performance.now() - started);
+  status(hits.length ? `${hits.length} results for ${what} (${ms} ms)` : `no results for ${what}`);
+}
+
+async function run(what, request) {
+  const started = performance.now();
+  status(`searching for ${what}…`);
+  try {
+    render(await request(), what, started);
+  } catch (e) {
+    $("results").replaceChildren();
+    status(e.message, true);
+  }
+}
+
+function searchText(q) {
+  history.replaceState(null, "", "?" + new URLSearchParams({ q, ...(state.index ? { index: state.index } : {}) }));
+  return run(`“${q}”`, () => call("/api/search?" + params({ q })));
+}
+
+function similar(id, path) {
+  return run(`images like ${path.split("/").pop()}`, () => call(`/api/similar/${id}?` + params()));
+}
+
+function searchImage(file) {
+  if (!file || !file.type.startsWith("image/")) { status("that is not an image", true); return; }
+  const form = new FormData();
+  form.append("file", file, file.name || "pasted image");
+  return run(`the image ${file.name || "pasted"}`, () => call("/api/search/image?" + params(), { method: "POST", body: form }));
+}
+
+async function showInfo() {
+  const box = $("info");
+  const button = $("show-info");
+  if (!box.hidden) { box.hidden = true; button.setAttribute("aria-expanded", "false"); return; }
+  try {
+    const info = await call("/api/info?" + new URLSearchParams(state.index ? { index: state.index } : {}));
+    box.textContent = [
+      `index    ${info.path}`,
+      `model    ${info.model.identity}  [dim ${info.dim}, ${info.metric}]`,
+      `images   ${info.count} searchable, ${info.skipped_files.length} skipped`,
+      `search   ${info.faiss.kind} (${info.faiss.factory})`,
+      `folders  ${info.folders.join(", ") || "-"}`,
+      ...info.advice.map((a) => `advice   ${a}`),
+    ].join("\n");
+  } catch (e) { box.textContent = e.message; }
+  box.hidden = false;
+  button.setAttribute("aria-expanded", "true");
+}
+
+async function loadIndexes() {
+  const select = $("index");
+  try {
+    const indexes = await call("/api/indexes");
+    for (const ix of indexes) {
+      const option = document.createElement("option");
+      option.value = ix.name;
+      option.textContent = `${ix.name} (${ix.count})`;
+      select.append(option);
+    }
+    const wanted = new URLSearchParams(location.search).get("index");
+    state.index = indexes.some((ix) => ix.name === wanted) ? wanted : indexes[0]?.name;
+    select.value = state.index;
+    select.hidden = indexes.length < 2;
+    select.parentElement.hidden = indexes.length < 2;
+  } catch (e) { status(e.message, true); }
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  await loadIndexes();
+  $("index").addEventListener("change", (e) => {
+    state.index = e.target.value;
+    if ($("query").value.trim()) searchText($("query").value.trim());
+  });
+  $("search").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const q = $("query").value.trim();
+    if (q) searchText(q);
+  });
+  $("image").addEventListener("change", (e) => searchImage(e.target.files[0]));
+  $("show-info").addEventListener("click", showInfo);
+  document.addEventListener("paste", (e) => {
+    const file = [...(e.clipboardData?.files || [])][0];
+    if (file) { e.preventDefault(); searchImage(file); }
+  });
+  let depth = 0;
+  document.addEventListener("dragenter", (e) => { e.preventDefault(); depth++; $("drop").hidden = false; });
+  document.addEventListener("dragover", (e) => e.preventDefault());
+  document.addEventListener("dragleave", () => { if (--depth <= 0) { depth = 0; $("drop").hidden = true; } });
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    depth = 0;
+    $("drop").hidden = true;
+    searchImage(e.dataTransfer.files[0]);
+  });
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "/" && document.activeElement !== $("query")) { e.preventDefault(); $("query").focus(); }
+    if (e.key === "Escape" && document.activeElement === $("query")) $("query").value = "";
+  });
+  const q = new URLSearchParams(location.search).get("q");
+  if (q) { $("query").value = q; searchText(q); }
+});

@@ -1,0 +1,125 @@
+"""The web page of `clipengine serve`, in a real browser: Debian's Chromium, driven by Playwright (no browser
+download: `make test` installs the chromium package). The page is served by a real `clipengine serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_photos
+
+from clipengine.index.pipeline import index_folder
+from clipengine.serve.discovery import SERVICE_FILE
+
+CHROMIUM = os.environ.get("CLIPENGINE_CHROMIUM", "/usr/bin/chromium")
+# the flags a closed network needs: without them Chromium keeps trying to reach Google's services
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+K = 6
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model, _export_cache):
+    """A real `clipengine serve` over 12 indexed photos; yields (url, photo paths)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium package (apt-get install chromium)")
+    root = tmp_path_factory.mktemp("browser")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
+        photos = write_photos(root / "photos")
+        index_folder(photos, root / "idx", model=tiny_model, workers=0)
+    process = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(root / "idx"), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (root / "idx" / SERVICE_FILE).exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.05)
+    yield json.loads((root / "idx" / SERVICE_FILE).read_text())["url"], sorted(photos.rglob("*.jpg"))
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    # (a refused request logs "Failed to load resource": the tests check what the page shows for those)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "Failed to load" not in m.text else None)
+    page.goto(service[0] + "/")
+    yield page
+    context.close()
+    assert not errors, errors  # no script error along the way
+
+
+def thumbnails_loaded(page) -> list[int]:
+    """The natural widths of the result thumbnails once each has loaded (0: broken)."""
+    page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)")
+    return page.eval_on_selector_all(".hit img", "imgs => imgs.map(i => i.naturalWidth)")
+
+
+def test_type_a_query_see_k_thumbnails_then_more_like_this(page, service, tmp_path):
+    page.fill("#k", str(K))
+    page.fill("#query", "a photo of a lake")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f".hit >> nth={K - 1}")
+    assert page.locator(".hit").count() == K
+    assert all(w > 0 for w in thumbnails_loaded(page))  # every thumbnail rendered
+    assert f"{K} results" in page.inner_text("#status")
+    assert "q=a+photo+of+a+lake" in page.url  # the search can be shared or reloaded
+
+    third = page.locator(".hit").nth(2)
+    clicked_path = third.locator(".path").inner_text()
+    third.focus()
+    page.keyboard.press("Enter")  # keyboard: a result is a button
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('6 results for images like')")
+    assert page.locator(".hit .path").first.inner_text() == clicked_path  # the image itself comes first
+    assert page.locator(".hit .score").first.inner_text().endswith("1.000")
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+    if os.environ.get("CLIPENGINE_SCREENSHOT"):  # how the README's picture is made
+        shutil.copy(tmp_path / "page.png", os.environ["CLIPENGINE_SCREENSHOT"])
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_upload_an_image_and_see_errors_as_text(page, service, tmp_path):
+    _, photos = service
+    page.fill("#k", "4")
+    page.set_input_files("#image", str(photos[5]))
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('4 results')")
+    assert page.locator(".hit .path").first.inner_text() == str(photos[5])
+    assert all(w > 0 for w in thumbnails_loaded(page))
+
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image at all")
+    page.set_input_files("#image", str(not_image))
+    page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+    assert "cannot use the uploaded image" in page.inner_text("#status") and page.locator(".hit").count() == 0
+
+
+def test_info_and_slash_focuses_the_search_box(page):
+    page.click("#show-info")
+    page.wait_for_selector("#info:not([hidden])")
+    assert "12 searchable" in page.inner_text("#info")
+    page.locator("#show-info").focus()
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "query"
