@@ -4,6 +4,7 @@ Runs, each in its own process and side by side with its baseline:
   bench_index.py   embedding throughput (ours vs the naive loop vs the model alone), memory, no-op re-index
   bench_search.py  search latency (ours vs numpy brute force)
   bench_cold_search.py  `clipengine search` in a fresh process: the ONNX query path vs the torch one, where the time goes
+  bench_serve.py   `clipengine serve`: warm queries through HTTP, throughput by clients, the CLI through a service
   bench_embed_runtime.py  embedding images on the CPU: torch vs onnxruntime fp32 vs int8, and what each changes in recall
   bench_export.py  which architectures export to query encoders, in how long, how close to torch
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
@@ -29,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("index", "search", "cold_search", "embed_runtime", "export", "ann", "train", "recall")
+BENCHMARKS = ("index", "search", "cold_search", "serve", "embed_runtime", "export", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -74,6 +75,17 @@ def markdown(results: dict) -> str:
                               f"{image['new']:.2f} s", f"torch path {image['old']:.2f} s", f"{image['speedup']:.1f}x"))
             lines.append(_row(f"text query in a running `Searcher`, {name}", f"{m['warm_text_ms']['median_ms']:.1f} ms",
                               "", ""))
+    if "serve" in results:
+        v = results["serve"]
+        warm, cli = v["warm_1_client"], v["cli_search_s"]
+        lines.append(_row(f"text query through `clipengine serve` (HTTP, 1 client), {v['model']}",
+                          f"{warm['p50_ms']:.1f} ms p50, {warm['p99_ms']:.1f} ms p99", "", ""))
+        lines.append(_row("`clipengine serve` throughput at " + " / ".join(str(r["clients"]) for r in v["throughput"])
+                          + " clients", " / ".join(f"{r['queries_per_second']:.0f}" for r in v["throughput"])
+                          + " queries/s", "", ""))
+        lines.append(_row(f"`clipengine search TEXT`, fresh process, through a running service, {v['model']}",
+                          f"{cli['through_service_median']:.2f} s", f"no service {cli['without_service_median']:.2f} s",
+                          f"{cli['ratio']:.2f}x"))
     if "embed_runtime" in results:
         e = results["embed_runtime"]["speed"]
         rates = e["images_per_second"]
