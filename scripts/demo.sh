@@ -34,3 +34,4 @@ ce scenes data/demo-test-scenes --count 1000 --seed 1
 ce bench retrieval --data data/demo-test-scenes/captions.csv --model tiny --json runs/bench-untrained.json > /dev/null
 ce bench retrieval --data data/demo-test-scenes/captions.csv --checkpoint "$run" --json runs/bench-trained.json
 ce bench compare runs/bench-untrained.json runs/bench-trained.json
+echo; echo "== look at it in a browser: .venv/bin/clipengine serve --index demo-scenes --open"

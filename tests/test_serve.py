@@ -282,3 +282,14 @@ def test_vectors_and_ids_round_trip(client, served):
         expected = [h.id for h in searcher.search_vector(vector, 4)]
     hits = client.post("/api/search/vector", params={"k": 4}, json={"vector": np.asarray(vector).tolist()}).json()
     assert [h["id"] for h in hits] == expected
+
+
+def test_serve_refuses_a_missing_index_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from clipengine.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "nowhere"), "--port", "0"])
+    assert result.exit_code == 1 and "no index at" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "nowhere"), "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "--token" in result.output  # refused before anything is opened or bound

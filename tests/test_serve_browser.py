@@ -123,3 +123,21 @@ def test_info_and_slash_focuses_the_search_box(page):
     page.locator("#show-info").focus()
     page.keyboard.press("/")
     assert page.evaluate("document.activeElement.id") == "query"
+
+
+@pytest.mark.parametrize("how", ["paste", "drop"])
+def test_paste_or_drop_an_image(page, service, how):
+    _, photos = service
+    page.fill("#k", "3")
+    first = page.evaluate("fetch('/api/similar/1?k=1').then(r => r.json()).then(h => h[0])")  # an indexed image
+    page.evaluate("""async ([how, id]) => {
+        const blob = await (await fetch(`/api/file/${id}`)).blob();
+        const data = new DataTransfer();
+        data.items.add(new File([blob], "query.jpg", {type: "image/jpeg"}));
+        const event = how === "paste" ? new ClipboardEvent("paste", {clipboardData: data, bubbles: true})
+                                      : new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true});
+        document.dispatchEvent(event);
+    }""", [how, first["id"]])
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('3 results for the image')")
+    assert page.locator(".hit .path").first.inner_text() == first["path"]
+    assert page.locator("#drop").is_hidden()
