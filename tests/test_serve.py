@@ -111,6 +111,8 @@ def test_upload_caps_apply_before_decoding(served):
         big = jpeg_bytes(photo_like(400, 300, seed=5), quality=95)
         assert len(big) > 5000
         refused(c.post("/api/search/image", files={"file": ("big.jpg", big, "image/jpeg")}), 413, "over")
+        huge = b"\xff\xd8" + bytes(200_000)  # refused from its Content-Length, before the body is parsed
+        refused(c.post("/api/search/image", files={"file": ("huge.jpg", huge, "image/jpeg")}), 413, "over")
         small = jpeg_bytes(photo_like(120, 100, seed=5), quality=30)  # 12,000 pixels, under 5,000 bytes
         assert len(small) <= 5000
         refused(c.post("/api/search/image", files={"file": ("px.jpg", small, "image/jpeg")}), 400, "pixels")

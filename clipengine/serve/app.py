@@ -138,6 +138,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         what = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', [])[1:])}: {err.get('msg')}" for err in errors)
         return JSONResponse({"error": what or "malformed request", "detail": errors}, status_code=422)
 
+    @app.middleware("http")
+    async def cap_uploads(request: Request, call_next):  # before the body is read, let alone parsed or spooled
+        length = request.headers.get("content-length", "")
+        if request.method == "POST" and length.isdigit() and int(length) > config.max_upload + 65536:
+            return JSONResponse({"error": f"the upload is over {config.max_upload // 2**20} MiB"}, status_code=413)
+        return await call_next(request)
+
     def authorised(request: Request) -> None:
         if config.token is None:
             return
