@@ -258,9 +258,14 @@ def reindex(
 @app.command()
 @_user_errors
 def search(
-    query: Annotated[str | None, typer.Argument(help="Text to search for.")] = None,
+    query: Annotated[str | None, typer.Argument(
+        help="Text to search for; or an image file, or id:N (an indexed image); WEIGHT:... weighs it.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Find images like this one.")] = None,
     vector: Annotated[Path | None, typer.Option("--vector", help="A query embedding saved as .npy.")] = None,
+    add: Annotated[list[str] | None, typer.Option(
+        "--add", help="Add a term to the query: text, an image file or id:N, with an optional WEIGHT: prefix. Repeatable.")] = None,
+    subtract: Annotated[list[str] | None, typer.Option(
+        "--subtract", help="Subtract a term from the query (as --add). Repeatable.")] = None,
     index_name: IndexArg = "default",
     index_dir: IndexDirArg = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 10,
@@ -277,14 +282,23 @@ def search(
     paths_only: Annotated[bool, typer.Option(help="Print only the paths, one per line (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
-    """Search an index by text, by image, or by a raw embedding vector."""
+    """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
+    `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
     import numpy as np
 
     from clipengine.errors import BadInput
     from clipengine.index.search import Searcher, path_prefix
+    from clipengine.index.terms import Term, parse_term, parse_terms
 
     if sum(x is not None for x in (query, image, vector)) != 1:
         raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
+    terms = None
+    if add or subtract or (query is not None and parse_term(query) != Term(text=query)):
+        if vector is not None:
+            raise BadInput("--add and --subtract combine texts and images, not --vector")
+        terms = parse_terms(query, add or [], subtract or [])
+        if image is not None:
+            terms.insert(0, Term(image=str(image)))
     path = resolve_index_path(index_name, index_dir)
     where = path_prefix(prefix) if prefix else None
     q = None
@@ -294,14 +308,16 @@ def search(
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot read query vector {vector}: {e}") from None
     hits = None
-    if (runtime, precision, device, model, pretrained, checkpoint) == (None,) * 6:  # as a service would run it
+    if terms is None and (runtime, precision, device, model, pretrained, checkpoint) == (None,) * 6:  # as a service would
         from clipengine.serve.discovery import search_through_service
 
         hits = search_through_service(path, text=query, image=image, vector=q, k=k, prefix=where)
     if hits is None:
         with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
                       precision=precision, one_shot=True) as searcher:
-            if query is not None:
+            if terms is not None:
+                hits = searcher.search_terms(terms, k, where)
+            elif query is not None:
                 hits = searcher.search_text(query, k, where)
             elif image is not None:
                 hits = searcher.search_image(image, k, where)

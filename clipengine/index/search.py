@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +25,7 @@ from clipengine.models import ModelSpec, check_same_model
 
 if TYPE_CHECKING:
     from clipengine.index.ann import SearchableIndex
+    from clipengine.index.terms import Term
     from clipengine.models import LoadedModel
 
 
@@ -169,7 +170,9 @@ class Searcher:
         """The stored vector of an indexed file: "more like this" without reading the file."""
         ids, vectors = self.store.gather(np.asarray([file_id], dtype=np.int64))
         if not ids.size:
-            raise BadInput(f"no searchable file has id {file_id} in this index")
+            from clipengine.index.thumbnails import FileUnavailable
+
+            raise FileUnavailable(f"no searchable file has id {file_id} in this index")
         return vectors[0]
 
     def _decoded_vector(self, source: str | bytes, what: str, max_pixels: int | None = None) -> np.ndarray:
@@ -222,6 +225,31 @@ class Searcher:
 
     def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None) -> list[Hit]:
         return self.search_vector(self.image_vector(image_path), k, prefix)
+
+    def terms_vector(self, terms: Sequence[Term]) -> np.ndarray:
+        """Query arithmetic (`clipengine.index.terms`): the normalised sum of each term's normalised vector
+        times its weight."""
+        if not terms:
+            raise BadInput("give at least one query term")
+        total = np.zeros(self.store.dim, dtype=np.float64)
+        for term in terms:
+            if term.text is not None:
+                vector = self.text_vector(term.text)
+            elif term.image is not None:
+                vector = self.image_vector(term.image)
+            else:
+                assert term.id is not None
+                vector = self.id_vector(term.id)
+            vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+            total += term.weight * vector / np.linalg.norm(vector)
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise BadInput("the query terms cancel out: nothing is left to search for")
+        return (total / norm).astype(np.float32)
+
+    def search_terms(self, terms: Sequence[Term], k: int = 10, prefix: str | None = None) -> list[Hit]:
+        """Images for a weighted sum of texts, image files and indexed images (see `terms_vector`)."""
+        return self.search_vector(self.terms_vector(terms), k, prefix)
 
     def search_id(self, file_id: int, k: int = 10, prefix: str | None = None) -> list[Hit]:
         """Files like an indexed one (itself first, at score 1)."""

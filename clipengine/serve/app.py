@@ -28,12 +28,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipengine import __version__
 from clipengine.errors import BadInput, ClipEngineError, IndexNotFound
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.index.search import Searcher, path_prefix
+from clipengine.index.terms import Term
 from clipengine.index.thumbnails import FileUnavailable, indexed_file, thumbnail
 from clipengine.serve.discovery import MAX_K
 
@@ -45,6 +47,14 @@ REFRESH_EVERY = 0.5  # seconds between checks for new commits
 IndexQ = Annotated[str | None, Query(description="Index name (default: the first one served).")]
 KQ = Annotated[int, Query(ge=1, le=MAX_K, description="How many results.")]
 PrefixQ = Annotated[str | None, Query(description="Only results whose path starts with this.")]
+
+
+class TermIn(BaseModel):
+    """One term of a query: a text or an indexed image's id (never a path), and its weight."""
+
+    text: str | None = None
+    id: int | None = None
+    weight: float = 1.0
 
 
 class Refused(Exception):
@@ -194,10 +204,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def search_similar(file_id: int, k: KQ = 10, prefix: PrefixQ = None, index: IndexQ = None) -> list[dict]:
         """Images like an indexed one ("more like this"), by its id."""
         with index_named(index).open() as searcher:
-            try:
-                return [h.to_dict() for h in searcher.search_id(file_id, k, prefix_of(prefix))]
-            except BadInput as e:
-                raise Refused(404, str(e)) from None
+            return [h.to_dict() for h in searcher.search_id(file_id, k, prefix_of(prefix))]
+
+    @app.post("/api/search/terms", dependencies=auth)
+    def search_terms(terms: Annotated[list[TermIn], Body(embed=True, min_length=1, max_length=64)], k: KQ = 10,
+                     prefix: PrefixQ = None, index: IndexQ = None) -> list[dict]:
+        """Images for a weighted sum of texts and indexed images (query arithmetic): `[{"text": "a cat"},
+        {"text": "indoors", "weight": -1}, {"id": 12, "weight": 0.5}]`."""
+        parsed = [Term(text=t.text, id=t.id, weight=t.weight) for t in terms]
+        with index_named(index).open() as searcher:
+            return [h.to_dict() for h in searcher.search_terms(parsed, k, prefix_of(prefix))]
 
     @app.post("/api/search/image", dependencies=auth)
     async def search_image(file: Annotated[UploadFile, File(description="An image file.")], k: KQ = 10,
