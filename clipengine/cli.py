@@ -377,6 +377,39 @@ def serve(
 
 @app.command()
 @_user_errors
+def duplicates(
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    threshold: Annotated[float, typer.Option(
+        help="Cosine similarity two images need to count as duplicates (1: identical embeddings only).")] = 0.95,
+    prefix: Annotated[str | None, typer.Option(help="Only files whose path starts with this.")] = None,
+    paths_only: Annotated[bool, typer.Option(help="One group per line, its paths separated by tabs (for piping).")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Groups of near-duplicate images, largest first; files with the same bytes are marked exact."""
+    from clipengine.index.duplicates import find_duplicates
+    from clipengine.index.search import path_prefix
+
+    stages, on_stage = _stage_progress()
+    with stages:
+        groups = find_duplicates(resolve_index_path(index_name, index_dir), threshold,
+                                 prefix=path_prefix(prefix) if prefix else None, progress=on_stage)
+    if as_json:
+        _print_json([g.to_dict() for g in groups])
+    elif paths_only:
+        sys.stdout.write("".join("\t".join(f.path for f in g.files) + "\n" for g in groups))
+    else:
+        files = sum(g.size for g in groups)
+        out.print(f"{len(groups)} groups of near-duplicates ({files} files) at cosine >= {threshold}", markup=False)
+        for n, g in enumerate(groups, 1):
+            out.print(f"group {n}: {g.size} files" + (" (identical bytes)" if g.exact else ""), markup=False)
+            for f in g.files:
+                mark = "identical bytes" if f.exact else f"{f.similarity:.4f}"
+                out.print(f"  {mark:>15}  {f.path}", markup=False)
+
+
+@app.command()
+@_user_errors
 def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
     from clipengine.index.info import index_info

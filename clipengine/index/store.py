@@ -170,6 +170,11 @@ def write_json_atomic(path: Path, obj: object) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """The [lo, hi) range of paths that start with `prefix`, for an indexed range query."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+
+
 def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
     uri = f"file:{db_path}?mode={'ro' if readonly else 'rw'}"
     # check_same_thread off: a resident service opens an index once and queries it from its worker threads,
@@ -399,10 +404,25 @@ class IndexStore:
 
     def ids_under(self, prefix: str) -> np.ndarray:
         """Ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
-        hi = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
         rows = self._conn.execute(
-            "SELECT id FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ?", (prefix, hi))
+            "SELECT id FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ?", _prefix_range(prefix))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def file_hashes(self, prefix: str | None = None) -> list[tuple[int, str, str]]:
+        """(id, path, content hash) of every searchable file (under `prefix`), by path."""
+        return list(self._conn.execute(
+            "SELECT id, path, hash FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ? ORDER BY path",
+            _prefix_range(prefix or "")))
+
+    def content_vectors(self, digests: Sequence[str]) -> np.ndarray:
+        """The stored vectors of these content hashes, in their order (one pass over the vectors table)."""
+        row_of = {d: r for r, d in enumerate(digests)}
+        out = np.zeros((len(digests), self.dim), dtype=np.float32)
+        for digest, blob in self._conn.execute("SELECT hash, vector FROM vectors"):
+            row = row_of.get(digest)
+            if row is not None:
+                out[row] = np.frombuffer(blob, dtype="<f4")
+        return out
 
     def ids_of_paths(self, paths: Iterable[str]) -> dict[str, int]:
         """The ids of those of `paths` that the index holds searchable (absolute paths, as stored)."""
