@@ -4,9 +4,10 @@ Files with the same bytes share one stored vector (vectors are keyed by content 
 grouped first and marked exact, and only one vector per distinct content is searched. Pairs above the
 threshold come from faiss range search: exact (a flat scan) up to EXACT_MAX distinct vectors, beyond that
 through an inverted-file index trained for the purpose, probing enough lists that near-duplicates (which sit
-in the same or a neighbouring cell) are found; a 100,000-vector collection takes seconds instead of the
-minutes an all-pairs scan costs (benchmarks/bench_duplicates.py measures both, and the recall). Groups are
-the connected components of those pairs (scipy), largest first.
+in the same or a neighbouring cell) are found. At 100,000 vectors on 2 cores the command takes 17 s, the
+search 16 s against 53 s for the exact scan, and finds all of its pairs (benchmarks/bench_duplicates.py).
+Groups are the connected components of those pairs (scipy), largest first: a chain of near-duplicates is
+one group, so a member can be less similar to the first than the threshold.
 """
 
 from __future__ import annotations
