@@ -5,6 +5,7 @@ Runs, each in its own process and side by side with its baseline:
   bench_search.py  search latency (ours vs numpy brute force)
   bench_cold_search.py  `clipengine search` in a fresh process: the ONNX query path vs the torch one, where the time goes
   bench_serve.py   `clipengine serve`: warm queries through HTTP, throughput by clients, the CLI through a service
+  bench_duplicates.py  `clipengine duplicates` at 100,000 vectors, and its search against the exact all-pairs scan
   bench_embed_runtime.py  embedding images on the CPU: torch vs onnxruntime fp32 vs int8, and what each changes in recall
   bench_export.py  which architectures export to query encoders, in how long, how close to torch
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
@@ -30,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("index", "search", "cold_search", "serve", "embed_runtime", "export", "ann", "train", "recall")
+BENCHMARKS = ("index", "search", "cold_search", "serve", "duplicates", "embed_runtime", "export", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -86,6 +87,13 @@ def markdown(results: dict) -> str:
         lines.append(_row(f"`clipengine search TEXT`, fresh process, through a running service, {v['model']}",
                           f"{cli['through_service_median']:.2f} s", f"no service {cli['without_service_median']:.2f} s",
                           f"{cli['ratio']:.2f}x"))
+    if "duplicates" in results:
+        d = results["duplicates"]
+        lines.append(_row(f"`clipengine duplicates` at {d['vectors']:,} vectors, fresh process",
+                          f"{d['cli_seconds']:.1f} s ({d['near_pairs_grouped']}/{d['planted_near']} near, "
+                          f"{d['exact_pairs_grouped']}/{d['planted_exact']} identical grouped)",
+                          f"exact range scan {d['pairs']['flat_seconds']:.1f} s (ours {d['pairs']['ivf_seconds']:.1f} s, "
+                          f"recall {d['pairs']['ivf_recall']:.3f})", f"{d['pairs']['speedup']:.1f}x"))
     if "embed_runtime" in results:
         e = results["embed_runtime"]["speed"]
         rates = e["images_per_second"]
