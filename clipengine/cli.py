@@ -410,6 +410,36 @@ def duplicates(
 
 @app.command()
 @_user_errors
+def label(
+    image: Annotated[Path, typer.Argument(help="The image to describe.")],
+    texts: Annotated[Path, typer.Option("--texts", help="Texts to rank: one per line, or a CSV/TSV with a caption column.")],
+    k: Annotated[int, typer.Option("-k", "--top-k", help="How many texts.")] = 5,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", help="Zero-shot prompt with {} for the text, e.g. 'a photo of a {}.'; repeat to average several.")] = None,
+    index_name: Annotated[str | None, typer.Option(
+        "--index", "-i", help="Use this index's model (and its query encoders: no torch).")] = None,
+    index_dir: IndexDirArg = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    device: DeviceArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Texts ranked for an image, with cosine scores: captions, or zero-shot labels with --template."""
+    from clipengine.index.label import label_image, read_texts
+
+    labels = label_image(image, read_texts(texts), index=resolve_index_path(index_name, index_dir) if index_name else None,
+                         spec=_spec(model, pretrained, checkpoint, preprocess_from), templates=template or [], k=k,
+                         device=device)
+    if as_json:
+        _print_json([x.to_dict() for x in labels])
+    else:
+        sys.stdout.write("".join(f"{x.rank:>4}  {x.score:+.4f}  {x.text}\n" for x in labels))
+
+
+@app.command()
+@_user_errors
 def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
     from clipengine.index.info import index_info

@@ -3,7 +3,6 @@ trained on the built-in scenes the arithmetic moves results the way it should.""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,8 @@ from typer.testing import CliRunner
 
 from clipengine.cli import app
 from clipengine.errors import BadInput
-from clipengine.index.pipeline import index_folder
 from clipengine.index.search import Searcher
 from clipengine.index.terms import Term, parse_term, parse_terms
-from clipengine.models import ModelSpec
-from clipengine.scenes import write_scene_set
 from clipengine.serve.app import ServiceConfig, create_app
 
 
@@ -41,35 +37,16 @@ def test_terms_parse_weights_files_and_ids(tmp_path):
             parse_term(bad)
 
 
-@pytest.fixture(scope="module")
-def scenes_index(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """The tiny model trained on 3,000 built-in scenes (about 30 s), and an index of 300 scenes it never saw;
-    with each indexed image's first caption."""
-    from clipengine.training import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("terms")
-    data = write_scene_set(root / "train", 3000, seed=0, size=64)
-    test = write_scene_set(root / "test", 300, seed=1, size=64)
-    train(TrainConfig(data=str(data), out=str(root / "run"), epochs=10, batch_size=64, val_size=0, workers=0,
-                      decode_cache="off"))
-    index_folder(test.parent / "images", root / "idx", ModelSpec(checkpoint=str(root / "run")), workers=0, export=False)
-    captions: dict[str, str] = {}
-    with open(test, newline="") as f:
-        for row in csv.DictReader(f):
-            captions.setdefault(Path(row["filepath"]).name, row["caption"])
-    return root / "idx", captions
-
-
 def first_groups(hits, captions: dict[str, str]) -> list[str]:
     """The main group of each hit's scene ("two large blue circles"), without the optional second shape."""
     return [captions[Path(h.path).name].split(" and ")[0] for h in hits]
 
 
 @pytest.mark.slow
-def test_arithmetic_moves_results_the_way_it_should(scenes_index):
+def test_arithmetic_moves_results_the_way_it_should(trained_scenes):
     from clipengine.scenes import COLOURS
 
-    index, captions = scenes_index
+    index, captions = trained_scenes
     with Searcher(index) as searcher:
         def top(query: str, add=(), subtract=()) -> list[str]:
             return first_groups(searcher.search_terms(parse_terms(query, add, subtract), 10), captions)
@@ -91,8 +68,8 @@ def test_arithmetic_moves_results_the_way_it_should(scenes_index):
 
 
 @pytest.mark.slow
-def test_terms_on_the_command_line_and_over_http(scenes_index):
-    index, captions = scenes_index
+def test_terms_on_the_command_line_and_over_http(trained_scenes):
+    index, captions = trained_scenes
     runner = CliRunner()
     result = runner.invoke(app, ["search", "a red circle", "--add", "blue", "--subtract", "red", "--index", str(index),
                                  "-k", "5", "--paths-only"])

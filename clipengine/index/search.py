@@ -147,6 +147,18 @@ class Searcher:
             return embed_texts(self.model, texts)
         return self._encode("text", [text], on_torch)
 
+    def text_vectors(self, texts: Sequence[str]) -> np.ndarray:
+        """Many texts at once, (len(texts), dim): through the exported text tower in batches when there is one."""
+        encoders = self.encoders
+        if encoders is not None and encoders.available("text"):
+            try:
+                return np.concatenate([encoders.encode_texts(list(texts[i:i + 256])) for i in range(0, len(texts), 256)])
+            except EncodersUnavailable as e:
+                self._fall_back(e)
+        from clipengine.embed import embed_texts
+
+        return embed_texts(self.model, list(texts))
+
     def image_vector(self, image_path: str | os.PathLike) -> np.ndarray:
         path = os.path.abspath(os.path.expanduser(os.fspath(image_path)))
         try:
