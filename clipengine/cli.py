@@ -280,6 +280,10 @@ def search(
     precision: Annotated[str | None, typer.Option(
         help="fp32 or int8 query encoders (default: int8 only where its measured recall change is within 0.5 points).")] = None,
     paths_only: Annotated[bool, typer.Option(help="Print only the paths, one per line (for piping).")] = False,
+    preview: Annotated[str | None, typer.Option(
+        "--preview",
+        help="Show each hit's thumbnail in the terminal: --preview picks the best way the terminal supports; "
+             "--preview=kitty|iterm|sixel|blocks chooses.")] = None,
     as_json: JsonArg = False,
 ) -> None:
     """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
@@ -292,6 +296,11 @@ def search(
 
     if sum(x is not None for x in (query, image, vector)) != 1:
         raise BadInput("give exactly one query: TEXT, --image PATH or --vector FILE.npy")
+    from clipengine.preview import PROTOCOLS
+
+    if preview not in (None, "auto", *PROTOCOLS):
+        raise typer.BadParameter(f"'{preview}': choose one of {', '.join(PROTOCOLS)} (or none, to detect)",
+                                 param_hint="--preview")
     terms = None
     if add or subtract or (query is not None and parse_term(query) != Term(text=query)):
         if vector is not None:
@@ -330,8 +339,29 @@ def search(
         sys.stdout.write("".join(h.path + "\n" for h in hits))
     elif not hits:
         err.print("no results" + (f" under {where}" if where else ""), markup=False)
+    elif preview and (preview != "auto" or out.is_terminal):  # detected only on a terminal; a named one anywhere
+        _print_previews(hits, preview)
     else:
         sys.stdout.write("".join(f"{h.rank:>4}  {h.score:+.4f}  {h.path}\n" for h in hits))
+
+
+def _print_previews(hits: list, preview: str) -> None:
+    from rich.console import Console
+
+    from clipengine.images import Decoded, open_image
+    from clipengine.preview import detect, show
+
+    protocol = detect() if preview == "auto" else preview
+    # a named protocol is written even into a pipe (a pager, a file to cat later), in full colour
+    console = out.console if preview == "auto" else Console(force_terminal=True, color_system="truecolor",
+                                                            highlight=False, width=out.width)
+    width = max(8, min(32, console.width // 3))  # follows the terminal; rich assumes 80 columns where none is reported
+    for h in hits:
+        decoded = open_image(h.path, draft_size=8 * width)
+        if isinstance(decoded, Decoded):
+            decoded.image.thumbnail((8 * width, 8 * width))
+            show(console, decoded.image, protocol, width)
+        console.print(f"{h.rank:>4}  {h.score:+.4f}  {h.path}", markup=False, style=None)
 
 
 @app.command()
@@ -815,7 +845,16 @@ def bench_compare(
 FAST_EXIT_COMMANDS = ("search", "info")
 
 
+def _bare_preview(argv: list[str]) -> list[str]:
+    """`--preview` alone means --preview=auto (typer has no option with an optional value)."""
+    from clipengine.preview import PROTOCOLS
+
+    return [a + "=auto" if a == "--preview" and (i + 1 == len(argv) or argv[i + 1] not in (*PROTOCOLS, "auto"))
+            else a for i, a in enumerate(argv)]
+
+
 def main() -> None:
+    sys.argv = _bare_preview(sys.argv)
     fast_exit = len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT_COMMANDS
     try:
         app()
