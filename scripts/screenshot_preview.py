@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "preview.svg"))
     args = parser.parse_args()
     command = ["clipengine", "search", args.query, "--index", args.index, "-k", "3", "--preview=blocks"]
-    env = {**os.environ, "COLUMNS": "60"}
+    env = {**os.environ, "COLUMNS": "96"}
     run = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, env=env, check=True)
-    console = Console(record=True, width=60, force_terminal=True, color_system="truecolor", file=open(os.devnull, "w"))
+    console = Console(record=True, width=96, force_terminal=True, color_system="truecolor", file=open(os.devnull, "w"))
     console.print(Text("$ " + " ".join(c if " " not in c else repr(c) for c in command), style="bold"))
     console.print(Text.from_ansi(run.stdout))
     console.save_svg(args.out, title="clipengine search --preview")
