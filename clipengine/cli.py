@@ -302,7 +302,7 @@ def search(
         raise typer.BadParameter(f"'{preview}': choose one of {', '.join(PROTOCOLS)} (or none, to detect)",
                                  param_hint="--preview")
     terms = None
-    if add or subtract or (query is not None and parse_term(query) != Term(text=query)):
+    if add or subtract or (query is not None and query.strip() and parse_term(query) != Term(text=query)):
         if vector is not None:
             raise BadInput("--add and --subtract combine texts and images, not --vector")
         terms = parse_terms(query, add or [], subtract or [])
