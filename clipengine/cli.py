@@ -169,6 +169,8 @@ def index(
              "whichever measured faster on this machine; on a GPU, torch.")] = None,
     precision: Annotated[str | None, typer.Option(
         help="With --runtime onnx: fp32 (default) or int8 (exported with --quantize int8).")] = None,
+    paths_only: Annotated[bool, typer.Option(
+        help="Print only the paths of the files this run skipped, one per line (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
@@ -206,6 +208,9 @@ def index(
         return
     if as_json:
         _print_json(report.to_dict())
+        return
+    if paths_only:
+        sys.stdout.write("".join(skip["path"] + "\n" for skip in report.skips))
         return
     out.print(f"index {report.index}  ({report.model})", markup=False)
     rate = f" at {report.images_per_second:.1f} images/s with {report.runtime}" if report.embedded else ""
@@ -470,7 +475,9 @@ def label(
 
 @app.command()
 @_user_errors
-def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False) -> None:
+def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False,
+         paths_only: Annotated[bool, typer.Option(
+             help="Print only the paths of the files that were skipped, one per line (for piping).")] = False) -> None:
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
     from clipengine.index.info import index_info
     from clipengine.index.query_encoders import describe_encoders
@@ -479,6 +486,9 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
     report = index_info(resolve_index_path(index_name, index_dir))
     if as_json:
         _print_json(report.to_dict())
+        return
+    if paths_only:
+        sys.stdout.write("".join(skip["path"] + "\n" for skip in report.skipped_files))
         return
     lines = [
         f"index     {report.path}",
