@@ -447,7 +447,9 @@ def duplicates(
 @_user_errors
 def label(
     image: Annotated[Path, typer.Argument(help="The image to describe.")],
-    texts: Annotated[Path, typer.Option("--texts", help="Texts to rank: one per line, or a CSV/TSV with a caption column.")],
+    texts: Annotated[Path | None, typer.Option(
+        "--texts", help="Texts to rank: one per line, or a CSV/TSV with a caption column (default: the caption set "
+                        "stored in --index by index-texts).")] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many texts.")] = 5,
     template: Annotated[list[str] | None, typer.Option(
         "--template", help="Zero-shot prompt with {} for the text, e.g. 'a photo of a {}.'; repeat to average several.")] = None,
@@ -464,13 +466,38 @@ def label(
     """Texts ranked for an image, with cosine scores: captions, or zero-shot labels with --template."""
     from clipengine.index.label import label_image, read_texts
 
-    labels = label_image(image, read_texts(texts), index=resolve_index_path(index_name, index_dir) if index_name else None,
+    labels = label_image(image, read_texts(texts) if texts else None, index=resolve_index_path(index_name, index_dir) if index_name else None,
                          spec=_spec(model, pretrained, checkpoint, preprocess_from), templates=template or [], k=k,
                          device=device)
     if as_json:
         _print_json([x.to_dict() for x in labels])
     else:
         sys.stdout.write("".join(f"{x.rank:>4}  {x.score:+.4f}  {x.text}\n" for x in labels))
+
+
+@app.command("index-texts")
+@_user_errors
+def index_texts_command(
+    captions: Annotated[Path, typer.Argument(help="Texts: one per line, or a CSV/TSV with a caption column.")],
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Store a caption set in an index, embedded by its model, so that `label IMAGE --index NAME` ranks them
+    for an image through faiss. Incremental: texts already stored are kept."""
+    from clipengine.index.label import read_texts
+    from clipengine.index.texts import index_texts
+
+    progress = _progress("embedding texts")
+    task = progress.add_task("embedding texts", total=None)
+    with progress:
+        report = index_texts(read_texts(captions), resolve_index_path(index_name, index_dir),
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        out.print(f"index {report.index}: {report.added} texts added, {report.already} already there, "
+                  f"{report.total} in all", markup=False)
 
 
 @app.command()

@@ -4,6 +4,7 @@ image come first; the index's model and the named checkpoint agree; bad input is
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,31 @@ def test_the_label_command(trained_scenes, tmp_path):
         result = runner.invoke(app, ["label", *args, "--index", str(index)])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert Path(image).is_file()
+
+
+@pytest.mark.slow
+def test_a_caption_set_stored_in_the_index_answers_as_the_file_does(trained_scenes, tmp_path):
+    from clipengine.index.texts import FAISS_FILE, index_texts
+
+    index, captions = trained_scenes
+    index = Path(shutil.copytree(index, tmp_path / "idx"))  # this test writes into the index
+    texts = sorted(set(captions.values()))
+    image = sorted((trained_scenes[0].parent / "test" / "images").glob("*.jpg"))[5]
+    with pytest.raises(BadInput, match="index-texts"):
+        label_image(image, None, index=index)
+    report = index_texts(texts[:-1], index)
+    assert (report.added, report.already, report.total) == (len(texts) - 1, 0, len(texts) - 1)
+    report = index_texts(texts, index)  # incremental: only the new one is embedded
+    assert (report.added, report.already, report.total) == (1, len(texts) - 1, len(texts))
+    stored = label_image(image, None, index=index, k=10)
+    from_file = label_image(image, texts, index=index, k=10)
+    assert [x.text for x in stored] == [x.text for x in from_file]
+    assert [x.score for x in stored] == pytest.approx([x.score for x in from_file], abs=1e-5)
+    (index / FAISS_FILE).unlink()  # as if a run was interrupted before the search file was written
+    assert [x.text for x in label_image(image, None, index=index, k=10)] == [x.text for x in stored]
+    with pytest.raises(BadInput, match="--template"):
+        label_image(image, None, index=index, templates=["a {}"])
+    result = CliRunner().invoke(app, ["index-texts", str(tmp_path / "missing.csv"), "--index", str(index)])
+    assert result.exit_code == 1 and "cannot read" in result.output
+    result = CliRunner().invoke(app, ["label", str(image), "--index", str(index), "-k", "3", "--json"])
+    assert [x["text"] for x in json.loads(result.stdout)] == [x.text for x in stored[:3]]

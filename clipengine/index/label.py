@@ -82,15 +82,30 @@ def rank_texts(image_vector: np.ndarray, text_vectors: np.ndarray, texts: Sequen
     return [Label(rank + 1, float(scores[i]), texts[i]) for rank, i in enumerate(order)]
 
 
-def label_image(image: str | os.PathLike, texts: Sequence[str], *, index: str | os.PathLike | None = None,
+def label_image(image: str | os.PathLike, texts: Sequence[str] | None, *, index: str | os.PathLike | None = None,
                 spec: ModelSpec = ModelSpec(), templates: Sequence[str] = (), k: int = 5,
                 device: str | None = None) -> list[Label]:
-    """The `k` texts that best describe `image`, best first, with their cosine scores."""
-    if not texts:
+    """The `k` texts that best describe `image`, best first, with their cosine scores. `texts` None: the caption
+    set stored in `index` (`clipengine.index.texts`), searched through faiss."""
+    if texts is not None and not texts:
         raise BadInput("no texts to rank: give a file with one per line, or a CSV with a caption column")
     if not Path(image).expanduser().is_file():
         raise BadInput(f"image not found: {image}")
     image = Path(image).expanduser()
+    if texts is None:
+        from clipengine.index.search import Searcher
+        from clipengine.index.texts import has_texts, search_texts
+
+        if index is None or not has_texts(Path(index)):
+            raise BadInput("name the texts to rank: --texts FILE, or store a caption set in the index first "
+                           "(`clipengine index-texts CAPTIONS --index NAME`)")
+        if templates:
+            raise BadInput("--template applies to --texts; an indexed caption set is searched as it was stored")
+        if k < 1:
+            raise BadInput("-k must be at least 1")
+        with Searcher(index, spec=spec, device=device) as searcher:
+            image_vector = searcher.image_vector(image)
+        return [Label(rank + 1, score, text) for rank, (score, text) in enumerate(search_texts(index, image_vector, k))]
     if index is not None:
         from clipengine.index.search import Searcher
 
