@@ -586,12 +586,16 @@ def scenes(
     count: Annotated[int, typer.Option("--count", "-n", help="How many scenes.")] = 4000,
     seed: Annotated[int, typer.Option(help="Which set: the same seed writes the same files.")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
+    as_json: JsonArg = False,
 ) -> None:
     """Write the built-in captioned scene set (shapes with colours, sizes, places and counts), for training offline."""
     from clipengine.scenes import write_scene_set
 
     path = write_scene_set(folder, count, seed=seed, size=size)
-    out.print(f"wrote {count} scenes and their captions to {path}", markup=False)
+    if as_json:
+        _print_json({"count": count, "captions": str(path), "images": str(path.parent / "images")})
+    else:
+        out.print(f"wrote {count} scenes and their captions to {path}", markup=False)
 
 
 def _fmt_recall(val: dict) -> str:

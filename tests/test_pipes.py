@@ -88,3 +88,17 @@ def test_exit_codes(indexed, tmp_path):
     assert subprocess.run(CLI + ["search", "x", "--index", str(tmp_path / "none")], capture_output=True).returncode == 1
     assert subprocess.run(CLI + ["search", "x", "--index", str(index), "-k", "nine"], capture_output=True).returncode == 2
     assert subprocess.run(CLI + ["search", "x", "--index", str(index), "-k", "2"], capture_output=True).returncode == 0
+
+
+def test_every_command_that_reports_has_json():
+    """--json on every command that prints a result (serve prints only where it listens)."""
+    from typer.main import get_command
+
+    from clipengine.cli import app
+
+    group = get_command(app)
+    commands = {name: cmd for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
+    bench = commands.pop("bench")
+    commands.update({f"bench {n}": c for n, c in bench.commands.items()})  # type: ignore[attr-defined]
+    without = sorted(name for name, cmd in commands.items() if "--json" not in [o for p in cmd.params for o in p.opts])
+    assert without == ["serve"], without
