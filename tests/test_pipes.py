@@ -99,6 +99,6 @@ def test_every_command_that_reports_has_json():
     group = get_command(app)
     commands = {name: cmd for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
     bench = commands.pop("bench")
-    commands.update({f"bench {n}": c for n, c in bench.commands.items()})  # type: ignore[attr-defined]
+    commands.update({f"bench {n}": c for n, c in bench.commands.items()})
     without = sorted(name for name, cmd in commands.items() if "--json" not in [o for p in cmd.params for o in p.opts])
     assert without == ["serve"], without
