@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from clipengine.errors import ClipEngineError, FallbackNotice
-from clipengine.index.store import INDEX_DIR_ENV, resolve_index_path
+from clipengine.index.location import INDEX_DIR_ENV, resolve_index_path
 from clipengine.models import ModelSpec
 
 app = typer.Typer(
@@ -293,10 +293,8 @@ def search(
 ) -> None:
     """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
     `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
-    import numpy as np
-
     from clipengine.errors import BadInput
-    from clipengine.index.search import Searcher, path_prefix
+    from clipengine.index.hits import path_prefix
     from clipengine.index.terms import Term, parse_term, parse_terms
 
     if sum(x is not None for x in (query, image, vector)) != 1:
@@ -317,6 +315,8 @@ def search(
     where = path_prefix(prefix) if prefix else None
     q = None
     if vector is not None:
+        import numpy as np
+
         try:
             q = np.load(vector, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -327,6 +327,8 @@ def search(
 
         hits = search_through_service(path, text=query, image=image, vector=q, k=k, prefix=where)
     if hits is None:
+        from clipengine.index.search import Searcher
+
         with Searcher(path, spec=_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
                       precision=precision, one_shot=True) as searcher:
             if terms is not None:
@@ -423,7 +425,7 @@ def duplicates(
 ) -> None:
     """Groups of near-duplicate images, largest first; files with the same bytes are marked exact."""
     from clipengine.index.duplicates import find_duplicates
-    from clipengine.index.search import path_prefix
+    from clipengine.index.hits import path_prefix
 
     stages, on_stage = _stage_progress()
     with stages:

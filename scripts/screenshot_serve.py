@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from clipengine.index.store import resolve_index_path
+from clipengine.index.location import resolve_index_path
 from clipengine.serve.discovery import SERVICE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
+from clipengine.index.location import resolve_index_path
 from clipengine.index.store import (
     DATABASE,
     FAISS_FILE,
@@ -17,7 +18,6 @@ from clipengine.index.store import (
     FileRecord,
     IndexStore,
     remove_index,
-    resolve_index_path,
 )
 
 DIM = 8
@@ -198,12 +198,12 @@ def test_index_names_and_paths(tmp_path, monkeypatch):
 def test_an_installed_package_keeps_indexes_and_caches_in_the_users_directories(tmp_path, monkeypatch):
     """A wheel's package sits in site-packages with no checkout around it: indexes must not go there."""
     from clipengine import cache
-    from clipengine.index import store
+    from clipengine.index import location
 
     site = tmp_path / "venv" / "lib" / "site-packages"
     (site / "clipengine" / "index").mkdir(parents=True)
     (site / "indexes").mkdir()  # even a folder of that name beside the package is not a checkout's
-    monkeypatch.setattr(store, "__file__", str(site / "clipengine" / "index" / "store.py"))
+    monkeypatch.setattr(location, "__file__", str(site / "clipengine" / "index" / "location.py"))
     monkeypatch.delenv("CLIPENGINE_INDEX_DIR")
     monkeypatch.delenv("CLIPENGINE_CACHE_DIR")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
+from clipengine.index.hits import Hit
 from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.index.store import IndexStore
 from clipengine.models import ModelSpec, check_same_model
@@ -27,25 +27,6 @@ if TYPE_CHECKING:
     from clipengine.index.ann import SearchableIndex
     from clipengine.index.terms import Term
     from clipengine.models import LoadedModel
-
-
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    score: float  # cosine similarity, in [-1, 1]
-    path: str
-    width: int
-    height: int
-    id: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def path_prefix(text: str) -> str:
-    """A --prefix argument as an absolute path prefix; an existing directory matches only inside it."""
-    expanded = os.path.abspath(os.path.expanduser(text))
-    return expanded.rstrip(os.sep) + os.sep if os.path.isdir(expanded) else expanded
 
 
 class Searcher:

@@ -56,7 +56,6 @@ FAISS_FILE = "vectors.faiss"
 LOCK_FILE = "lock"
 ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.index.export)
 ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
-INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
 _READ_CHUNK = 65536
 
 SCHEMA = """
@@ -105,38 +104,6 @@ class FileRow:
     height: int
     size: int = 0  # bytes and mtime when indexed (read by `file`): a file that differs now is not the one indexed
     mtime_ns: int = 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Where indexes live
-# --------------------------------------------------------------------------------------------------
-
-
-def default_index_dir() -> Path:
-    """$CLIPENGINE_INDEX_DIR, else the checkout's top-level indexes/, else the platform's data directory.
-
-    An installed wheel has no checkout (its package sits in site-packages, which is no place for data): its
-    indexes go where the platform keeps an application's data (~/.local/share/clipengine/indexes on Linux,
-    ~/Library/Application Support/clipengine/indexes on macOS, %LOCALAPPDATA% on Windows), as rclip's do.
-    """
-    if os.environ.get(INDEX_DIR_ENV):
-        return Path(os.environ[INDEX_DIR_ENV]).expanduser()
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").is_file() and (checkout / "indexes").is_dir():
-        return checkout / "indexes"
-    import platformdirs
-
-    return platformdirs.user_data_path("clipengine", appauthor=False) / "indexes"
-
-
-def resolve_index_path(name_or_path: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> Path:
-    """`--index` takes a name (looked up under the index directory) or a path (anything with a slash)."""
-    text = os.fspath(name_or_path)
-    if not text.strip():
-        raise BadInput("--index needs a name or a path")
-    if os.sep in text or text.startswith((".", "~")):
-        return Path(text).expanduser().resolve()
-    return (Path(index_dir).expanduser() if index_dir else default_index_dir()).resolve() / text
 
 
 # --------------------------------------------------------------------------------------------------

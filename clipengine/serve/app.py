@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clipengine import __version__
 from clipengine.errors import BadInput, ClipEngineError, IndexNotFound
 from clipengine.images import DEFAULT_MAX_PIXELS
-from clipengine.index.search import Searcher, path_prefix
+from clipengine.index.hits import path_prefix
+from clipengine.index.search import Searcher
 from clipengine.index.terms import Term
 from clipengine.index.thumbnails import FileUnavailable, indexed_file, thumbnail
 from clipengine.serve.discovery import MAX_K

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clipengine.index.search import Hit
+    from clipengine.index.hits import Hit
 
 SERVICE_FILE = "service.json"
 TIMEOUT = 2.0  # seconds: a live local service answers health in milliseconds
@@ -141,7 +141,7 @@ def search_through_service(index_path: Path, *, text: str | None = None, image: 
     """The hits a running service gives for this query, or None when there is no service to ask (then the
     caller searches locally). Only what a local search would answer alike is sent: a k the service accepts,
     a readable image, the index's own model (read from its manifest on disk)."""
-    from clipengine.index.search import Hit
+    from clipengine.index.hits import Hit
 
     if not 1 <= k <= MAX_K or (image is not None and not Path(image).is_file()):
         return None

@@ -1,0 +1,26 @@
+"""What a search returns, and the --prefix it is narrowed by: plain data, kept free of numpy and faiss so
+that a search answered by a running service (`clipengine.serve.discovery`) needs neither."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float  # cosine similarity, in [-1, 1]
+    path: str
+    width: int
+    height: int
+    id: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def path_prefix(text: str) -> str:
+    """A --prefix argument as an absolute path prefix; an existing directory matches only inside it."""
+    expanded = os.path.abspath(os.path.expanduser(text))
+    return expanded.rstrip(os.sep) + os.sep if os.path.isdir(expanded) else expanded
