@@ -269,6 +269,11 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
         service.wait(timeout=30)
     assert not (index / SERVICE_FILE).exists()  # withdrawn on the way out
 
+    stopped = subprocess.Popen(cli + ["serve", "--index", str(index), "--port", "0"], stderr=subprocess.DEVNULL)
+    wait_for(lambda: find_service(index) is not None, what="the service")
+    stopped.terminate()  # SIGTERM, as a service manager stops it
+    assert stopped.wait(timeout=30) == 0 and not (index / SERVICE_FILE).exists()
+
     killed = subprocess.Popen(cli + ["serve", "--index", str(index), "--port", "0"], stderr=subprocess.DEVNULL)
     wait_for(lambda: find_service(index) is not None, what="the second service")
     os.kill(killed.pid, signal.SIGKILL)

@@ -8,7 +8,9 @@ service is announced, so the URL in <index>/service.json is the real one (port 0
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import threading
 from collections.abc import Callable
 
 from clipengine.errors import BadInput
@@ -65,6 +67,10 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{bound_port}"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     announce(config.indexes, url, config.token)
+    # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default action would then end
+    # the process before the announcement is withdrawn, so SIGTERM leaves the way Ctrl-C does, through `finally`
+    previous = signal.signal(signal.SIGTERM, _exit_quietly) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         if on_ready:
             on_ready(url, warnings)
@@ -72,3 +78,9 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000,
     finally:
         withdraw(config.indexes)
         sock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
