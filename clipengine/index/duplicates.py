@@ -13,6 +13,7 @@ one group, so a member can be less similar to the first than the threshold.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,8 +114,9 @@ def find_duplicates(index_path: str | os.PathLike, threshold: float = 0.95, *, p
         if len(group) < 2:
             continue
         first = vectors[row_of_hash[group[0][2]]]
-        copies = {d for d in (g[2] for g in group) if sum(g[2] == d for g in group) > 1}
+        per_content = Counter(d for _, _, d in group)
+        copies = {d for d, n in per_content.items() if n > 1}
         groups.append(DuplicateGroup(
             files=[DuplicateFile(i, p, round(float(vectors[row_of_hash[d]] @ first), 6), d in copies) for i, p, d in group],
-            exact=len({g[2] for g in group}) == 1))
+            exact=len(per_content) == 1))
     return sorted(groups, key=lambda g: (-g.size, g.files[0].path))
