@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import http.client
-import json
 import os
 import signal
 import statistics
@@ -107,25 +106,13 @@ def cli_search(index: Path) -> float:
     return time.perf_counter() - started
 
 
-def start_service(index: Path) -> tuple[subprocess.Popen, str]:
-    from clipengine.serve.discovery import SERVICE_FILE, find_service
-
-    process = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(index), "--port", "0"],
-                               env=user_env(), stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while find_service(index) is None:
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the service did not start")
-        time.sleep(0.05)
-    return process, json.loads((index / SERVICE_FILE).read_text())["url"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, help="where to write the JSON (default: results/serve-DATE.json)")
     args = parser.parse_args()
     from results_file import save_result  # puts tests/ on sys.path
+    from serving import start_service
     from synthetic import write_photo_folder
 
     from clipengine.index.pipeline import index_folder
@@ -142,7 +129,7 @@ def main() -> None:
         index_folder(root / "photos", root / "idx", spec)
         print(f"indexed {photos_n} photos with {arch} in {time.perf_counter() - started:.0f} s", flush=True)
 
-        process, url = start_service(root / "idx")
+        process, url = start_service(root / "idx", env=user_env(), timeout=120)
         try:
             result["warm_1_client"] = warm_latency(url, warm_n)
             print(f"warm text query through HTTP, 1 client: p50 {result['warm_1_client']['p50_ms']} ms, "

@@ -7,18 +7,15 @@ Debian's Chromium.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from clipengine.index.location import resolve_index_path
-from clipengine.serve.discovery import SERVICE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from serving import start_service  # noqa: E402
 from test_serve_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (one set of browser flags)
 
 
@@ -29,14 +26,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "serve.png"))
     args = parser.parse_args()
     index = resolve_index_path(args.index)
-    service = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(index), "--port", "0"])
+    service, url = start_service(index, stderr=None)
     try:
-        deadline = time.monotonic() + 60
-        while not (index / SERVICE_FILE).exists():
-            if service.poll() is not None or time.monotonic() > deadline:
-                sys.exit("the service did not start")
-            time.sleep(0.1)
-        url = json.loads((index / SERVICE_FILE).read_text())["url"]
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:

@@ -9,13 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import jpeg_bytes, png_claiming_size, write_photos
 from fastapi.testclient import TestClient
+from serving import start_service
 
 from clipengine.errors import BadInput
 from clipengine.index.pipeline import index_folder
@@ -231,14 +231,6 @@ def test_several_indexes_are_picked_by_name(served, tmp_path, tiny_model):
         assert c.get("/api/info", params={"index": "other"}).json()["count"] == 12
 
 
-def wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_path):
     index = tmp_path / "idx"
@@ -247,9 +239,8 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
     query = ["search", "a photo of a lake", "--index", str(index), "-k", "5", "--json"]
     local = subprocess.run(cli + query, capture_output=True, text=True, check=True).stdout
 
-    service = subprocess.Popen(cli + ["serve", "--index", str(index), "--port", "0"], stderr=subprocess.PIPE, text=True)
+    service, _ = start_service(index)
     try:
-        wait_for(lambda: find_service(index) is not None, what="the service")
         record = json.loads((index / SERVICE_FILE).read_text())
         assert record["pid"] == service.pid and oct((index / SERVICE_FILE).stat().st_mode)[-3:] == "600"
         through = search_through_service(index, text="a photo of a lake", k=5)
@@ -269,13 +260,11 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
         service.wait(timeout=30)
     assert not (index / SERVICE_FILE).exists()  # withdrawn on the way out
 
-    stopped = subprocess.Popen(cli + ["serve", "--index", str(index), "--port", "0"], stderr=subprocess.DEVNULL)
-    wait_for(lambda: find_service(index) is not None, what="the service")
+    stopped, _ = start_service(index)
     stopped.terminate()  # SIGTERM, as a service manager stops it
     assert stopped.wait(timeout=30) == 0 and not (index / SERVICE_FILE).exists()
 
-    killed = subprocess.Popen(cli + ["serve", "--index", str(index), "--port", "0"], stderr=subprocess.DEVNULL)
-    wait_for(lambda: find_service(index) is not None, what="the second service")
+    killed, _ = start_service(index)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     assert (index / SERVICE_FILE).exists() and find_service(index) is None  # stale: its process is gone

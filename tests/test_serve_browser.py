@@ -3,20 +3,16 @@ download: `make test` installs the chromium package). The page is served by a re
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import write_photos
+from serving import start_service
 
 from clipengine.index.pipeline import index_folder
-from clipengine.serve.discovery import SERVICE_FILE
 
 CHROMIUM = os.environ.get("CLIPENGINE_CHROMIUM", "/usr/bin/chromium")
 # the flags a closed network needs: without them Chromium keeps trying to reach Google's services
@@ -37,13 +33,8 @@ def service(tmp_path_factory, tiny_model, _export_cache):
         m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
         photos = write_photos(root / "photos")
         index_folder(photos, root / "idx", model=tiny_model, workers=0)
-    process = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(root / "idx"), "--port", "0"],
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (root / "idx" / SERVICE_FILE).exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    yield json.loads((root / "idx" / SERVICE_FILE).read_text())["url"], sorted(photos.rglob("*.jpg"))
+    process, url = start_service(root / "idx")
+    yield url, sorted(photos.rglob("*.jpg"))
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)
 

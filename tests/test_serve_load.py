@@ -18,25 +18,16 @@ from pathlib import Path
 
 import pytest
 from conftest import jpeg_bytes, write_photos
+from serving import start_service
 
 from clipengine.index.info import index_info
 from clipengine.index.pipeline import index_folder
 from clipengine.scenes import photo_like
-from clipengine.serve.discovery import SERVICE_FILE, find_service
+from clipengine.serve.discovery import SERVICE_FILE
 
 pytestmark = pytest.mark.slow
 SECONDS = 30.0
 CLIENTS = 4
-
-
-def start_service(index: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(index), "--port", "0"],
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while find_service(index) is None or json.loads((index / SERVICE_FILE).read_text())["pid"] != process.pid:
-        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    return process
 
 
 class Tally:
@@ -113,7 +104,7 @@ def test_clients_while_indexing_with_a_kill_9_and_a_restart(tmp_path, tiny_model
     index_folder(folder, index, model=tiny_model, workers=0)  # ids 1..12: the id queries' targets
     photos = {str(p): p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
 
-    service = start_service(index)
+    service, _ = start_service(index)
     tally = Tally()
     started = time.monotonic()
     stop = started + SECONDS
@@ -136,7 +127,7 @@ def test_clients_while_indexing_with_a_kill_9_and_a_restart(tmp_path, tiny_model
                 os.kill(service.pid, signal.SIGKILL)
                 service.wait(timeout=30)
                 killed = True
-                service = start_service(index)
+                service, _ = start_service(index)
     finally:
         for t in threads:
             t.join(timeout=120)
