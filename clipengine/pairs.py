@@ -352,3 +352,15 @@ def read_labelled(folder: str | os.PathLike, classes: Sequence[str] | None = Non
     if not images:
         raise BadInput(f"no images under the class folders of {folder}")
     return LabelledSet(images, labels, classes, captions)
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The non-empty, non-comment lines of a text file (class names, templates, labels), or a one-line error."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read {what} file {path}: {e}") from None
+    lines = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise BadInput(f"{what} file {path} is empty")
+    return lines

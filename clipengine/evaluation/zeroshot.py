@@ -10,7 +10,6 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -20,22 +19,11 @@ from clipengine.evaluation.retrieval import embed_image_refs, model_settings
 from clipengine.images import WHITE
 from clipengine.metrics import classification_metrics
 from clipengine.models import ModelSpec, load_model, resolve_source
-from clipengine.pairs import read_labelled
+from clipengine.pairs import read_labelled, read_lines
 from clipengine.progress import StageProgress
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 _WNID = re.compile(r"^n\d{8}$")
-
-
-def read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"cannot read {what} file {path}: {e}") from None
-    lines = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
-        raise BadInput(f"{what} file {path} is empty")
-    return lines
 
 
 def class_names(folders: Sequence[str], classnames_file: str | os.PathLike | None) -> tuple[list[str], str]:

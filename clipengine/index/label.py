@@ -36,7 +36,7 @@ class Label:
 def read_texts(path: str | os.PathLike) -> list[str]:
     """The texts of a file: a CSV or TSV's caption column (caption, text, title or label; else the last
     column), distinct and in order; any other file's non-empty lines."""
-    from clipengine.evaluation.zeroshot import read_lines
+    from clipengine.pairs import read_lines
 
     path = Path(path).expanduser()
     if path.suffix.lower() not in (".csv", ".tsv"):
