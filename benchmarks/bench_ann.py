@@ -99,6 +99,7 @@ def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
     import sys
     import tempfile
 
+    from clipengine.index.faiss_view import SearchStructure
     from clipengine.index.search import Searcher
     from clipengine.index.store import FileRecord, IndexStore
     from clipengine.models import ModelSpec, resolve_source
@@ -113,8 +114,8 @@ def bench_store_path(vectors: np.ndarray, queries: np.ndarray) -> dict:
                                   for i in range(start, min(start + 20_000, len(vectors)))])
 
             commit_s, _ = timed(commit_all)
-            build_s, _ = timed(store.structure.save)
-            state = store.structure.state
+            build_s, _ = timed(SearchStructure(store).save)
+            state = SearchStructure(store).state
         open_s, searcher = timed(lambda: Searcher(path))
         with searcher:
             first_s, _ = timed(lambda: searcher.search_vector(queries[0], K))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
 
+from clipengine.index.faiss_view import FaissPolicy, SearchStructure
 from clipengine.index.search import Searcher
 from clipengine.index.store import FileRecord, IndexStore
 from clipengine.models import ModelSpec, resolve_source
@@ -36,11 +37,12 @@ def build_index(path: Path, n: int, seed: int = 0) -> np.ndarray:
     vectors = rng.standard_normal((n, DIM), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     source = {**resolve_source(ModelSpec("ViT-B-32", "none")), "embed_dim": DIM}
-    with IndexStore.create(path, source, {"factory": "Flat"}) as store:  # exact vs exact: the overhead of ours
+    exact = FaissPolicy(factory="Flat").section(DIM)  # exact vs exact: the overhead of ours
+    with IndexStore.create(path, source, exact) as store:
         for begin in range(0, n, 10_000):
             store.commit([FileRecord(f"/bench/img_{i:07d}.jpg", 1000, 0, f"{i:064x}", 640, 480, vectors[i])
                           for i in range(begin, min(begin + 10_000, n))])
-        store.structure.save()
+        SearchStructure(store).save()
     return vectors
 
 

@@ -11,12 +11,14 @@ Runs, each in its own process and side by side with its baseline:
   bench_ann.py     approximate indexes at 1M x 512: each kind vs exact flat, the automatic choice, BLAS threshold
   bench_train.py   training throughput and held-out recall, ours vs open_clip's trainer: scenes, emoji, photos
   bench_recall.py  recall@k cost (ours vs CLIP_benchmark's dense matrix), and at 100k x 500k
-The Markdown table is the one README.md shows.
+The Markdown table of a run goes to results/<date>.md; docs/performance.md, the one page users read for
+numbers, is generated from the newest result file of each benchmark (`--page` writes it again alone).
 
     python benchmarks/run_all.py            # about an hour on 2 cores (bench_index is most of it)
     python benchmarks/run_all.py --quick    # small sizes, minutes: checks that every script runs
     python benchmarks/run_all.py --only search,recall
     python benchmarks/run_all.py --reuse    # keep today's results/<name>-<date>.json, run the rest
+    python benchmarks/run_all.py --page     # only write docs/performance.md from the result files
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+PAGE = HERE.parent / "docs" / "performance.md"
 BENCHMARKS = ("index", "search", "cold_search", "serve", "duplicates", "embed_runtime", "export", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
@@ -48,7 +52,8 @@ def _row(what: str, ours: str, baseline: str, ratio: str) -> str:
 
 
 def _recall_cells(recall: dict) -> str:
-    return " / ".join(f"{100 * recall[f'{d}_R@{k}']:.1f}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
+    return " · ".join(" / ".join(f"{100 * recall[f'{d}_R@{k}']:.1f}" for k in (1, 5, 10))
+                      for d in ("text_to_image", "image_to_text"))
 
 
 def markdown(results: dict) -> str:
@@ -135,7 +140,7 @@ def markdown(results: dict) -> str:
                               f"open_clip trainer {t['open_clip']['samples_per_second']:.1f} samples/s",
                               f"{regime['ratio_samples_per_second']:.2f}x"))
             if "recall_difference" in regime:
-                lines.append(_row(f"held-out recall after that ({name}, mean of {seeds}), T->I R@1/5/10 | I->T R@1/5/10",
+                lines.append(_row(f"held-out recall after that ({name}, mean of {seeds}), T->I R@1/5/10 · I->T R@1/5/10",
                                   _recall_cells(t["ours"]["recall"]), f"open_clip trainer {_recall_cells(t['open_clip']['recall'])}",
                                   ""))
     if "recall" in results:
@@ -152,12 +157,118 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# what each benchmark compares, and how: the page's words (its numbers all come from the result files)
+SECTIONS = {
+    "index": ("Indexing throughput", "`clipengine index`'s pipeline end to end (scan, hash, decode, embed, commit, "
+              "faiss) against the naive loop (PIL open, open_clip preprocess, model, one image at a time) and against the "
+              "model alone on ready tensors, ViT-B-32 with random weights (they cost what trained ones do), batch 32, "
+              "2 decode workers, medians of 3 interleaved rounds; and `clipengine index` over an unchanged folder."),
+    "search": ("Search in a running process", "`Searcher.search_vector` over an exact index against numpy's brute "
+               "force on the same vectors."),
+    "cold_search": ("A search in a fresh process", "`clipengine search` as a user runs it (fresh processes, "
+                    "bytecode cached) through the exported query encoders, alternating with `--runtime torch` (the "
+                    "path every search took before them), medians of fresh processes; then where the time goes."),
+    "serve": ("`clipengine serve`", "Distinct text queries through HTTP with keep-alive, throughput by the number "
+              "of clients, and `clipengine search` in a fresh process with and without a running service."),
+    "duplicates": ("`clipengine duplicates`", "Planted near and identical copies among random vectors: the command "
+                   "in a fresh process, and its range search against the exact all-pairs scan."),
+    "embed_runtime": ("Embedding through onnxruntime", "The indexing hot path embedding JPEGs with torch, "
+                      "onnxruntime fp32 and onnxruntime int8, interleaved."),
+    "export": ("Which architectures export", "Each architecture's query encoders exported and checked against torch "
+               "(random weights)."),
+    "ann": ("Approximate indexes at a million vectors", "Unit vectors from a mixture of Gaussians shaped like CLIP "
+            "embeddings; the depth tuned to the recall target on held-out queries and measured on others against "
+            "exact inner-product search; single-query latency. Each speed-up is against exact flat search in its "
+            "own run. The last rows go through an index on disk: committed vectors, the automatic choice, training "
+            "and tuning, then `Searcher` and a fresh `clipengine search --vector`."),
+    "train": ("Training against open_clip's trainer", "`clipengine train` and `open_clip_train.main` at equal data, "
+              "steps, batch, learning rate, warmup, weight decay, clipping and precision, seeds run alternately; "
+              "samples/s is each trainer's own clock after step 5, recall is each final model scored by the same "
+              "code on the same held-out set (percent)."),
+    "recall": ("Recall@k at scale", "`clipengine.metrics.retrieval_recall` against CLIP_benchmark's dense score "
+               "matrix on the same embeddings, then at a size the dense matrix cannot hold."),
+}
+
+
+def latest_results(folder: Path = RESULTS) -> dict[str, tuple[str, Path]]:
+    """The newest full run of each benchmark: name -> (date, file), from results/<name>-<date>.json."""
+    found: dict[str, tuple[str, Path]] = {}
+    for path in sorted(folder.glob("*.json")):
+        match = re.fullmatch(r"(.+)-(\d{4}-\d\d-\d\d)\.json", path.name)
+        if match and match.group(1) in BENCHMARKS and match.group(2) >= found.get(match.group(1), ("",))[0]:
+            found[match.group(1)] = (match.group(2), path)
+    return found
+
+
+def _detail(name: str, data: dict) -> list[str]:
+    """Tables beside the summary rows, where a benchmark measured more than one line can say."""
+    lines: list[str] = []
+    if name == "index" and data.get("peak_rss_mb"):
+        sizes = list(data["peak_rss_mb"])
+        lines += ["", "| peak memory (tiny model) | " + " | ".join(f"{int(n):,} images" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes),
+                  "| main process | " + " | ".join(f"{data['peak_rss_mb'][n]['main_peak_mb']:,.0f} MB" for n in sizes) + " |",
+                  "| main + decode workers | " + " | ".join(f"{data['peak_rss_mb'][n]['tree_peak_mb']:,.0f} MB"
+                                                        for n in sizes) + " |"]
+    if name == "ann" and data.get("kinds"):
+        lines += ["", "| kind | factory | build | memory | depth | recall@10 | p50 | p99 | vs exact flat |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k in data["kinds"]:
+            reached = "" if k["reached"] else " (target not reached)"
+            auto = " (auto)" if k.get("chosen_at") else ""
+            lines.append(f"| {k['kind']}{auto} | `{k['factory']}` | {k['build_s']:.0f} s | {k['bytes'] / 2**20:,.0f} MiB | "
+                         f"{k['param']}={k['value']} | {k['recall_at_10']:.3f}{reached} | {k['p50_ms']:.2f} ms | "
+                         f"{k['p99_ms']:.2f} ms | {k['speedup_vs_flat']:.1f}x |")
+    if name == "embed_runtime" and data.get("recall"):
+        lines += ["", "Held-out recall through each runtime (percent), T->I R@1/5/10 · I->T R@1/5/10:", "",
+                  "| runtime | recall |", "|---|---|"]
+        lines += [f"| {runtime} | {_recall_cells(r)} |" for runtime, r in data["recall"].items()
+                  if runtime != "change_vs_torch_points"]
+    if name == "export":
+        failed = [r for r in data["architectures"] if not r["loaded"]]
+        if failed:
+            lines += ["", "Could not be built here: " + "; ".join(
+                f"{r['arch']} ({r.get('reason', '').splitlines()[0][:100]}...)"
+                for r in failed) + "."]
+    if name == "cold_search":
+        stages = None
+        for model, m in data["models"].items():
+            if stages is None:
+                stages = list(m["split_ms"])
+                lines += ["", "Where a cold text search goes (ms, medians of fresh processes):", "",
+                          "| model | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+            lines.append(f"| {model} | " + " | ".join(f"{m['split_ms'][s]:.0f}" for s in stages) + " |")
+    return lines
+
+
+def performance_page(folder: Path = RESULTS) -> str:
+    """docs/performance.md: every benchmark's newest result, generated, so that no number is typed twice."""
+    lines = ["# Performance", "",
+             "Generated by `python benchmarks/run_all.py --page` from the newest result of each benchmark in "
+             "[`benchmarks/results/`](../benchmarks/results/); do not edit it by hand. Every benchmark runs side by side "
+             "with its baseline in one run (these machines are shared and noisy), on the project's machine: 2 CPU "
+             "cores, no GPU. `make bench` runs them all.", ""]
+    for name, (date, path) in sorted(latest_results(folder).items(), key=lambda item: BENCHMARKS.index(item[0])):
+        data = json.loads(path.read_text())
+        title, method = SECTIONS[name]
+        rows = markdown({"date": date, "machine": "", "quick": False, name: data}).splitlines()[4:]
+        lines += [f"## {title}", "", f"{method} `python benchmarks/bench_{name}.py`, {date} "
+                  f"([`{path.name}`](../benchmarks/results/{path.name})).", "",
+                  "| measurement | ours | baseline | ratio |", "|---|---|---|---|", *rows, *_detail(name, data), ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--reuse", action="store_true", help="use today's result of a benchmark if it exists")
+    parser.add_argument("--page", action="store_true", help=f"only write {PAGE.relative_to(HERE.parent)} from the results")
     args = parser.parse_args()
+    if args.page:
+        PAGE.write_text(performance_page())
+        print(f"written {PAGE}")
+        return
     chosen = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = sorted(set(chosen) - set(BENCHMARKS))
     if unknown:
@@ -180,7 +291,8 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{results['date']}.json").write_text(json.dumps(results, indent=2) + "\n")
         (RESULTS / f"{results['date']}.md").write_text(table)
-        print(f"written {RESULTS / results['date']}.json and .md")
+        PAGE.write_text(performance_page())
+        print(f"written {RESULTS / results['date']}.json and .md, and {PAGE}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ _PUBLIC = {
     "resolve_index_path": "clipengine.index.location",
     "index_folder": "clipengine.index.pipeline",
     "IndexOptions": "clipengine.index.pipeline",
-    "FaissPolicy": "clipengine.index.structure",
+    "FaissPolicy": "clipengine.index.faiss_view",
     "index_info": "clipengine.index.info",
     "Searcher": "clipengine.index.search",
     "Hit": "clipengine.index.hits",

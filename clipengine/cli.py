@@ -176,18 +176,15 @@ def index(
     """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
 
     Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
-    from clipengine.images import DEFAULT_MAX_PIXELS, parse_pixels
     from clipengine.index.pipeline import IndexOptions, index_folder
     from clipengine.index.query_encoders import describe_encoders
+    from clipengine.sizes import DEFAULT_MAX_PIXELS, parse_size
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    try:
-        pixels = parse_pixels(max_pixels) if max_pixels else DEFAULT_MAX_PIXELS
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--max-pixels") from None
+    pixels = parse_size(max_pixels, "--max-pixels", pixels=True) if max_pixels else DEFAULT_MAX_PIXELS
     options = IndexOptions(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
                            max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
                            retry_skipped=retry_skipped, rebuild=rebuild,
@@ -230,7 +227,7 @@ def index(
 
 
 def _faiss_policy(memory_budget: str | None, factory: str | None, target_recall: float | None):
-    from clipengine.index.structure import FaissPolicy
+    from clipengine.index.faiss_view import FaissPolicy
     from clipengine.sizes import parse_size
 
     return FaissPolicy(parse_size(memory_budget, "--memory-budget") if memory_budget else None, factory, target_recall)
@@ -247,12 +244,14 @@ def reindex(
     as_json: JsonArg = False,
 ) -> None:
     """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
-    from clipengine.index.info import reindex as reindex_index
+    from clipengine.index.faiss_view import reindex as reindex_index
+    from clipengine.index.info import index_info
 
+    path = resolve_index_path(index_name, index_dir)
     stages, on_stage = _stage_progress()
     with stages:
-        report = reindex_index(resolve_index_path(index_name, index_dir),
-                               _faiss_policy(memory_budget, faiss_factory, target_recall), progress=on_stage)
+        reindex_index(path, _faiss_policy(memory_budget, faiss_factory, target_recall), progress=on_stage)
+    report = index_info(path)
     if as_json:
         _print_json(report.to_dict())
         return
@@ -323,7 +322,7 @@ def search(
             raise BadInput(f"cannot read query vector {vector}: {e}") from None
     hits = None
     if terms is None and (runtime, precision, device, model, pretrained, checkpoint) == (None,) * 6:  # as a service would
-        from clipengine.serve.discovery import search_through_service
+        from clipengine.index.service import search_through_service
 
         hits = search_through_service(path, text=query, image=image, vector=q, k=k, prefix=where)
     if hits is None:

@@ -58,20 +58,6 @@ class Skipped:
     reason: str
 
 
-def parse_pixels(text: str | int) -> int:
-    """'200M', '1.5G', '50000000' -> a pixel count (for the --max-pixels flag)."""
-    if isinstance(text, int):
-        return text
-    units = {"K": 10**3, "M": 10**6, "G": 10**9}
-    s = text.strip().upper().removesuffix("P")
-    try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(float(s))
-    except ValueError:
-        raise ValueError(f"'{text}' is not a pixel count (try 200M)") from None
-
-
 def _megapixels(n: int) -> str:
     return f"{n / 1e6:.0f} MP" if n >= 10**7 else f"{n / 1e6:.1f} MP"
 

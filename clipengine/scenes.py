@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipengine.durable import replacing
+
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 190), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (250, 250, 250),
@@ -113,8 +115,7 @@ def write_scene_set(folder: str | os.PathLike, count: int, *, seed: int = 0, siz
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     csv_path = folder / "captions.csv"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["filepath", "caption"])
         for i in range(count):
@@ -122,7 +123,6 @@ def write_scene_set(folder: str | os.PathLike, count: int, *, seed: int = 0, siz
             name = f"images/scene_{i:06d}.jpg"
             img.save(folder / name, "JPEG", quality=quality)
             writer.writerows([name, c] for c in captions)
-    os.replace(tmp, csv_path)
     return csv_path
 
 

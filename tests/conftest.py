@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from synthetic import write_photo_folder
+from typer.testing import CliRunner as TyperRunner
 
-from clipengine.index.store import DATABASE
+from clipengine.index.location import DATABASE
 from clipengine.scenes import photo_like
 
 
@@ -23,6 +24,25 @@ def tiny_model():
     from clipengine.models import ModelSpec, load_model
 
     return load_model(ModelSpec(arch="tiny"), device="cpu")
+
+
+class CliRunner(TyperRunner):
+    """typer's CliRunner, failing the test when the command crashes. CliRunner keeps an exception in
+    `result.exception`, never in the output, and a crash exits with code 1 as a user's mistake does: without
+    this a test of a one-line error passes on a traceback. A command's exit (its errors included) is a SystemExit."""
+
+    def invoke(self, *args, **kwargs):
+        result = super().invoke(*args, **kwargs)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise AssertionError(f"the command crashed: {result.exception!r}") from result.exception
+        return result
+
+
+def same_weights(model, state: dict) -> bool:
+    """Whether a torch module holds exactly these weights."""
+    import torch
+
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def committed_count(index: Path) -> int:

@@ -13,7 +13,8 @@ def start_service(index: Path, *, env: dict | None = None, timeout: float = 60.0
                   stderr: int | None = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """`clipengine serve --index INDEX --port 0` in a new process; returns it and its URL once this process (not
     a stale announcement left by another) answers for the index."""
-    from clipengine.serve.discovery import SERVICE_FILE, find_service
+    from clipengine.index.location import SERVICE_FILE
+    from clipengine.index.service import find_service
 
     process = subprocess.Popen([sys.executable, "-m", "clipengine", "serve", "--index", str(index), "--port", "0"],
                                env=env, stderr=stderr)

@@ -11,10 +11,11 @@ from synthetic import clustered_unit_vectors
 
 from clipengine.errors import BadInput
 from clipengine.index import ann
-from clipengine.index.info import index_info, reindex
+from clipengine.index.faiss_view import FaissPolicy, SearchStructure, reindex
+from clipengine.index.info import index_info
+from clipengine.index.location import FAISS_FILE
 from clipengine.index.search import Searcher
-from clipengine.index.store import FAISS_FILE, FileRecord, IndexStore
-from clipengine.index.structure import FaissPolicy
+from clipengine.index.store import FileRecord, IndexStore
 from clipengine.sizes import parse_size
 
 DIM = 32
@@ -31,9 +32,9 @@ def records(vectors: np.ndarray, start: int = 0) -> list[FileRecord]:
 
 
 def make_store(tmp_path, vectors: np.ndarray, factory: str | None = None, **policy) -> IndexStore:
-    store = IndexStore.create(tmp_path / "idx", source(), {"factory": factory, **policy})
+    store = IndexStore.create(tmp_path / "idx", source(), FaissPolicy(factory=factory, **policy).section(DIM))
     store.commit(records(vectors))
-    store.structure.save()
+    SearchStructure(store).save()
     return store
 
 
@@ -132,13 +133,24 @@ KINDS = {"flat": None, "flat-fp16": "SQfp16", "hnsw": "HNSW16", "ivf-flat": "IVF
 def test_each_kind_grows_without_retraining_and_never_returns_a_deleted_file(tmp_path, kind):
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=1)
     with make_store(tmp_path, vectors[:2500], KINDS[kind]) as store:
-        state = store.structure.state
-        assert state.kind == kind and state.tuning.recall_at_10 > 0
+        state = SearchStructure(store).state
+        tuning = state.tuning
+        assert state.kind == kind and tuning.reached == (tuning.recall_at_10 >= tuning.target)
+        assert tuning.reached or kind == "ivf-pq"  # PQ8 without re-ranking cannot reach 0.95 here
+        queries = clustered_unit_vectors(200, DIM, clusters=30, seed=1, draw=1)  # not in the index
+        exact = np.argsort(-(queries @ vectors[:2500].T), axis=1)[:, :10] + 1  # file ids are rows + 1
+        _, found = SearchStructure(store).view().search(queries, 10)
+        measured = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+        if kind == "hnsw":  # a graph finds an indexed vector more easily than a new query: its tuning, measured on
+            # indexed vectors, overstates what new queries get (known; tuning on the queries users send is issue 24)
+            assert measured < tuning.recall_at_10 - 0.05, (measured, tuning)
+        else:
+            assert measured >= tuning.recall_at_10 - 0.05, (measured, tuning)  # searches get what the tuning recorded
         trained = state.trained
         doomed = store.ids_of_paths(["/photos/000005.jpg", "/photos/000006.jpg"])
         store.commit(records(vectors[2500:], start=2500), remove_ids=list(doomed.values()))
-        store.structure.save()
-        assert store.structure.state.trained == trained  # added and removed without retraining
+        SearchStructure(store).save()
+        assert SearchStructure(store).state.trained == trained  # added and removed without retraining
         new_id = store.ids_of_paths(["/photos/002700.jpg"])["/photos/002700.jpg"]
     with Searcher(tmp_path / "idx") as searcher:
         assert searcher.faiss.ntotal == 2998
@@ -151,10 +163,10 @@ def test_a_kind_change_as_the_collection_grows_retrains(tmp_path, monkeypatch):
     monkeypatch.setattr(ann, "FLAT_MAX", 1000)
     vectors = clustered_unit_vectors(3000, DIM, clusters=30, seed=2)
     with make_store(tmp_path, vectors[:800]) as store:
-        assert store.structure.state.kind == "flat"
+        assert SearchStructure(store).state.kind == "flat"
         store.commit(records(vectors[800:], start=800))
-        store.structure.save()
-        state = store.structure.state
+        SearchStructure(store).save()
+        state = SearchStructure(store).state
         assert state.kind == "ivf-pq-refine" and state.trained.n_train > 0 and state.tuning.reached
 
 
@@ -163,11 +175,12 @@ def test_drift_is_measured_and_reindex_retrains(tmp_path):
     elsewhere = -clustered_unit_vectors(2000, DIM, clusters=30, seed=5)  # a part of the space training never saw
     with make_store(tmp_path, here, "IVF32,Flat") as store:
         store.commit(records(elsewhere, start=3000))
-        store.structure.save()
-        drift = store.structure.state.drift
+        SearchStructure(store).save()
+        drift = SearchStructure(store).state.drift
     assert drift.added_since_training == 2000 and drift.error_ratio > ann.DRIFT_RATIO
     assert any("drifted" in a and "clipengine reindex" in a for a in index_info(tmp_path / "idx").advice)
-    info = reindex(tmp_path / "idx", FaissPolicy(target_recall=0.9))
+    reindex(tmp_path / "idx", FaissPolicy(target_recall=0.9))
+    info = index_info(tmp_path / "idx")
     assert info.faiss.trained.at_count == 5000 and not [a for a in info.advice if "reindex" in a]
     assert info.faiss_policy["target_recall"] == 0.9 and info.faiss.tuning.target == 0.9
 
@@ -176,9 +189,9 @@ def test_hnsw_deletions_are_reported_until_a_reindex_drops_them(tmp_path):
     vectors = clustered_unit_vectors(500, DIM, clusters=10, seed=6)
     with make_store(tmp_path, vectors, "HNSW16") as store:
         store.commit(remove_ids=list(store.ids_of_paths(f"/photos/{i:06d}.jpg" for i in range(200)).values()))
-        store.structure.save()
+        SearchStructure(store).save()
     assert any("deleted vectors" in a for a in index_info(tmp_path / "idx").advice)
-    assert reindex(tmp_path / "idx").faiss.trained.at_count == 300
+    assert reindex(tmp_path / "idx").trained.at_count == 300
     assert not [a for a in index_info(tmp_path / "idx").advice if "reindex" in a]
 
 
@@ -191,7 +204,7 @@ def test_a_searcher_maps_the_index_file_instead_of_loading_it(tmp_path, factory)
     make_store(tmp_path, vectors, factory).close()
     faiss_file = str((tmp_path / "idx" / FAISS_FILE).resolve())
     with IndexStore.open(tmp_path / "idx") as store:
-        loaded = store.structure.view().search(vectors[:20], 5)
+        loaded = SearchStructure(store).view().search(vectors[:20], 5)
     with Searcher(tmp_path / "idx") as searcher:
         mapped = searcher.faiss.search(vectors[:20], 5)
         maps = open("/proc/self/maps").read()
@@ -209,7 +222,7 @@ def test_threads_and_the_blas_threshold_are_set_explicitly():
 
 
 def test_faiss_state_round_trips_and_reads_older_records():
-    from clipengine.index.structure import Drift, FaissState, Training
+    from clipengine.index.faiss_view import Drift, FaissState, Training
 
     tuning = ann.Tuning("nprobe", 8, 0.97, True, 0.95, 0.1, 0.3, 500, 5000)
     state = FaissState("ivf-flat", "IVF256,Flat", "fits", 1000, 256, Training(5000, 5000, 5000, 0.25), tuning,

@@ -7,8 +7,10 @@ import pytest
 from conftest import jpeg_bytes, png_16bit_rgb, png_claiming_size, write_bad_inputs
 from PIL import Image
 
-from clipengine.images import Decoded, Skipped, open_image, parse_pixels, to_rgb
+from clipengine.errors import BadInput
+from clipengine.images import Decoded, Skipped, open_image, to_rgb
 from clipengine.scenes import photo_like
+from clipengine.sizes import parse_size
 
 
 def pixel(result, xy):
@@ -114,9 +116,9 @@ def test_truncated_and_vanished_files(tmp_path):
 @pytest.mark.parametrize("text,expected", [("200M", 200_000_000), ("1.5G", 1_500_000_000),
                                            ("50000", 50_000), ("12MP", 12_000_000)])
 def test_parse_pixels(text, expected):
-    assert parse_pixels(text) == expected
+    assert parse_size(text, "--max-pixels", pixels=True) == expected
 
 
 def test_parse_pixels_rejects_nonsense():
-    with pytest.raises(ValueError):
-        parse_pixels("lots")
+    with pytest.raises(BadInput, match="--max-pixels 'lots': give a pixel count"):
+        parse_size("lots", "--max-pixels", pixels=True)

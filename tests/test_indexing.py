@@ -19,10 +19,12 @@ import clipengine.embed as embed_module
 import clipengine.index.pipeline as indexing_module
 from clipengine.errors import BadInput, IndexCorrupt, ModelMismatch
 from clipengine.index.ann import index_ids
+from clipengine.index.faiss_view import SearchStructure
 from clipengine.index.info import index_info
+from clipengine.index.location import MANIFEST
 from clipengine.index.pipeline import IndexOptions, index_folder
 from clipengine.index.search import Searcher
-from clipengine.index.store import MANIFEST, IndexStore
+from clipengine.index.store import IndexStore
 from clipengine.models import ModelSpec
 from clipengine.scenes import photo_like
 
@@ -43,7 +45,7 @@ def assert_consistent(index: Path, expected_paths) -> None:
     with IndexStore.open(index) as store:
         rows = store.rows(store.ids_under("/"))
         assert sorted(r.path for r in rows.values()) == sorted(str(p) for p in expected_paths)
-        view = store.structure.view()
+        view = SearchStructure(store).view()
         assert view.ntotal == len(rows)
         assert sorted(index_ids(view.index).tolist()) == sorted(rows)
 

@@ -10,7 +10,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import spy
+from conftest import same_weights, spy
 
 from clipengine.embed import embed_texts
 from clipengine.errors import BadInput, ModelMismatch, ModelUnavailable
@@ -31,10 +31,6 @@ def tiny_state(seed: int) -> dict:
     return open_clip.create_model("tiny").state_dict()
 
 
-def same_weights(model, state: dict) -> bool:
-    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-
-
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty Hugging Face cache, so pretrained weights must come from the network."""
@@ -42,8 +38,19 @@ def offline_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip, where URL-only tags are cached
-    if hub_reachable():
-        pytest.skip("this machine can reach huggingface.co; the offline path needs it unreachable")
+    import socket
+
+    from clipengine import models
+
+    connect = socket.create_connection
+
+    def unreachable(address, *args, **kwargs):  # a machine without network, on every machine
+        if address[0] == models.HUB_HOST[0]:
+            raise OSError(101, "Network is unreachable")
+        return connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    assert not hub_reachable()
 
 
 def test_random_tiny_is_identical_in_every_load_and_leaves_the_rng_alone(tiny_model):

@@ -39,9 +39,12 @@ def in_terminal(args: list[str], env: dict | None = None) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, _export_cache) -> tuple[Path, Path, dict[str, str]]:
-    """An index of 12 photos and the awkward files of a real collection (some skipped)."""
+    """An index of 12 photos, a copy of one, and the awkward files of a real collection (some skipped)."""
     root = tmp_path_factory.mktemp("pipes")
     folder = write_photos(root / "photos")
+    (folder / "again").mkdir()
+    first = sorted(folder.rglob("*.jpg"))[0]
+    (folder / "again" / first.name).write_bytes(first.read_bytes())
     expected = write_bad_inputs(folder / "bad")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
@@ -66,7 +69,10 @@ def test_paths_only_lists_files_and_nothing_else(indexed):
     assert len(search.stdout.splitlines()) == 4 and all(Path(p).is_file() for p in search.stdout.splitlines())
     dups = subprocess.run(CLI + ["duplicates", "--index", str(index), "--threshold", "0.9999", "--paths-only"],
                           capture_output=True, text=True)
-    assert dups.returncode == 0 and all("\t" in line for line in dups.stdout.splitlines())
+    groups = [line.split("\t") for line in dups.stdout.splitlines()]
+    first = sorted(folder.rglob("*.jpg"))[0]
+    assert dups.returncode == 0 and groups and all(len(group) >= 2 for group in groups)
+    assert [str(first), str(folder / "again" / first.name)] in [sorted(group) for group in groups]
 
 
 def test_no_colour_or_progress_off_a_terminal_and_with_no_color(indexed, tmp_path):

@@ -6,7 +6,8 @@ import os
 
 from conftest import write_bad_inputs
 
-from clipengine.index.scan import FoundFile, Recorded, plan_update, scan_folder
+from clipengine.index.scan import FoundFile, plan_update, scan_folder
+from clipengine.index.store import Recorded
 
 
 def test_scan_finds_images_recursively_and_reports_unreadable_entries(tmp_path):

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes, png_claiming_size, write_photos
+from conftest import CliRunner, jpeg_bytes, png_claiming_size, write_photos
 from fastapi.testclient import TestClient
 from serving import start_service
 
 from clipengine.errors import BadInput
+from clipengine.index.location import DATABASE, MANIFEST, SERVICE_FILE, THUMBNAILS_DIR
 from clipengine.index.pipeline import index_folder
 from clipengine.index.search import Searcher
-from clipengine.index.thumbnails import THUMBNAILS_DIR
+from clipengine.index.service import find_service, search_through_service
 from clipengine.scenes import photo_like
-from clipengine.serve.app import ServiceConfig, create_app
-from clipengine.serve.discovery import SERVICE_FILE, find_service, search_through_service
+from clipengine.serve.app import create_app
 from clipengine.serve.server import is_loopback, serve
+from clipengine.serve.state import ServiceConfig
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,21 @@ def test_more_like_this_and_image_uploads(client, served):
     assert len(hits) == 3 and hits[0]["score"] < 0.9999  # embedded now, not a copy of an indexed image
 
 
+def test_the_api_documents_what_it_answers(client):
+    """/docs is generated from the routes' response models: a hit's fields are in the schema, and every search
+    route answers with a list of them."""
+    spec = client.get("/openapi.json").json()
+    hit = spec["components"]["schemas"]["HitOut"]
+    assert set(hit["properties"]) == {"rank", "score", "path", "width", "height", "id"}
+    for path in ("/api/search", "/api/similar/{file_id}", "/api/search/terms", "/api/search/image", "/api/search/vector"):
+        (method,) = spec["paths"][path]
+        answer = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer["items"]["$ref"].endswith("/HitOut"), path
+    assert spec["paths"]["/api/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"].endswith("/HealthOut")
+    assert client.get("/docs").status_code == 200
+
+
 def test_every_bad_request_is_a_json_4xx(client):
     refused(client.get("/api/search", params={"q": "x", "k": 0}), 422, "k")
     refused(client.get("/api/search", params={"q": "x", "k": 10**9}), 422, "k")
@@ -111,8 +127,12 @@ def test_upload_caps_apply_before_decoding(served):
         big = jpeg_bytes(photo_like(400, 300, seed=5), quality=95)
         assert len(big) > 5000
         refused(c.post("/api/search/image", files={"file": ("big.jpg", big, "image/jpeg")}), 413, "over")
-        huge = b"\xff\xd8" + bytes(200_000)  # refused from its Content-Length, before the body is parsed
+        huge = b"\xff\xd8" + bytes(200_000)
         refused(c.post("/api/search/image", files={"file": ("huge.jpg", huge, "image/jpeg")}), 413, "over")
+        # refused from its Content-Length, before the body is parsed: a form that would not even parse says so
+        garbage = {"content-type": "multipart/form-data; boundary=nothing"}
+        refused(c.post("/api/search/image", content=bytes(200_000), headers=garbage), 413, "over")
+        refused(c.post("/api/search/image", content=bytes(2000), headers=garbage), 400, "multipart")
         small = jpeg_bytes(photo_like(120, 100, seed=5), quality=30)  # 12,000 pixels, under 5,000 bytes
         assert len(small) <= 5000
         refused(c.post("/api/search/image", files={"file": ("px.jpg", small, "image/jpeg")}), 400, "pixels")
@@ -200,9 +220,9 @@ def test_binding_beyond_loopback_needs_a_token(served):
 
 
 def test_the_service_follows_a_growing_index(tmp_path, tiny_model, monkeypatch):
-    import clipengine.serve.app as app_module
+    import clipengine.serve.state as state
 
-    monkeypatch.setattr(app_module, "REFRESH_EVERY", 0.0)
+    monkeypatch.setattr(state, "REFRESH_EVERY", 0.0)
     folder = tmp_path / "photos"
     write_photos(folder)
     index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0, export=False)
@@ -245,7 +265,18 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
         assert record["pid"] == service.pid and oct((index / SERVICE_FILE).stat().st_mode)[-3:] == "600"
         through = search_through_service(index, text="a photo of a lake", k=5)
         assert through is not None  # answered by the service
-        remote = json.loads(subprocess.run(cli + query, capture_output=True, text=True, check=True).stdout)
+        identity = json.loads((index / MANIFEST).read_text())["model"]["identity"]
+        assert find_service(index, identity) is not None
+        assert find_service(index, "ViT-B-32/laion2b_s34b_b79k") is None  # believed only for the index's model
+        twin = Path(shutil.copytree(index, tmp_path / "twin"))  # its service.json too
+        assert find_service(twin, identity) is None  # and only for the index it serves
+        (index / DATABASE).rename(index / "away.sqlite")  # a search on its own would fail: only the service can answer
+        try:
+            remote = json.loads(subprocess.run(cli + query, capture_output=True, text=True, check=True).stdout)
+            alone = subprocess.run(cli + [*query, "--runtime", "onnx"], capture_output=True, text=True)
+        finally:
+            (index / "away.sqlite").rename(index / DATABASE)
+        assert alone.returncode == 1 and "meta.sqlite" in alone.stderr  # what searching locally meets
         expected = json.loads(local)
         assert [{**h, "score": 0} for h in remote] == [{**h, "score": 0} for h in expected]  # same hits, same fields
         assert [h["score"] for h in remote] == pytest.approx([h["score"] for h in expected], abs=1e-5)
@@ -281,11 +312,9 @@ def test_vectors_and_ids_round_trip(client, served):
 
 
 def test_serve_refuses_a_missing_index_in_one_line(tmp_path):
-    from typer.testing import CliRunner
-
     from clipengine.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "nowhere"), "--port", "0"])
-    assert result.exit_code == 1 and "no index at" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "no index at" in result.output
     result = CliRunner().invoke(app, ["serve", "--index", str(tmp_path / "nowhere"), "--host", "0.0.0.0"])
     assert result.exit_code == 1 and "--token" in result.output  # refused before anything is opened or bound

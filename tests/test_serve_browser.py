@@ -86,10 +86,30 @@ def test_type_a_query_see_k_thumbnails_then_more_like_this(page, service, tmp_pa
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('6 results for images like')")
     assert page.locator(".hit .path").first.inner_text() == clicked_path  # the image itself comes first
     assert page.locator(".hit .score").first.inner_text().endswith("1.000")
+    assert all(w > 0 for w in thumbnails_loaded(page))
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     if os.environ.get("CLIPENGINE_SCREENSHOT"):  # how the README's picture is made
         shutil.copy(tmp_path / "page.png", os.environ["CLIPENGINE_SCREENSHOT"])
-    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_shows(tmp_path / "page.png", page, page.locator(".hit img").first, Path(clicked_path))
+
+
+def assert_shows(screenshot: Path, page, element, original: Path) -> None:
+    """The screenshot shows `original` where `element` is: its pixels, scaled into the element's box as the
+    page's CSS does (object-fit: contain), match the screenshot's there (a blank or wrong page does not)."""
+    from PIL import Image, ImageChops, ImageStat
+
+    shot = Image.open(screenshot).convert("RGB")
+    box = element.bounding_box()
+    scroll_x, scroll_y = page.evaluate("[window.scrollX, window.scrollY]")
+    width, height = round(box["width"]), round(box["height"])
+    drawn = Image.open(original).convert("RGB")
+    drawn.thumbnail((width, height), Image.Resampling.LANCZOS)
+    left = round(box["x"] + scroll_x) + (width - drawn.width) // 2
+    top = round(box["y"] + scroll_y) + (height - drawn.height) // 2
+    seen = shot.crop((left, top, left + drawn.width, top + drawn.height))
+    assert min(drawn.size) >= 64 and ImageStat.Stat(seen).stddev[0] > 5  # a picture, not an empty box
+    difference = ImageStat.Stat(ImageChops.difference(seen, drawn)).mean
+    assert max(difference) < 20, difference  # the same picture (scaled twice, recompressed once)
 
 
 def test_upload_an_image_and_see_errors_as_text(page, service, tmp_path):

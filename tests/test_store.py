@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
-from clipengine.index.location import resolve_index_path
-from clipengine.index.store import (
-    DATABASE,
-    FAISS_FILE,
-    MANIFEST,
-    FileRecord,
-    IndexStore,
-    remove_index,
-)
+from clipengine.index.faiss_view import FaissPolicy, SearchStructure
+from clipengine.index.location import DATABASE, FAISS_FILE, MANIFEST, resolve_index_path
+from clipengine.index.store import FileRecord, IndexStore, remove_index
 
 DIM = 8
 
@@ -42,13 +36,13 @@ def snapshot(path):
 
 
 def search_ids(store: IndexStore, seed: int, k: int = 3) -> list[int]:
-    _, ids = store.structure.view().search(unit(seed)[None], k)
+    _, ids = SearchStructure(store).view().search(unit(seed)[None], k)
     return [int(i) for i in ids[0] if i >= 0]
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = IndexStore.create(tmp_path / "idx", source())
+    s = IndexStore.create(tmp_path / "idx", source(), FaissPolicy().section(DIM))
     yield s
     s.close()
 
@@ -67,7 +61,7 @@ def test_commit_and_search_through_the_faiss_view(store):
     assert store.skipped() == [("/photos/bad.jpg", "broken")]
     ids = search_ids(store, 2)
     assert store.rows(ids)[ids[0]].path == "/photos/b.jpg"
-    assert store.structure.save() and not store.structure.save()  # second call: already current
+    assert SearchStructure(store).save() and not SearchStructure(store).save()  # second call: already current
 
 
 def test_ids_are_never_reused_and_changed_files_get_new_ids(store):
@@ -88,27 +82,27 @@ def test_recorded_under_is_scoped_to_the_folder(store):
 
 def test_a_faiss_file_behind_the_database_is_caught_up(tmp_path, store):
     store.commit([record("a.jpg", 1), record("b.jpg", 2)])
-    store.structure.save()
+    SearchStructure(store).save()
     # crash window: a commit landed but the process died before the faiss file was rewritten
     store.commit([record("c.jpg", 3)], remove_ids=[store.recorded_under("/photos")["/photos/a.jpg"].id])
     before = snapshot(tmp_path / "idx")
     reader = IndexStore.open(tmp_path / "idx")
-    assert not reader.structure.current
+    assert not SearchStructure(reader).current
     paths = {r.path for r in reader.rows(search_ids(reader, 3, k=5)).values()}
     assert paths == {"/photos/b.jpg", "/photos/c.jpg"}
     assert snapshot(tmp_path / "idx") == before  # reading repaired in memory only
     reader.close()
-    assert store.structure.save() and store.structure.current
+    assert SearchStructure(store).save() and SearchStructure(store).current
 
 
 def test_a_damaged_or_missing_faiss_file_is_rebuilt(tmp_path, store):
     store.commit([record("a.jpg", 1), record("b.jpg", 2)])
-    store.structure.save()
+    SearchStructure(store).save()
     (tmp_path / "idx" / FAISS_FILE).write_bytes(b"garbage")
     assert len(search_ids(store, 1)) == 2
     (tmp_path / "idx" / FAISS_FILE).unlink()
-    assert not store.structure.current and len(search_ids(store, 1)) == 2
-    assert store.structure.save()
+    assert not SearchStructure(store).current and len(search_ids(store, 1)) == 2
+    assert SearchStructure(store).save()
 
 
 def test_uncommitted_work_is_rolled_back(store):
@@ -137,7 +131,7 @@ def test_missing_and_foreign_directories(tmp_path):
 @pytest.mark.parametrize("damage", ["garbage", "wrong-format", "missing-key", "newer", "no-database", "bad-database"])
 def test_damaged_index_is_refused_and_left_untouched(tmp_path, store, damage):
     store.commit([record("a.jpg", 1)])
-    store.structure.save()
+    SearchStructure(store).save()
     store.close()
     root = tmp_path / "idx"
     manifest = json.loads((root / MANIFEST).read_text())

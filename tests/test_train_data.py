@@ -26,6 +26,18 @@ def test_validation_split_is_stable_and_disjoint(scene_csv):
     assert set(split_validation(reversed_pairs, 3)[1].images) == set(val.images)
 
 
+def test_validation_split_does_not_depend_on_where_the_data_set_is(scene_csv, tmp_path):
+    """The same images are held out in a copy elsewhere: a test's temporary folder, another machine."""
+    import shutil
+
+    def held_out(csv: Path) -> set[str]:
+        return {Path(str(ref)).name for ref in split_validation(read_pairs(csv), 4)[1].images}
+
+    copies = [shutil.copytree(scene_csv.parent, tmp_path / where / "set") for where in ("a", "b/c/d")]
+    assert held_out(scene_csv) == held_out(Path(copies[0]) / "captions.csv") == held_out(Path(copies[1]) / "captions.csv")
+    assert len(held_out(scene_csv)) == 4
+
+
 def test_ranks_split_the_global_batch_and_positions_resume():
     single = StepBatches(50, 8, seed=3)
     ranks = [StepBatches(50, 8, seed=3, rank=r, world_size=2) for r in range(2)]

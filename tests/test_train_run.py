@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import spy
+from conftest import same_weights, spy
 from safetensors.torch import load_file
 
 from clipengine.errors import BadInput
@@ -69,6 +69,11 @@ def test_a_run_writes_a_checkpoint_that_index_and_search_load(scenes, tmp_path):
     loaded = load_model(source, device="cpu")
     initial = load_model(ModelSpec(arch="tiny"), device="cpu")
     assert not torch.equal(loaded.model.visual.conv1.weight, initial.model.visual.conv1.weight)
+    import open_clip  # the checkpoint is open_clip's own layout: open_clip alone loads it, with its tokenizer
+
+    plain, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert same_weights(plain, loaded.model.state_dict())
+    assert open_clip.get_tokenizer(f"local-dir:{out}")(["a red circle"]).shape == (1, plain.context_length)
     index_report = index_folder(scenes.parent / "images", tmp_path / "idx", ModelSpec(checkpoint=str(out)))
     assert index_report.count == 48
     with Searcher(tmp_path / "idx") as searcher:

@@ -154,6 +154,7 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
     """Recall@k with an index's images as the gallery: captions from `data` whose images the index
     holds are the queries. Reports exact recall (both directions, on the index's stored vectors) and
     text→image recall through the index's own faiss search (``index_text_to_image_R@k``)."""
+    from clipengine.index.faiss_view import SearchStructure
     from clipengine.index.store import IndexStore
 
     started = time.perf_counter()
@@ -163,8 +164,9 @@ def index_retrieval_benchmark(index_path: str | os.PathLike, data: str | os.Path
         ids, gallery = store.vectors()
         wanted = [os.path.abspath(p) if isinstance(p, str) else None for p in pairs.images]  # tar members: never indexed
         id_of = store.ids_of_paths(p for p in wanted if p)
-        faiss_index = store.structure.view()
-        faiss_state = store.structure.state
+        structure = SearchStructure(store)
+        faiss_index = structure.view()
+        faiss_state = structure.state
     if not len(ids):
         raise BadInput(f"index {index_path} holds no searchable images")
     row_of_id = {int(i): r for r, i in enumerate(ids)}

@@ -37,9 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from clipengine.cache import cache_dir
+from clipengine.durable import replace_durably, replacing, temporary_name
 from clipengine.errors import BadInput, first_line
+from clipengine.index import ann
 from clipengine.index import query_encoders as qe
-from clipengine.index.store import ENCODERS_PREFIX, IndexStore
+from clipengine.index.location import ENCODERS_PREFIX
+from clipengine.index.store import IndexStore
 from clipengine.progress import StageProgress
 from clipengine.tokenizer import save_tokenizer
 
@@ -332,18 +335,16 @@ def _from_cache(key: str, directory: Path) -> dict | None:
 def _to_cache(key: str, directory: Path, names: list[str], record: dict) -> None:
     """Keep a verified tower's files for the next index of the same model (written aside, then renamed)."""
     entry = cache_dir() / "encoders" / key
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = [n for n in names if (directory / n).exists()]
-        for name in files:
-            shutil.copyfile(directory / name, tmp / name)
-        (tmp / "record.json").write_text(json.dumps({"files": files, "record": record}))
-        shutil.rmtree(entry, ignore_errors=True)
-        os.rename(tmp, entry)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(entry) as tmp:
+            tmp.mkdir()
+            files = [n for n in names if (directory / n).exists()]
+            for name in files:
+                shutil.copyfile(directory / name, tmp / name)
+            (tmp / "record.json").write_text(json.dumps({"files": files, "record": record}))
     except OSError:  # the cache only saves time: a read-only home must not stop an export
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,18 +374,18 @@ def export_query_encoders(model, store: IndexStore, *, quantize: str | None = No
     if model.device.type != "cpu":
         model = load_model(model.source, device="cpu")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    tmp = store.path / f".{ENCODERS_PREFIX}{stamp}.tmp-{os.getpid()}"
+    tmp = temporary_name(store.path / f"{ENCODERS_PREFIX}{stamp}")
     tmp.mkdir()
     try:
         gallery = None
         if quantize:
-            gallery = store.vectors(sample=GALLERY_SIZE)[1]
+            gallery = store.gather(ann.sample_ids(store.live_ids(), GALLERY_SIZE, seed=0))[1]
         record = export_towers(model, tmp, quantize=quantize, gallery=gallery, progress=progress)
         record["dir"] = None
         if any(record[t]["status"] == "verified" for t in ("text", "image")):
             record["files"] = {p.name: qe.fingerprint(p) for p in sorted(tmp.iterdir())}
             record["dir"] = f"{ENCODERS_PREFIX}{stamp}"
-            os.rename(tmp, store.path / record["dir"])
+            replace_durably(tmp, store.path / record["dir"])
         store.set_query_encoders(record)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

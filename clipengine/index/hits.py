@@ -1,5 +1,5 @@
 """What a search returns, and the --prefix it is narrowed by: plain data, kept free of numpy and faiss so
-that a search answered by a running service (`clipengine.serve.discovery`) needs neither."""
+that a search answered by a running service (`clipengine.index.service`) needs neither."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What an index holds and what should be done about it (`info`), and retraining its search structure
-from the stored vectors (`reindex`): the two things a user does to an index besides adding and searching."""
+"""What an index holds and what should be done about it: `clipengine info`."""
 
 from __future__ import annotations
 
@@ -7,9 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from clipengine.index.faiss_view import FaissState, SearchStructure
 from clipengine.index.store import IndexStore
-from clipengine.index.structure import FaissPolicy, FaissState
-from clipengine.progress import StageProgress
 
 
 @dataclass
@@ -38,7 +36,8 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
     """What an index holds: its model, how many files are searchable, and what was skipped and why."""
     path = Path(index_path)
     with IndexStore.open(path) as store:
-        counts, state, policy = store.counts(), store.structure.state, store.faiss_policy
+        structure = SearchStructure(store)
+        counts, state, policy = store.counts(), structure.state, structure.policy
         advice = state.advice(counts["count"], bool(policy["factory"]), f"run `clipengine reindex --index {path}`")
         return IndexInfo(
             path=str(path),
@@ -53,7 +52,7 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             folders=[p for p, _ in store.folders()],
             created_at=store.manifest["created_at"],
             size_bytes=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-            faiss_current=store.structure.current,
+            faiss_current=structure.current,
             query_encoders=store.query_encoders,
             advice=advice + encoders_advice(store),
         )
@@ -70,14 +69,3 @@ def encoders_advice(store: IndexStore) -> list[str]:
         advice = fallback_advice(store.query_encoders, e, store.path)
         return [advice] if advice else []
     return []
-
-
-def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
-            progress: StageProgress | None = None) -> IndexInfo:
-    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
-    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
-    path = Path(index_path)
-    with IndexStore.open(path, writable=True) as store:
-        store.set_faiss_policy(**faiss_policy.changes())
-        store.structure.save(rebuild=True, progress=progress)
-    return index_info(path)

@@ -1,6 +1,7 @@
-"""Where indexes live: `--index` as a name under the index directory, or a path. Kept apart from the store
-(and free of numpy) because every command resolves an index before it does anything else, and a search
-answered by a running service should cost no more than that."""
+"""Where indexes live (`--index` as a name under the index directory, or a path) and what the files inside
+one are called: the one place an index's file names are written. Kept apart from the store (and free of
+numpy) because every command resolves an index before it does anything else, and a search answered by a
+running service should cost no more than that."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from pathlib import Path
 from clipengine.errors import BadInput
 
 INDEX_DIR_ENV = "CLIPENGINE_INDEX_DIR"
+
+# inside an index directory (the layout is described in clipengine.index.store)
+MANIFEST = "manifest.json"  # format, model, the faiss policy, the query encoders' record
+DATABASE = "meta.sqlite"  # the catalogue
+LOCK_FILE = "lock"  # flock()ed by the one writer
+FAISS_FILE = "vectors.faiss"  # the images' search structure (clipengine.index.faiss_view)
+TEXTS_FAISS_FILE = "texts.faiss"  # the caption set's (clipengine.index.texts)
+LEGACY_TEXTS_DATABASE = "texts.sqlite"  # where a caption set lived before it joined the catalogue
+ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.index.export)
+THUMBNAILS_DIR = "thumbnails"  # the service's thumbnail cache (clipengine.index.thumbnails)
+SERVICE_FILE = "service.json"  # a running service's address (clipengine.index.service)
 
 
 def default_index_dir() -> Path:

@@ -18,22 +18,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.index import sharded
+from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure
 from clipengine.index.info import encoders_advice
 from clipengine.index.query_encoders import check_runtime
 from clipengine.index.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.index.store import ENCODERS_PENDING, FileRecord, IndexStore, remove_index
-from clipengine.index.structure import FaissPolicy, FaissState
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.progress import FileProgress, StageProgress
-
-Sink = Callable[[Sequence[FileRecord]], None]  # takes one group of records: commits it, or writes a part file
 
 
 @dataclass(frozen=True)
@@ -232,7 +230,7 @@ def open_for_update(index_path: Path, spec: ModelSpec, model, options: IndexOpti
             check_same_model(store.manifest["model"], spec, f"index {index_path}")
             if model is not None:
                 require_same_source(store.manifest["model"], model.source, f"index {index_path}")
-            return store, model, store.set_faiss_policy(**policy.changes())  # checked before any work
+            return store, model, SearchStructure(store).set_policy(policy)  # checked before any work
         except BaseException:
             store.close()
             raise
@@ -246,7 +244,7 @@ def open_for_update(index_path: Path, spec: ModelSpec, model, options: IndexOpti
         model = load_model(resolve_source(spec), device=options.device)
     else:
         check_same_model(model.source, spec, "the model passed in")
-    return IndexStore.create(index_path, model.source, policy.changes()), model, False
+    return IndexStore.create(index_path, model.source, policy.section(model.source["embed_dim"])), model, False
 
 
 class StoreSink:
@@ -314,8 +312,9 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     not had its export yet, even when its first run was interrupted), and fill in the report."""
     if changed:
         store.drop_unused_vectors()
-    if changed or policy_changed or not store.structure.current:
-        store.structure.save(rebuild=policy_changed, progress=progress)
+    structure = SearchStructure(store)
+    if changed or policy_changed or not structure.current:
+        structure.save(rebuild=policy_changed, progress=progress)
     store.record_folder(root)
     if options.export or (options.export is None and store.query_encoders == ENCODERS_PENDING):
         from clipengine.index.export import export_query_encoders
@@ -324,7 +323,7 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
         export_query_encoders(model or load_model(store.manifest["model"], device="cpu"), store,
                               quantize=options.quantize, progress=progress)
     report.count = store.counts()["count"]
-    report.faiss = store.structure.state
+    report.faiss = structure.state
     report.query_encoders = store.query_encoders
     report.advice = encoders_advice(store)
 

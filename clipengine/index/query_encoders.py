@@ -41,7 +41,6 @@ IMAGE_FILE = "image.onnx"
 TOKEN_TABLE_FILE = "token_embedding.npy"
 POSITIONS_FILE = "positional_embedding.npy"
 EXTERNAL_DATA_SUFFIX = ".data"
-PRECISIONS = ("fp32", "int8")
 _SAMPLE_BLOCKS, _SAMPLE_BYTES = 16, 1 << 16
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from clipengine.images import IMAGE_EXTENSIONS
+from clipengine.index.store import Recorded
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,6 @@ class FoundFile:
     size: int
     mtime_ns: int
     problem: str | None = None  # why it cannot be read at all, e.g. "broken symbolic link"
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """What an index knows of a path: enough to tell whether the file changed."""
-
-    id: int
-    size: int
-    mtime_ns: int
-    skipped: bool
 
 
 @dataclass

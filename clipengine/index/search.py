@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
+from clipengine.index.faiss_view import SearchStructure
 from clipengine.index.hits import Hit
 from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.index.store import IndexStore
@@ -78,7 +79,7 @@ class Searcher:
         """The index's faiss structure, memory-mapped: opening costs milliseconds at any size."""
         if self._faiss is None:
             self._faiss_generation = self.store.generation
-            self._faiss = self.store.structure.view(mmap=True)
+            self._faiss = SearchStructure(self.store).view(mmap=True)
         return self._faiss
 
     def refresh(self) -> bool:

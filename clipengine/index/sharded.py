@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipengine.durable import replacing
 from clipengine.errors import BadInput
 from clipengine.index.store import FileRecord
 
@@ -123,17 +124,13 @@ class PartWriter:
             if r.vector is not None:
                 vectors[row] = r.vector
         name = f"part-{time.time_ns():020d}.npz"  # sorts in writing order, unique across restarts
-        tmp = self.folder / f".{name}.tmp"
-        with open(tmp, "wb") as f:
+        with replacing(self.folder / name) as tmp, open(tmp, "wb") as f:
             np.savez(f, path=np.array([r.path for r in records]), size=np.array([r.size for r in records], np.int64),
                      mtime_ns=np.array([r.mtime_ns for r in records], np.int64),
                      hash=np.array([r.hash or "" for r in records]), width=np.array([r.width for r in records]),
                      height=np.array([r.height for r in records]), vector=vectors,
                      has_vector=np.array([r.vector is not None for r in records]),
                      skip=np.array([r.skip_reason or "" for r in records]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
 
 
 def _read_part(path: Path, known: set[str]) -> list[FileRecord]:

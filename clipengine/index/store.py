@@ -1,5 +1,6 @@
 """The index on disk: one self-describing directory, safe against a crash at any moment. This module is
-its catalogue (manifest, meta.sqlite, the lock); `clipengine.index.structure` keeps vectors.faiss.
+its catalogue (manifest, meta.sqlite, the lock); `clipengine.index.faiss_view` keeps vectors.faiss.
+File names live in `clipengine.index.location`; every durable write goes through `clipengine.durable`.
 
     <index>/
       manifest.json   format version, the model source (identity, embedding dim, preprocessing),
@@ -7,9 +8,11 @@ its catalogue (manifest, meta.sqlite, the lock); `clipengine.index.structure` ke
                       rewritten, atomically, only when the policy changes
       meta.sqlite     the source of truth: files (path, size, mtime, content hash, or skip reason),
                       vectors (content hash -> float32 embedding, width, height), folders indexed,
-                      the commit generation, and what the faiss file is (kind, training, tuning, drift)
+                      the commit generation, and what the faiss file is (kind, training, tuning, drift);
+                      and a caption set (texts: text -> vector, `clipengine index-texts`)
       vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id): exact or
                       approximate as clipengine.index.ann chooses
+      texts.faiss     exact search over the caption set (faiss id = texts.id), derived the same way
       lock            flock()ed by the single process allowed to write
 
 Why this shape. Every change is one sqlite transaction (synchronous=FULL), so a `kill -9` leaves
@@ -20,7 +23,8 @@ generation it reflects. Whenever it is behind (a crash between the two writes, s
 date by id-set difference with the live rows; file ids come from AUTOINCREMENT and are never reused or
 rewritten (a changed file gets a new row), so that difference is all a sync needs. The catalogue gives
 the structure what it needs through a handful of methods (`live_ids`, `vectors_of`, `generation`,
-`read_meta`/`write_meta`) and knows nothing of faiss.
+`read_meta`/`write_meta`) and knows nothing of faiss: the manifest's "faiss" section is the view's to
+read and write (`set_manifest_section`).
 """
 
 from __future__ import annotations
@@ -36,29 +40,22 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipengine import __version__
+from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
-from clipengine.index import ann
-from clipengine.index.scan import Recorded
-
-if TYPE_CHECKING:
-    from clipengine.index.structure import SearchStructure
+from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DATABASE = "meta.sqlite"
-FAISS_FILE = "vectors.faiss"
-LOCK_FILE = "lock"
-ENCODERS_PREFIX = "encoders-"  # directories of exported query encoders (clipengine.index.export)
 ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
 _READ_CHUNK = 65536
 
-SCHEMA = """
+# a caption set stored beside the images (clipengine.index.texts); created in older indexes when first written
+TEXTS_SCHEMA = "CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE, vector BLOB NOT NULL)"
+SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE vectors (
     hash TEXT PRIMARY KEY,
@@ -79,6 +76,7 @@ CREATE TABLE files (
 CREATE INDEX files_hash ON files(hash);
 CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
 INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
+{TEXTS_SCHEMA};
 """
 
 
@@ -97,6 +95,17 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What an index knows of a path: enough to tell whether the file changed (`clipengine.index.scan` plans
+    an update from these and a walk of the folder)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    skipped: bool
+
+
+@dataclass(frozen=True)
 class FileRow:
     id: int
     path: str
@@ -104,32 +113,6 @@ class FileRow:
     height: int
     size: int = 0  # bytes and mtime when indexed (read by `file`): a file that differs now is not the one indexed
     mtime_ns: int = 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writes
-# --------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    replace_durably(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,16 +134,6 @@ def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
     if not readonly:
         conn.execute("PRAGMA synchronous = FULL")
     return conn
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _hint(path: Path) -> str:
@@ -242,18 +215,17 @@ class IndexStore:
         return fd
 
     @classmethod
-    def create(cls, path: str | os.PathLike, model_source: dict, faiss_policy: dict | None = None) -> IndexStore:
+    def create(cls, path: str | os.PathLike, model_source: dict, faiss: dict | None = None) -> IndexStore:
         """Create an empty index for vectors of `model_source` (a loaded model's source, with
-        embed_dim and preprocess); `faiss_policy` as in `faiss_policy`. Built in a temporary directory
+        embed_dim and preprocess); `faiss` is the manifest's section for the search structure
+        (`FaissPolicy.section`; by default the view's defaults apply). Built in a temporary directory
         and renamed into place, so a crash never leaves a half-created index behind."""
         path = Path(path)
         if path.exists():
             raise BadInput(f"{path} already exists")
-        if factory := (faiss_policy or {}).get("factory"):
-            ann.normalise_factory(factory, int(model_source["embed_dim"]))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_abandoned(path.parent, path.name)  # an index being created when a process was killed
+        tmp = temporary_name(path)
         tmp.mkdir()
         manifest = {
             "format": FORMAT,
@@ -263,9 +235,7 @@ class IndexStore:
             "model": model_source,
             "dim": int(model_source["embed_dim"]),
             "metric": "cosine",
-            "faiss": {"faiss_metric": "inner_product",
-                      "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL,
-                                 **(faiss_policy or {})}},
+            "faiss": faiss or {},
             "query_encoders": dict(ENCODERS_PENDING),
         }
         conn = sqlite3.connect(tmp / DATABASE)
@@ -273,13 +243,11 @@ class IndexStore:
         conn.commit()
         conn.close()
         write_json_atomic(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
         try:
-            os.rename(tmp, path)
+            replace_durably(tmp, path, exclusive=True)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise BadInput(f"{path} appeared while the index was being created") from None
-        _fsync_dir(path.parent)
         return cls.open(path, writable=True)
 
     def close(self) -> None:
@@ -319,13 +287,6 @@ class IndexStore:
     def generation(self) -> int:
         """How many commits the catalogue has had: a derived file tagged with an older one is behind."""
         return int(self.read_meta("generation") or 0)
-
-    @property
-    def structure(self) -> SearchStructure:
-        """The faiss file that answers searches, derived from this catalogue (clipengine.index.structure)."""
-        from clipengine.index.structure import SearchStructure
-
-        return SearchStructure(self)
 
     def recorded_under(self, folder: str) -> dict[str, Recorded]:
         """What the index holds for paths under `folder` (a directory path, absolute)."""
@@ -402,11 +363,9 @@ class IndexStore:
                 f"SELECT path, id FROM files WHERE hash IS NOT NULL AND path IN ({marks})", chunk))
         return found
 
-    def vectors(self, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Every searchable file's id and vector, in id order: the gallery for exact search; or a random
-        `sample` of them (read from sqlite alone, not after reading all)."""
-        live = self.live_ids()
-        return self.gather(live if sample is None else ann.sample_ids(live, sample, seed=0))
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every searchable file's id and vector, in id order: the gallery for exact search."""
+        return self.gather(self.live_ids())
 
     def live_ids(self) -> np.ndarray:
         """The ids of every searchable file, ascending: what the search structure must hold."""
@@ -459,29 +418,53 @@ class IndexStore:
             "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ?", (path, size, mtime_ns)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
-    # ---- the search structure's policy ---------------------------------------------------------
+    # ---- a caption set (clipengine.index.texts) -------------------------------------------------
+
+    def _has_texts(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'texts'").fetchone() is not None
 
     @property
-    def faiss_policy(self) -> dict:
-        """How the faiss structure is chosen: a memory budget (bytes; None: half the RAM), a factory string
-        that overrides the choice, and the recall@10 that tuning must reach."""
-        policy = self.manifest["faiss"].get("policy", {})
-        return {"memory_budget": policy.get("memory_budget"), "factory": policy.get("factory"),
-                "target_recall": policy.get("target_recall", ann.TARGET_RECALL)}
+    def texts_generation(self) -> int:
+        """How many commits the caption set has had (0: none): texts.faiss is tagged with the one it reflects."""
+        return int(self.read_meta("texts_generation") or 0)
 
-    def set_faiss_policy(self, **changes: object) -> bool:
-        """Change the policy (keys of `faiss_policy`; None values are left alone). Returns whether it changed;
-        the structure follows at the next `structure.save(rebuild=True)`."""
+    def text_count(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0] if self._has_texts() else 0
+
+    def known_texts(self) -> set[str]:
+        return {t for (t,) in self._conn.execute("SELECT text FROM texts")} if self._has_texts() else set()
+
+    def add_texts(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Store new texts with their embeddings, in one transaction (texts already stored are refused)."""
         self._require_writable()
-        if changes.get("factory"):
-            ann.normalise_factory(str(changes["factory"]), self.dim)  # a bad string is refused here, not mid-build
-        policy = {**self.faiss_policy, **{k: v for k, v in changes.items() if v is not None}}
-        if policy == self.faiss_policy:
-            return False
-        manifest = {**self.manifest, "faiss": {**self.manifest["faiss"], "policy": policy}}
+        blobs = (np.asarray(v, dtype="<f4").tobytes() for v in vectors)
+        with self._transaction():
+            self._conn.execute(TEXTS_SCHEMA)
+            self._conn.executemany("INSERT INTO texts (text, vector) VALUES (?, ?)", zip(texts, blobs, strict=True))
+            self._conn.execute("INSERT INTO meta VALUES ('texts_generation', '1') "
+                               "ON CONFLICT(key) DO UPDATE SET value = value + 1")
+
+    def text_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of the caption set in chunks, in id order."""
+        if not self._has_texts():
+            return
+        cursor = self._conn.execute("SELECT id, vector FROM texts ORDER BY id")
+        while batch := cursor.fetchmany(_READ_CHUNK):
+            yield self._unpack(batch)
+
+    def texts_of(self, ids: Sequence[int]) -> dict[int, str]:
+        marks = ",".join("?" * len(ids))
+        return dict(self._conn.execute(f"SELECT id, text FROM texts WHERE id IN ({marks})", [int(i) for i in ids]))
+
+    # ---- sections of the manifest that derived files own -----------------------------------------
+
+    def set_manifest_section(self, name: str, value: dict) -> None:
+        """Replace one top-level section of the manifest (one atomic write): the faiss view keeps its policy
+        in "faiss", the export its record in "query_encoders"."""
+        self._require_writable()
+        manifest = {**self.manifest, name: value}
         write_json_atomic(self.path / MANIFEST, manifest)
         self.manifest = manifest
-        return True
 
     # ---- exported query encoders ---------------------------------------------------------------
 
@@ -492,16 +475,11 @@ class IndexStore:
 
     def set_query_encoders(self, record: dict) -> None:
         """Point the index at a new encoders directory (one atomic manifest write), then delete the others."""
-        self._require_writable()
-        manifest = {**self.manifest, "query_encoders": record}
-        write_json_atomic(self.path / MANIFEST, manifest)
-        self.manifest = manifest
+        self.set_manifest_section("query_encoders", record)
         for old in self.path.glob(f"{ENCODERS_PREFIX}*"):
             if old.name != record.get("dir"):
                 shutil.rmtree(old, ignore_errors=True)
-        for tmp in self.path.glob(f".{ENCODERS_PREFIX}*.tmp-*"):  # left by an export that was killed
-            if not _pid_alive(tmp.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(tmp, ignore_errors=True)
+        remove_abandoned(self.path, f"{ENCODERS_PREFIX}*")  # left by an export that was killed
 
     # ---- writing -----------------------------------------------------------------------------
 

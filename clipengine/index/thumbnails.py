@@ -12,10 +12,11 @@ import io
 import os
 from pathlib import Path
 
+from clipengine.durable import write_atomic
 from clipengine.errors import ClipEngineError
+from clipengine.index.location import THUMBNAILS_DIR
 from clipengine.index.store import FileRow, IndexStore
 
-THUMBNAILS_DIR = "thumbnails"
 SIZES = (128, 256, 512)  # the sides offered: a handful, so that the cache holds few versions of a file
 QUALITY = 85
 
@@ -56,7 +57,5 @@ def thumbnail(store: IndexStore, file_id: int, size: int = 256) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=QUALITY)
     folder.mkdir(exist_ok=True)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)  # a cache, rebuilt when missing: no fsync
+    write_atomic(path, buffer.getvalue())
     return path

@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable
 
 from clipengine.errors import BadInput
-from clipengine.serve.app import ServiceConfig, create_app
-from clipengine.serve.discovery import announce, withdraw
+from clipengine.index.service import announce, withdraw
+from clipengine.serve.app import create_app
+from clipengine.serve.state import ServiceConfig
 
 
 def is_loopback(host: str) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from clipengine.durable import remove_abandoned, replacing
 from clipengine.errors import BadInput
 from clipengine.models import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, save_checkpoint
 
@@ -59,24 +60,18 @@ def write_checkpoint(out: Path, step: int, model: Any, model_cfg: dict, preproce
     """Write step `step` atomically, point OUT's top-level files at it, and drop all but `keep` older ones."""
     root = out / "checkpoints"
     final = root / f"{STEP_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, model, model_cfg, preprocess_cfg, arch)
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(root)  # a step being written when an earlier run was killed
+    with replacing(final) as tmp:
+        save_checkpoint(tmp, model, model_cfg, preprocess_cfg, arch)
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2))
     for name in (CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS):
-        link = out / f".{name}.tmp"
-        link.unlink(missing_ok=True)
-        try:
-            os.link(final / name, link)
-        except OSError:  # a file system without hard links
-            shutil.copy2(final / name, link)
-        os.replace(link, out / name)
+        with replacing(out / name) as link:
+            try:
+                os.link(final / name, link)
+            except OSError:  # a file system without hard links
+                shutil.copy2(final / name, link)
     for old in step_directories(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 from collections.abc import Callable, Iterator
 
@@ -29,20 +30,29 @@ from clipengine.images import (
     read_image_bytes,
 )
 from clipengine.pairs import PairSet
-from clipengine.training.decoded import DecodedCache, TrainingShrink
+from clipengine.training.decode_cache import DecodedCache, TrainingShrink
 
 
 def split_validation(pairs: PairSet, size: int) -> tuple[PairSet, PairSet]:
-    """Hold out `size` images, chosen by a hash of their path: the same images whatever the row order,
-    so that a resumed or re-run training validates on the same set and never trains on it."""
+    """Hold out `size` images, chosen by a hash of their path within the data set: the same images whatever
+    the row order and wherever the data set is stored (a copy, another machine), so that a resumed or re-run
+    training validates on the same set and never trains on it."""
     if size <= 0:
         return pairs, PairSet()
     if size >= len(pairs):
         raise BadInput(f"--val-size {size} leaves nothing to train on ({len(pairs)} images)")
-    rank = sorted(range(len(pairs)), key=lambda i: hashlib.sha1(describe_ref(pairs.images[i]).encode()).digest())
+    names = _names_within(pairs.images)
+    rank = sorted(range(len(pairs)), key=lambda i: hashlib.sha1(names[i].encode()).digest())
     held = set(rank[:size])
     return (pairs.subset([i for i in range(len(pairs)) if i not in held]),
             pairs.subset([i for i in range(len(pairs)) if i in held]))
+
+
+def _names_within(refs: list) -> list[str]:
+    """Each image's path relative to the folder all of them share (a tar member's: its shard's, and its offset)."""
+    files = [ref if isinstance(ref, str) else ref[0] for ref in refs]
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return [os.path.relpath(os.path.abspath(f), root) + describe_ref(ref)[len(f):] for f, ref in zip(files, refs, strict=True)]
 
 
 def default_val_size(n: int) -> int:
@@ -75,7 +85,7 @@ class PairDataset(Dataset):
     `pixel_transform` is the PIL half of open_clip's transform, ending in a uint8 tensor: normalising
     happens batched on the device, and a quarter of the bytes cross from the worker (see
     `clipengine.embed.split_transform`). With `shrink`, a decoded image is first reduced to what the
-    random crop needs, and kept in `cache` for later epochs and runs (`clipengine.training.decoded`).
+    random crop needs, and kept in `cache` for later epochs and runs (`clipengine.training.decode_cache`).
     A sample whose image cannot be decoded is replaced by the next decodable one, deterministically, so
     batches keep their size on every rank; the bad image is reported with the batch.
     """

@@ -46,7 +46,7 @@ from clipengine.training.data import (
     default_val_size,
     split_validation,
 )
-from clipengine.training.decoded import DecodedCache, TrainingShrink, crop_headroom
+from clipengine.training.decode_cache import DecodedCache, TrainingShrink, crop_headroom
 from clipengine.training.distributed import World, barrier, mean_over_world, setup_world, teardown_world
 from clipengine.training.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 

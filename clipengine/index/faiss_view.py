@@ -8,7 +8,9 @@ rows (file ids are never reused), in memory for a reader and on disk for a write
 cannot delete (HNSW, re-ranking) keeps deleted ids until it is rebuilt; searches filter them out.
 
 What the file is (kind, training sample, measured tuning, drift since training) is recorded beside the
-generation as a `FaissState`, which `info`, the index report and the advice read.
+generation as a `FaissState`, which `info`, the index report and the advice read. How it is chosen (a
+memory budget, a factory, a recall target) is the `FaissPolicy`, kept in the manifest's "faiss" section.
+`reindex` rebuilds the file from the stored vectors, with no image read again.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from clipengine.durable import replacing
 from clipengine.errors import BadInput
 from clipengine.index import ann
-from clipengine.index.store import FAISS_FILE, replace_durably
+from clipengine.index.location import FAISS_FILE
+from clipengine.index.store import IndexStore
 from clipengine.progress import StageProgress
-
-if TYPE_CHECKING:
-    from clipengine.index.store import IndexStore
 
 STATE_KEY = "faiss_state"
 GENERATION_KEY = "faiss_generation"
@@ -50,6 +52,17 @@ class FaissPolicy:
 
     def changes(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def check(self, dim: int) -> None:
+        """Refuse a factory string faiss cannot build for `dim` now, not in the middle of a build."""
+        if self.factory:
+            ann.normalise_factory(self.factory, dim)
+
+    def section(self, dim: int) -> dict:
+        """The manifest's "faiss" section for a new index under this policy (defaults where it says None)."""
+        self.check(dim)
+        return {"faiss_metric": "inner_product",
+                "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL, **self.changes()}}
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,25 @@ class SearchStructure:
         self.file = store.path / FAISS_FILE
 
     @property
+    def policy(self) -> dict:
+        """How the structure is chosen: a memory budget (bytes; None: half the RAM), a factory string that
+        overrides the choice, and the recall@10 that tuning must reach."""
+        policy = self.store.manifest.get("faiss", {}).get("policy", {})
+        return {"memory_budget": policy.get("memory_budget"), "factory": policy.get("factory"),
+                "target_recall": policy.get("target_recall", ann.TARGET_RECALL)}
+
+    def set_policy(self, policy: FaissPolicy) -> bool:
+        """Lay `policy` over the index's (its None fields leave a setting alone). Returns whether it changed;
+        the file follows at the next `save(rebuild=True)`."""
+        policy.check(self.store.dim)
+        new = {**self.policy, **policy.changes()}
+        if new == self.policy:
+            return False
+        self.store.set_manifest_section("faiss", {"faiss_metric": "inner_product",
+                                                  **self.store.manifest.get("faiss", {}), "policy": new})
+        return True
+
+    @property
     def state(self) -> FaissState:
         recorded = self.store.read_meta(STATE_KEY)
         return FaissState.from_dict(json.loads(recorded)) if recorded else FaissState()
@@ -185,7 +217,7 @@ class SearchStructure:
         if on_disk is not None and self.current:
             return False
         generation, live, state = store.generation, store.live_ids(), self.state
-        policy = store.faiss_policy
+        policy = self.policy
         plan = ann.choose_index(live.size, store.dim, policy["memory_budget"], policy["factory"])
         same_kind = plan.kind == state.kind and (not policy["factory"] or plan.factory == state.factory)
         if on_disk is None or not same_kind:
@@ -194,9 +226,8 @@ class SearchStructure:
             index = on_disk
             stale = self._synced(index, live)
             state = self._refreshed(index, state, live, stale, generation)
-        tmp = self.file.with_name(f".{FAISS_FILE}.tmp-{os.getpid()}")
-        faiss.write_index(index, str(tmp))
-        replace_durably(tmp, self.file)
+        with replacing(self.file) as tmp:
+            faiss.write_index(index, str(tmp))
         store.write_meta(**{STATE_KEY: json.dumps(state.to_dict()), GENERATION_KEY: str(generation)})
         return True
 
@@ -251,7 +282,7 @@ class SearchStructure:
         if query_ids.size < min(ann.TUNING_QUERIES, live.size) // 2:
             query_ids = ann.sample_ids(live, ann.TUNING_QUERIES, seed + 1)
         truth = ann.GroundTruth.compute(self.store.gather(query_ids)[1], query_ids, self.store.vectors_of(live))
-        return ann.tune(index, truth, self.store.faiss_policy["target_recall"])
+        return ann.tune(index, truth, self.policy["target_recall"])
 
     def _refreshed(self, index, state: FaissState, live: np.ndarray, stale: np.ndarray, seed: int) -> FaissState:
         """After an incremental sync: re-tune if the count has moved enough, and measure drift."""
@@ -267,3 +298,14 @@ class SearchStructure:
             error = ann.quantisation_error(index, self.store.gather(sample)[1])
             drift = dataclasses.replace(drift, error_ratio=round(error / baseline, 3) if error is not None else None)
         return dataclasses.replace(state, tuning=tuning, drift=drift)
+
+
+def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
+            progress: StageProgress | None = None) -> FaissState:
+    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
+    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
+    with IndexStore.open(Path(index_path), writable=True) as store:
+        structure = SearchStructure(store)
+        structure.set_policy(faiss_policy)
+        structure.save(rebuild=True, progress=progress)
+        return structure.state

@@ -21,7 +21,7 @@ from clipengine.scenes import write_scene_set
 from clipengine.sizes import parse_size
 from clipengine.training import data as train_data
 from clipengine.training.data import PairDataset
-from clipengine.training.decoded import DecodedCache, TrainingShrink, crop_headroom
+from clipengine.training.decode_cache import DecodedCache, TrainingShrink, crop_headroom
 
 
 def test_the_shrink_keeps_what_the_random_crop_needs(tiny_model):

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipengine.durable import pid_alive, write_atomic
+from clipengine.index.location import MANIFEST, SERVICE_FILE
+
 if TYPE_CHECKING:
     from clipengine.index.hits import Hit
 
-SERVICE_FILE = "service.json"
 TIMEOUT = 2.0  # seconds: a live local service answers health in milliseconds
 MAX_K = 1000  # the most results a service gives for one query
 
@@ -36,11 +38,7 @@ def announce(index_paths: dict[str, Path], url: str, token: str | None) -> None:
     """Tell other processes on this machine that these indexes are served at `url`."""
     for name, path in index_paths.items():
         record = {"url": url, "pid": os.getpid(), "token": token, "index": name, "path": str(path)}
-        tmp = path / f".{SERVICE_FILE}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the token is a secret
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path / SERVICE_FILE)
+        write_atomic(path / SERVICE_FILE, json.dumps(record), mode=0o600)  # the token is a secret
 
 
 def withdraw(index_paths: dict[str, Path]) -> None:
@@ -59,16 +57,6 @@ def _read(index_path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _alive(pid: object) -> bool:
-    try:
-        os.kill(int(pid), 0)  # type: ignore[call-overload]
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _request(service_url: str, path: str, token: str | None, data: bytes | None = None,
              content_type: str | None = None) -> object:
     import urllib.request
@@ -85,7 +73,7 @@ def _request(service_url: str, path: str, token: str | None, data: bytes | None 
 def find_service(index_path: Path, model_identity: str | None = None) -> Service | None:
     """The live service serving this index (with this model, when given), or None."""
     record = _read(index_path)
-    if not record or not _alive(record.get("pid")):
+    if not record or not pid_alive(record.get("pid")):
         return None
     try:
         health = _request(record["url"], "/api/health", None)
@@ -146,7 +134,7 @@ def search_through_service(index_path: Path, *, text: str | None = None, image: 
     if not 1 <= k <= MAX_K or (image is not None and not Path(image).is_file()):
         return None
     try:
-        identity = json.loads((index_path / "manifest.json").read_text())["model"]["identity"]
+        identity = json.loads((index_path / MANIFEST).read_text())["model"]["identity"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     service = find_service(index_path, identity)
