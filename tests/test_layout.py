@@ -117,3 +117,17 @@ def test_an_index_file_name_is_written_in_one_place():
     holders = {name: sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                             if f'"{name}"' in p.read_text()) for name in names}
     assert holders == {name: ["index/location.py"] for name in names}
+
+
+def test_the_command_line_starts_without_anything_heavy():
+    """Every command pays for the CLI's own imports before it does anything: the area modules keep theirs
+    inside the commands, so starting costs typer and the light core only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clipengine.cli; from clipengine.cli import app; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'faiss', 'numpy', 'PIL', 'rich', 'onnxruntime', 'fastapi') "
+            "if m in sys.modules)); print(len(app.registered_commands), len(app.registered_groups))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "12 1"  # every command registered on the one app, and bench as its group

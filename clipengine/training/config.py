@@ -1,7 +1,7 @@
 """Every knob of a training run, in one place: `TrainConfig`.
 
 Each field carries its help text, so `clipengine train`'s options, their help and their defaults are
-generated from this class (see `cli.py`) instead of being written out a second time. A resumed run
+generated from this class (see `clipengine/cli/train.py`) instead of being written out a second time. A resumed run
 takes its saved config and lays the options given again over it (`config_for_run`).
 """
 

@@ -1,0 +1,230 @@
+"""Building and looking after an index: `index`, `reindex`, `info`, `export`, `index-texts`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipengine.cli.common import (
+    CheckpointArg,
+    DeviceArg,
+    FaissArg,
+    IndexArg,
+    IndexDirArg,
+    JsonArg,
+    MemoryBudgetArg,
+    ModelArg,
+    PreprocessFromArg,
+    PretrainedArg,
+    QuantizeArg,
+    TargetRecallArg,
+    app,
+    list_skipped,
+    model_spec,
+    out,
+    policy_from_options,
+    print_json,
+    progress_bar,
+    rate_column,
+    stage_progress,
+    user_errors,
+)
+from clipengine.index.location import resolve_index_path
+
+
+@app.command()
+@user_errors
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of images to index (searched recursively).")],
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    model: ModelArg = None,
+    pretrained: PretrainedArg = None,
+    checkpoint: CheckpointArg = None,
+    preprocess_from: PreprocessFromArg = None,
+    device: DeviceArg = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call (default: 32 on CPU, 256 on GPU).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding processes (default: by device and cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads for the model on the CPU.")] = None,
+    commit_every: Annotated[int, typer.Option(help="Commit progress every N files.")] = 256,
+    max_pixels: Annotated[str | None, typer.Option(
+        help="Skip images needing more decoded pixels than this (default: 200M).")] = None,
+    exact_decode: Annotated[bool, typer.Option(help="Decode JPEGs at full size (slower; exact open_clip preprocessing).")] = False,
+    include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
+    retry_skipped: Annotated[bool, typer.Option(help="Try previously skipped files again.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Delete the index and build it again from scratch.")] = False,
+    memory_budget: MemoryBudgetArg = None,
+    faiss_factory: FaissArg = None,
+    target_recall: TargetRecallArg = None,
+    export: Annotated[bool | None, typer.Option(
+        "--export/--no-export", help="Export the query encoders that let searches start without torch "
+                                     "(default: when the index is created).")] = None,
+    quantize: QuantizeArg = None,
+    runtime: Annotated[str | None, typer.Option(
+        help="What embeds the images: torch, or onnx (the index's exported image tower). Default: on a CPU, "
+             "whichever measured faster on this machine; on a GPU, torch.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="With --runtime onnx: fp32 (default) or int8 (exported with --quantize int8).")] = None,
+    paths_only: Annotated[bool, typer.Option(
+        help="Print only the paths of the files this run skipped, one per line (for piping).")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Embed every image under FOLDER into an index, incrementally: only new and changed files are embedded.
+
+    Under torchrun, each process embeds its own share of the files and rank 0 merges them."""
+    from clipengine.index.pipeline import IndexOptions, index_folder
+    from clipengine.index.query_encoders import describe_encoders
+    from clipengine.sizes import DEFAULT_MAX_PIXELS, parse_size
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    pixels = parse_size(max_pixels, "--max-pixels", pixels=True) if max_pixels else DEFAULT_MAX_PIXELS
+    options = IndexOptions(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
+                           max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
+                           retry_skipped=retry_skipped, rebuild=rebuild,
+                           faiss_policy=policy_from_options(memory_budget, faiss_factory, target_recall),
+                           export=export, quantize=quantize, runtime=runtime, precision=precision)
+    progress = progress_bar("embedding", rate_column())
+    task = progress.add_task("embedding", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    stages, on_stage = stage_progress()
+    with progress, stages:
+        report = index_folder(folder, resolve_index_path(index_name, index_dir),
+                              model_spec(model, pretrained, checkpoint, preprocess_from), options,
+                              progress=on_progress, build_progress=on_stage)
+    if report is None:  # a torchrun process other than rank 0: rank 0 reports for the job
+        return
+    if as_json:
+        print_json(report.to_dict())
+        return
+    if paths_only:
+        sys.stdout.write("".join(skip["path"] + "\n" for skip in report.skips))
+        return
+    out.print(f"index {report.index}  ({report.model})", markup=False)
+    rate = f" at {report.images_per_second:.1f} images/s with {report.runtime}" if report.embedded else ""
+    out.print(f"  embedded {report.embedded}{rate}, reused {report.reused}, skipped {report.skipped}, "
+              f"removed {report.removed}, unchanged {report.unchanged}", markup=False)
+    list_skipped([(s["path"], s["reason"]) for s in report.skips], 20, "skipped (see `clipengine info`)")
+    out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
+    if report.faiss:
+        out.print(f"  search: {report.faiss.describe()}", markup=False)
+    if report.query_encoders:
+        out.print(f"  queries: {describe_encoders(report.query_encoders)}", markup=False)
+    for advice in report.advice:
+        out.print(f"  advice: {advice}", markup=False)
+
+
+
+@app.command()
+@user_errors
+def reindex(
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    memory_budget: MemoryBudgetArg = None,
+    faiss_factory: FaissArg = None,
+    target_recall: TargetRecallArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
+    from clipengine.index.faiss_view import reindex as reindex_index
+    from clipengine.index.info import index_info
+
+    path = resolve_index_path(index_name, index_dir)
+    stages, on_stage = stage_progress()
+    with stages:
+        reindex_index(path, policy_from_options(memory_budget, faiss_factory, target_recall), progress=on_stage)
+    report = index_info(path)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    out.print(f"index {report.path}: {report.count:,} vectors", markup=False)
+    out.print(f"  search: {report.faiss.describe()}", markup=False)
+
+
+@app.command()
+@user_errors
+def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_json: JsonArg = False,
+         paths_only: Annotated[bool, typer.Option(
+             help="Print only the paths of the files that were skipped, one per line (for piping).")] = False) -> None:
+    """What an index holds: its model, how many images are searchable, and what was skipped and why."""
+    from clipengine.index.info import index_info
+    from clipengine.index.query_encoders import describe_encoders
+    from clipengine.models import describe_source
+
+    report = index_info(resolve_index_path(index_name, index_dir))
+    if as_json:
+        print_json(report.to_dict())
+        return
+    if paths_only:
+        sys.stdout.write("".join(skip["path"] + "\n" for skip in report.skipped_files))
+        return
+    lines = [
+        f"index     {report.path}",
+        f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
+        f"images    {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct",
+        f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
+        f"queries   {describe_encoders(report.query_encoders)}",
+        f"folders   {', '.join(report.folders) or '-'}",
+        f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
+    ]
+    lines += [f"advice    {a}" for a in report.advice]
+    for line in lines:
+        out.print(line, markup=False)
+    list_skipped([(s["path"], s["reason"]) for s in report.skipped_files], 50, "(--json lists all)")
+
+
+@app.command()
+@user_errors
+def export(
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    quantize: QuantizeArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Export the index model's text and image towers to ONNX, verified against torch, so that searches
+    start in a fraction of a second without loading torch. Replaces an earlier export."""
+    from clipengine.index.export import export_index
+    from clipengine.index.query_encoders import describe_encoders
+
+    stages, on_stage = stage_progress()
+    with stages:
+        record = export_index(resolve_index_path(index_name, index_dir), quantize=quantize, progress=on_stage)
+    if as_json:
+        print_json(record)
+        return
+    out.print(f"queries: {describe_encoders(record)}", markup=False)
+    if not record.get("dir"):
+        raise typer.Exit(1)
+
+
+@app.command("index-texts")
+@user_errors
+def index_texts_command(
+    captions: Annotated[Path, typer.Argument(help="Texts: one per line, or a CSV/TSV with a caption column.")],
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Store a caption set in an index, embedded by its model, so that `label IMAGE --index NAME` ranks them
+    for an image through faiss. Incremental: texts already stored are kept."""
+    from clipengine.index.label import read_texts
+    from clipengine.index.texts import index_texts
+
+    progress = progress_bar("embedding texts")
+    task = progress.add_task("embedding texts", total=None)
+    with progress:
+        report = index_texts(read_texts(captions), resolve_index_path(index_name, index_dir),
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        out.print(f"index {report.index}: {report.added} texts added, {report.already} already there, "
+                  f"{report.total} in all", markup=False)
