@@ -27,11 +27,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipengine.sizes import DEFAULT_MAX_PIXELS
 
-# what a folder scan and a caption folder count as images, by file name (the decoder has the last word)
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-)
-
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
 TarMember = tuple[str, int, int]  # (tar shard path, data offset, size): an image inside a WebDataset shard
 ImageRef = str | TarMember  # where an image's bytes are: a file path or a tar member

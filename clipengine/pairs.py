@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipengine.errors import BadInput
-from clipengine.images import IMAGE_EXTENSIONS, ImageRef
+from clipengine.formats import IMAGE_EXTENSIONS
+from clipengine.images import ImageRef
 
 MOSTLY_BAD = 0.5  # refuse data when more than this fraction of its rows is unusable
 SIDECAR_SUFFIX = ".txt"

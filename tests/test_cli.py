@@ -210,3 +210,20 @@ def test_train_options_come_from_train_config(tmp_path, monkeypatch):
     assert seen == [expected]
     run("train", "--epochs", "3", code=1)  # no --data: a one-line error
     assert "nothing to resume" in run("train", "--resume", "--out", str(tmp_path / "none"), code=1).output
+
+
+def test_what_index_passes_over_is_counted_in_its_report_and_in_info(indexed):
+    (indexed / "notes.xmp").write_text("<x/>")
+    (indexed / "a" / "IMG_0001.xmp").write_text("<x/>")
+    (indexed / "a" / "clip.mp4").write_bytes(b"\x00" * 64)
+    (indexed / ".thumbs").mkdir()
+    report = json.loads(run("index", indexed, "--index", "photos", "--json").stdout)
+    assert report["not_indexed"] == {".xmp": 2, ".mp4": 1, "hidden": 1} and report["unchanged"] == 12
+    text = run("index", indexed, "--index", "photos").stdout
+    assert "not indexed: 2 .xmp (no decoder); 1 .mp4 (videos are not indexed yet); 1 hidden" in text
+    assert json.loads(run("info", "--index", "photos", "--json").stdout)["not_indexed"] == report["not_indexed"]
+    (indexed / "notes.xmp").unlink()  # the next walk's count replaces the last one's
+    assert json.loads(run("info", "--index", "photos", "--json").stdout)["not_indexed"][".xmp"] == 2
+    run("index", indexed, "--index", "photos")
+    info = run("info", "--index", "photos").stdout
+    assert "not indexed: " in info and "1 .xmp (no decoder)" in info and "2 .xmp" not in info

@@ -6,7 +6,9 @@ import os
 
 from conftest import write_bad_inputs
 
-from clipengine.index.scan import FoundFile, plan_update, scan_folder
+from collections import Counter
+
+from clipengine.index.scan import FoundFile, describe_not_indexed, plan_update, scan_folder
 from clipengine.index.store import Recorded
 
 
@@ -26,6 +28,26 @@ def test_scan_finds_images_recursively_and_reports_unreadable_entries(tmp_path):
             assert problem == outcome, name
         else:
             assert problem is None, name
+
+
+def test_everything_the_walk_passes_over_is_counted_by_kind(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    for name in ("b.xmp", "c.XMP", "d.pdf", "README", "clip.mp4", "VID.MOV", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.jpg").write_bytes(b"x")  # inside a hidden folder: the folder is what is passed over
+    os.mkfifo(tmp_path / "pipe.jpg")  # named like an image, and not a file
+    passed: Counter[str] = Counter()
+    assert [os.path.basename(f.path) for f in scan_folder(tmp_path, passed_over=passed)] == ["a.jpg"]
+    assert passed == {".xmp": 2, ".pdf": 1, "no extension": 1, ".mp4": 1, ".mov": 1, "hidden": 2,
+                      "not a regular file": 1}
+    line = describe_not_indexed(dict(passed.most_common()))
+    assert "2 .xmp" in line and "1 .pdf" in line and "(no decoder)" in line
+    assert "1 .mov, 1 .mp4 (videos are not indexed yet)" in line and "2 hidden (--include-hidden indexes them)" in line
+    assert "1 with no extension" in line and "1 not a regular file (sockets, pipes or devices)" in line
+    counted: Counter[str] = Counter()
+    list(scan_folder(tmp_path, include_hidden=True, passed_over=counted))
+    assert "hidden" not in counted and counted["no extension"] == 2  # walked into, .DS_Store is a file like any other
 
 
 def test_scan_includes_hidden_files_when_asked(tmp_path):

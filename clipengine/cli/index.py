@@ -113,6 +113,10 @@ def index(
     out.print(f"  embedded {report.embedded}{rate}, reused {report.reused}, skipped {report.skipped}, "
               f"removed {report.removed}, unchanged {report.unchanged}", markup=False)
     list_skipped([(s["path"], s["reason"]) for s in report.skips], 20, "skipped (see `clipengine info`)")
+    if report.not_indexed:
+        from clipengine.index.scan import describe_not_indexed
+
+        out.print(f"  not indexed: {describe_not_indexed(report.not_indexed)}", markup=False)
     out.print(f"  {report.count} images searchable ({report.seconds:.1f} s)", markup=False)
     if report.faiss:
         out.print(f"  search: {report.faiss.describe()}", markup=False)
@@ -157,6 +161,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
     """What an index holds: its model, how many images are searchable, and what was skipped and why."""
     from clipengine.index.info import index_info
     from clipengine.index.query_encoders import describe_encoders
+    from clipengine.index.scan import describe_not_indexed
     from clipengine.models import describe_source
 
     report = index_info(resolve_index_path(index_name, index_dir))
@@ -173,6 +178,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
+        *([f"others    not indexed: {describe_not_indexed(report.not_indexed)}"] if report.not_indexed else []),
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
     ]
     lines += [f"advice    {a}" for a in report.advice]

@@ -16,6 +16,7 @@ class IndexInfo:
     model: dict
     count: int
     skipped_files: list[dict]  # {path, reason} of each file that could not be used (IndexReport.skipped counts them)
+    not_indexed: dict[str, int]  # what the walks of its folders passed over, by kind (clipengine.index.scan)
     unique_vectors: int
     dim: int
     metric: str
@@ -44,6 +45,7 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             model=store.manifest["model"],
             count=counts["count"],
             skipped_files=[{"path": p, "reason": r} for p, r in store.skipped()],
+            not_indexed=store.not_indexed(),
             unique_vectors=counts["unique_vectors"],
             dim=store.dim,
             metric=store.manifest["metric"],

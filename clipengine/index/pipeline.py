@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class IndexReport:
     count: int = 0  # searchable files in the index after the run
     seconds: float = 0.0
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
+    not_indexed: dict[str, int] = field(default_factory=dict)  # what the walk passed over, by kind (scan.kind_of)
     faiss: FaissState | None = None  # the search structure after the run
     runtime: str = ""  # what embedded the images, and why (embedding_runtime); empty when nothing was embedded
     query_encoders: dict | None = None  # the exported towers' record, as `info` shows it (None: never exported)
@@ -270,8 +272,10 @@ class StoreSink:
 def plan_and_drop(store: IndexStore, root: str, report: IndexReport, commit: StoreSink, options: IndexOptions) -> Plan:
     """Compare the folder with the index, commit what needs no model (files gone, unreadable entries),
     and return the plan of what is left to embed."""
-    plan = plan_update(scan_folder(root, include_hidden=options.include_hidden), store.recorded_under(root),
-                       retry_skipped=options.retry_skipped)
+    passed_over: Counter[str] = Counter()
+    plan = plan_update(scan_folder(root, include_hidden=options.include_hidden, passed_over=passed_over),
+                       store.recorded_under(root), retry_skipped=options.retry_skipped)
+    report.not_indexed = dict(sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
     report.unchanged, report.changed, report.removed = plan.unchanged, plan.changed, len(plan.remove_ids)
     if plan.remove_ids or plan.problems:
         commit([FileRecord(f.path, f.size, f.mtime_ns, skip_reason=f.problem) for f in plan.problems], plan.remove_ids)
@@ -315,7 +319,7 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     structure = SearchStructure(store)
     if changed or policy_changed or not structure.current:
         structure.save(rebuild=policy_changed, progress=progress)
-    store.record_folder(root)
+    store.record_folder(root, report.not_indexed)
     if options.export or (options.export is None and store.query_encoders == ENCODERS_PENDING):
         from clipengine.index.export import export_query_encoders
         from clipengine.models import load_model

@@ -7,7 +7,9 @@ size and modification time (in nanoseconds) match what the index recorded.
 Symbolic links are followed (people link their photo folders together), with every directory visited
 once by (device, inode), so a link back up the tree cannot loop. What cannot be read (a broken link,
 a link loop, an unreadable directory) is reported as a problem rather than silently dropped, so that
-`clipengine info` can list it.
+`clipengine info` can list it. Every other entry the walk passes over (a file of another kind, a hidden
+file or folder) is counted by kind, so that nothing is silently ignored: `index` and `info` say how many
+of each were not indexed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from clipengine.images import IMAGE_EXTENSIONS
+from clipengine.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from clipengine.index.store import Recorded
 
 
@@ -53,12 +56,37 @@ def _problem(e: OSError) -> str:
     return f"cannot read ({e.strerror or e})"
 
 
-def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False) -> Iterator[FoundFile]:
-    """Every image file under `root` (by extension), depth first, in sorted order.
+HIDDEN = "hidden"  # what a hidden file or folder passed over counts as
+NO_EXTENSION = "no extension"
+NOT_A_FILE = "not a regular file"  # a socket, a pipe, a device named like an image
+
+
+def describe_not_indexed(counts: Mapping[str, int]) -> str:
+    """One line for what a walk passed over, grouped by why: '1,204 .xmp, 31 .pdf (no decoder); 908 .mp4
+    (videos are not indexed yet); 3 hidden (--include-hidden indexes them)'."""
+    why: dict[str, list[str]] = {}
+    for kind, n in counts.items():
+        reason = ("--include-hidden indexes them" if kind == HIDDEN else
+                  "videos are not indexed yet" if kind in VIDEO_EXTENSIONS else
+                  "sockets, pipes or devices" if kind == NOT_A_FILE else "no decoder")
+        why.setdefault(reason, []).append(f"{n:,} {'with no extension' if kind == NO_EXTENSION else kind}")
+    return "; ".join(f"{', '.join(kinds)} ({reason})" for reason, kinds in why.items())
+
+
+def kind_of(name: str) -> str:
+    """How a file passed over is counted: its extension in lower case ('.xmp'), or NO_EXTENSION."""
+    return os.path.splitext(name)[1].lower() or NO_EXTENSION
+
+
+def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False,
+                passed_over: Counter[str] | None = None) -> Iterator[FoundFile]:
+    """Every image file under `root` (by extension), depth first, in sorted order; what else it passes
+    over is counted into `passed_over` by kind (`kind_of`, or HIDDEN).
 
     Hidden files and folders (names starting with '.') are left out unless `include_hidden`; they are
     thumbnails caches, version control and macOS '._' metadata files far more often than photos.
     """
+    passed = passed_over if passed_over is not None else Counter()
     top = os.path.abspath(os.fspath(root))
     seen_dirs: set[tuple[int, int]] = set()
     stack = [top]
@@ -77,6 +105,7 @@ def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False) -> Ite
         subdirs = []
         for entry in entries:
             if not include_hidden and entry.name.startswith("."):
+                passed[HIDDEN] += 1
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
@@ -85,7 +114,9 @@ def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False) -> Ite
             if is_dir:
                 subdirs.append(entry.path)
                 continue
-            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            kind = kind_of(entry.name)
+            if kind not in IMAGE_EXTENSIONS:
+                passed[kind] += 1
                 continue
             try:
                 st = entry.stat(follow_symlinks=True)
@@ -98,6 +129,8 @@ def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False) -> Ite
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield FoundFile(entry.path, st.st_size, st.st_mtime_ns)
+            else:
+                passed[NOT_A_FILE] += 1
         stack.extend(reversed(subdirs))
 
 

@@ -37,7 +37,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,9 @@ _READ_CHUNK = 65536
 
 # a caption set stored beside the images (clipengine.index.texts); created in older indexes when first written
 TEXTS_SCHEMA = "CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE, vector BLOB NOT NULL)"
+# what the last walk of each folder passed over, by kind (clipengine.index.scan): created in older indexes when written
+NOT_INDEXED_SCHEMA = ("CREATE TABLE IF NOT EXISTS not_indexed "
+                      "(folder TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (folder, kind))")
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE vectors (
@@ -77,6 +80,7 @@ CREATE INDEX files_hash ON files(hash);
 CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
 INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
 {TEXTS_SCHEMA};
+{NOT_INDEXED_SCHEMA};
 """
 
 
@@ -311,6 +315,13 @@ class IndexStore:
         return list(self._conn.execute(
             "SELECT path, skip_reason FROM files WHERE skip_reason IS NOT NULL ORDER BY path"))
 
+    def not_indexed(self) -> dict[str, int]:
+        """What the walks of every folder passed over, by kind, most first."""
+        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'not_indexed'").fetchone():
+            return {}
+        return dict(self._conn.execute(
+            "SELECT kind, SUM(count) AS n FROM not_indexed GROUP BY kind ORDER BY n DESC, kind"))
+
     def folders(self) -> list[tuple[str, float]]:
         return list(self._conn.execute("SELECT path, indexed_at FROM folders ORDER BY path"))
 
@@ -507,10 +518,15 @@ class IndexStore:
             )
             self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
-    def record_folder(self, folder: str) -> None:
+    def record_folder(self, folder: str, not_indexed: Mapping[str, int] | None = None) -> None:
+        """Record a walk of `folder`, and what it passed over by kind (replacing the last walk's count)."""
         self._require_writable()
         with self._transaction():
             self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?)", (folder, time.time()))
+            self._conn.execute(NOT_INDEXED_SCHEMA)
+            self._conn.execute("DELETE FROM not_indexed WHERE folder = ?", (folder,))
+            self._conn.executemany("INSERT INTO not_indexed VALUES (?, ?, ?)",
+                                   ((folder, kind, n) for kind, n in (not_indexed or {}).items()))
 
     def drop_unused_vectors(self) -> int:
         """Delete embeddings no file refers to any more (kept until now so moved files could reuse them)."""

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clipengine.errors import BadInput
+from clipengine.formats import IMAGE_EXTENSIONS
 
 # what a weight prefix looks like: digits, dots, signs and exponents before the first colon ("2:", "-0.5:", "1e-1:")
 _WEIGHTISH = re.compile(r"^\s*[+-]?(?=[.\d])[\d.]*(?:[eE][+-]?\d*)?\s*$|^\s*[+-]?(?:nan|inf|infinity)\s*$", re.I)
@@ -68,11 +69,8 @@ def parse_term(spec: str, sign: float = 1.0) -> Term:
     if os.path.isfile(path):
         return Term(image=path, weight=weight)
     extension = os.path.splitext(spec.strip())[1].lower()
-    if extension:  # (images.py imports PIL: only a term that looks like a file name needs its list)
-        from clipengine.images import IMAGE_EXTENSIONS
-
-        if extension in IMAGE_EXTENSIONS:
-            raise BadInput(f"no such image file: {spec}")
+    if extension in IMAGE_EXTENSIONS:
+        raise BadInput(f"no such image file: {spec}")
     return Term(text=spec, weight=weight)
 
 
