@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 from conftest import write_bad_inputs
-
-from collections import Counter
 
 from clipengine.index.scan import FoundFile, describe_not_indexed, plan_update, scan_folder
 from clipengine.index.store import Recorded
