@@ -91,7 +91,8 @@ class ImageFiles(Dataset):
         digest = content_hash(data)
         if digest in self.known_hashes:
             return ImageEmbedding(path, hash=digest), None
-        result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size, transparency=self.transparency)
+        result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size, transparency=self.transparency,
+                            name=path)
         if not isinstance(result, Decoded):
             return ImageEmbedding(path, hash=digest, skip_reason=result.reason), None
         try:

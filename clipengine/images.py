@@ -9,11 +9,19 @@ Two choices keep decoding cheap and bounded: the pixel count is read from the he
 against a cap *before* any pixel is decoded, and a JPEG much larger than the model input is decoded at
 a reduced size by libjpeg's DCT scaling (`Image.draft`), which is several times faster and is what
 makes large photos affordable. Both happen before the image is ever held in memory at full size.
+
+Phone and camera formats go through maintained decoders, each loaded the first time a file needs it (a
+JPEG pays nothing): HEIC/HEIF through pillow-heif (its primary image, rotated as stored, 10/12-bit brought
+to 8), AVIF through Pillow's own decoder, JPEG XL through pillow-jxl-plugin, all recognised by their
+content whatever the file is called; camera RAW through LibRaw (rawpy), from the embedded JPEG preview
+when it is at least the model's input size, else demosaiced at half size. A missing decoder skips the
+file with the command that installs it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import os
 import struct
@@ -23,8 +31,9 @@ from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from clipengine.formats import RAW_EXTENSIONS
 from clipengine.sizes import DEFAULT_MAX_PIXELS
 
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
@@ -152,25 +161,77 @@ def _open_unguarded(fp: IO[bytes]) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+# decoders beyond Pillow's own: (module, what installs it, what it reads)
+_PLUGINS = {"HEIF": ("pillow_heif", "pillow-heif", "HEIC/HEIF"), "JXL": ("pillow_jxl", "pillow-jxl-plugin", "JPEG XL"),
+            "AVIF": ("pillow_avif", "pillow-avif-plugin", "AVIF")}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_ready: set[str] = set()
+
+
+def sniff(data: bytes) -> str | None:
+    """The format a file's first bytes announce, among those Pillow may need a plugin for: HEIF, AVIF, JXL."""
+    if data[4:8] == b"ftyp":
+        box = min(int.from_bytes(data[:4], "big"), 64)
+        brands = [data[8:12], *(data[i:i + 4] for i in range(16, box, 4))]
+        if brands[0] in (b"avif", b"avis"):
+            return "AVIF"
+        if _HEIF_BRANDS & set(brands):
+            return "HEIF"
+        if b"avif" in brands:
+            return "AVIF"
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JXL"
+    return None
+
+
+def _load_decoder(kind: str) -> Skipped | None:
+    """Make Pillow read `kind` (once per process), or say what to install."""
+    if kind in _ready:
+        return None
+    with _PIL_GUARD:
+        if kind not in _ready and not (kind == "AVIF" and features.check("avif")):  # Pillow >= 11.3 reads AVIF
+            module, package, name = _PLUGINS[kind]
+            try:
+                plugin = importlib.import_module(module)
+            except ImportError:
+                return Skipped(f"{name} needs its decoder: pip install {package}")
+            if kind == "HEIF":
+                plugin.register_heif_opener()
+        _ready.add(kind)
+    return None
+
+
 def open_image(
     source: str | os.PathLike | bytes,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: int | None = 224,
     transparency: str = WHITE,
+    name: str | None = None,
 ) -> Decoded | Skipped:
     """Decode an image file (or its bytes) to RGB, or return why it was skipped.
 
     `draft_size`: decode JPEGs at the smallest libjpeg scale (1/2, 1/4, 1/8) that keeps both sides at
-    least this many pixels; None decodes at full size, for exact reproduction.
+    least this many pixels (a RAW file's preview must be that large); None decodes at full size, for
+    exact reproduction.
     `max_pixels`: skip images that would need more pixels than this decoded (checked from the header).
     `transparency`: WHITE or DROP (see TRANSPARENCY).
+    `name`: the file name of `source` given as bytes (an upload), whose extension tells a RAW file.
     """
-    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_file(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data: bytes | Skipped = bytes(source)
+    else:
+        data, name = read_file(source), os.fspath(source)
     if isinstance(data, Skipped):
         return data
     if len(data) == 0:
         return Skipped("empty file")
+    if os.path.splitext(str(name or ""))[1].lower() in RAW_EXTENSIONS:
+        return _open_raw(data, max_pixels=max_pixels, draft_size=draft_size, transparency=transparency)
+    kind = sniff(data[:64])
+    missing = _load_decoder(kind) if kind else None
+    if missing:
+        return missing
     with io.BytesIO(data) as fp:
         try:
             img = _open_unguarded(fp)
@@ -193,3 +254,60 @@ def open_image(
         except MemoryError:
             return Skipped("not enough memory to decode")
     return Decoded(rgb, width, height)
+
+
+# LibRaw's flip: how the stored image must turn to be seen upright
+_FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
+
+
+def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transparency: str) -> Decoded | Skipped:
+    """A camera RAW file: its embedded JPEG preview when both its sides are at least `draft_size` (decoding
+    it costs a fraction of demosaicing), else the sensor data demosaiced by LibRaw at half size (full size
+    for an exact decode), with the camera's white balance. Either way turned upright as the file says."""
+    try:
+        import rawpy
+    except ImportError:
+        return Skipped("camera RAW needs its decoder: pip install rawpy")
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            sizes = raw.sizes
+            flip = sizes.flip
+            width, height = (sizes.height, sizes.width) if flip in (5, 6) else (sizes.width, sizes.height)
+            preview = _raw_preview(raw, draft_size, max_pixels, transparency)
+            if preview is not None:
+                image, turned = preview
+                if not turned and flip in _FLIP:
+                    image = image.transpose(_FLIP[flip])
+                return Decoded(image, width, height)
+            half = draft_size is not None
+            pixels = (sizes.width // 2) * (sizes.height // 2) if half else sizes.width * sizes.height
+            if pixels > max_pixels:
+                return Skipped(f"too large to decode safely: {width}x{height} "
+                               f"({_megapixels(pixels)} > {_megapixels(max_pixels)} cap, --max-pixels)")
+            rgb = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)  # turned upright by LibRaw
+            return Decoded(Image.fromarray(rgb, "RGB"), width, height)
+    except (rawpy.LibRawError, OSError, ValueError) as e:
+        return Skipped(f"corrupt or unsupported RAW file ({type(e).__name__})")
+    except MemoryError:
+        return Skipped("not enough memory to decode")
+
+
+def _raw_preview(raw, draft_size: int | None, max_pixels: int, transparency: str) -> tuple[Image.Image, bool] | None:
+    """The embedded JPEG preview, decoded, if it is large enough to stand for the photo; and whether its own
+    EXIF already turned it upright."""
+    import rawpy
+
+    if draft_size is None:
+        return None
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+        return None
+    if thumb.format != rawpy.ThumbFormat.JPEG:
+        return None
+    decoded = open_image(bytes(thumb.data), max_pixels=max_pixels, draft_size=draft_size, transparency=transparency)
+    if not isinstance(decoded, Decoded) or min(decoded.width, decoded.height) < draft_size:
+        return None
+    with Image.open(io.BytesIO(thumb.data)) as header:
+        turned = header.getexif().get(0x0112, 1) != 1
+    return decoded.image, turned

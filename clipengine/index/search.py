@@ -152,13 +152,14 @@ class Searcher:
             return stored
         return self._decoded_vector(path, str(image_path))
 
-    def image_bytes_vector(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
-        """The vector of an image given as bytes (an upload), decoded under the same pixel cap as indexing; or,
-        for the bytes of an indexed image, its stored vector (as `image_vector` gives for its path)."""
+    def image_bytes_vector(self, data: bytes, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
+        """The vector of an image given as bytes (an upload called `name`: its extension tells a camera RAW
+        file), decoded under the same pixel cap as indexing; or, for the bytes of an indexed image, its stored
+        vector (as `image_vector` gives for its path)."""
         from clipengine.images import content_hash
 
         stored = self.store.vector_of_content(content_hash(bytes(data)))
-        return stored if stored is not None else self._decoded_vector(data, "the uploaded image", max_pixels)
+        return stored if stored is not None else self._decoded_vector(data, "the uploaded image", max_pixels, name)
 
     def id_vector(self, file_id: int) -> np.ndarray:
         """The stored vector of an indexed file: "more like this" without reading the file."""
@@ -169,13 +170,14 @@ class Searcher:
             raise FileUnavailable(f"no searchable file has id {file_id} in this index")
         return vectors[0]
 
-    def _decoded_vector(self, source: str | bytes, what: str, max_pixels: int | None = None) -> np.ndarray:
+    def _decoded_vector(self, source: str | bytes, what: str, max_pixels: int | None = None,
+                        name: str | None = None) -> np.ndarray:
         from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, open_image  # PIL: not needed by text queries
 
         encoders = self.encoders
         onnx = encoders if encoders is not None and encoders.available("image") else None
         decoded = open_image(source, draft_size=onnx.image_size if onnx else self.model.image_size,  # as indexing does
-                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name)
         if not isinstance(decoded, Decoded):
             raise BadInput(f"cannot use {what} as a query: {decoded.reason}")
 

@@ -119,7 +119,7 @@ class PairDataset(Dataset):
         if cache and (image := cache.get(key)) is not None:
             return Decoded(image, image.width, image.height)
         decoded = open_image(data, max_pixels=self.max_pixels, transparency=self.transparency,
-                             draft_size=self.shrink.side if self.shrink else self.image_size)
+                             draft_size=self.shrink.side if self.shrink else self.image_size, name=describe_ref(ref))
         if isinstance(decoded, Decoded) and self.shrink:
             decoded = Decoded(self.shrink(decoded.image), decoded.width, decoded.height)
             if cache:

@@ -53,7 +53,7 @@ async def search_image(file: Annotated[UploadFile, File(description="An image fi
 
     def run() -> list[dict]:
         with served.open() as searcher:
-            vector = searcher.image_bytes_vector(data, running.config.max_pixels)
+            vector = searcher.image_bytes_vector(data, running.config.max_pixels, file.filename)
             return [h.to_dict() for h in searcher.search_vector(vector, k, where)]
 
     return await anyio.to_thread.run_sync(run)
