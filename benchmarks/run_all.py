@@ -2,6 +2,7 @@
 
 Runs, each in its own process and side by side with its baseline:
   bench_index.py   embedding throughput (ours vs the naive loop vs the model alone), memory, no-op re-index
+  bench_formats.py  12 MP HEIC against the same pictures as JPEG; camera RAW demosaiced against a preview
   bench_search.py  search latency (ours vs numpy brute force)
   bench_cold_search.py  `clipengine search` in a fresh process: the ONNX query path vs the torch one, where the time goes
   bench_serve.py   `clipengine serve`: warm queries through HTTP, throughput by clients, the CLI through a service
@@ -35,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
-BENCHMARKS = ("index", "search", "cold_search", "serve", "duplicates", "embed_runtime", "export", "ann", "train", "recall")
+BENCHMARKS = ("index", "formats", "search", "cold_search", "serve", "duplicates", "embed_runtime", "export", "ann", "train", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -67,6 +68,16 @@ def markdown(results: dict) -> str:
                               f"{r['ours_vs_naive']:.2f}x naive, {r['ours_vs_ceiling']:.2f}x model alone"))
         for n, s in results["index"]["noop_reindex_seconds"].items():
             lines.append(_row(f"re-index {n} unchanged files", f"{s:.2f} s", "", ""))
+    if "formats" in results:
+        f = results["formats"]
+        d, idx = f["decode_ms"], f["index_images_per_second_tiny"]
+        lines.append(_row("decode a 12 MP HEIC (draft to 224 px), per image", f"{d['heic']:.0f} ms",
+                          f"the same picture as JPEG {d['jpeg']:.0f} ms", f"{f['heic_over_jpeg_decode']:.2f}x the JPEG's"))
+        lines.append(_row("index 12 MP HEIC, tiny model, 2 workers", f"{idx['heic']:.1f} img/s",
+                          f"the same pictures as JPEG {idx['jpeg']:.1f} img/s", f"{idx['heic'] / idx['jpeg']:.2f}x"))
+        lines.append(_row("a 24 MP camera RAW file without a usable preview: LibRaw's half-size demosaic",
+                          f"{d['raw']:.0f} ms", f"decoding a 1620x1080 preview {d['preview']:.0f} ms",
+                          f"{f['raw_demosaic_over_preview']:.0f}x the preview's"))
     if "search" in results:
         s = results["search"]
         lines.append(_row(f"search {s['vectors']:,} vectors (dim {s['dim']}, k={s['k']}), per query",
@@ -163,6 +174,10 @@ SECTIONS = {
               "faiss) against the naive loop (PIL open, open_clip preprocess, model, one image at a time) and against the "
               "model alone on ready tensors, ViT-B-32 with random weights (they cost what trained ones do), batch 32, "
               "2 decode workers, medians of 3 interleaved rounds; and `clipengine index` over an unchanged folder."),
+    "formats": ("Phone and camera formats", "`open_image` as indexing calls it on 12 MP photo-like pictures "
+                "saved as JPEG and as HEIC, and on 24 MP DNG files without a preview against the JPEG preview a "
+                "camera embeds, rounds interleaved; then `index_folder` with the tiny model, where decoding "
+                "dominates."),
     "search": ("Search in a running process", "`Searcher.search_vector` over an exact index against numpy's brute "
                "force on the same vectors."),
     "cold_search": ("A search in a fresh process", "`clipengine search` as a user runs it (fresh processes, "

@@ -1,4 +1,5 @@
-"""Folders of photo-like images and embedding-like vectors, so that tests and benchmarks need no dataset.
+"""Folders of photo-like images, embedding-like vectors and camera RAW files, so that tests and benchmarks need
+no dataset.
 
 The pictures are `clipengine.scenes.photo_like` (which export also verifies towers on): distinct per
 seed, with realistic JPEG sizes (a 12-megapixel one is a few megabytes) and decoding cost. Benchmarks
@@ -56,3 +57,29 @@ def clustered_unit_vectors(n: int, dim: int = 512, *, clusters: int | None = Non
         block = centres[which] + rng.standard_normal((m, dim)) * (spread / np.sqrt(dim))
         out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
+
+
+def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -> np.ndarray:
+    """A DNG as a camera writes one (an RGGB Bayer mosaic, 12 bits), through PiDNG: top half red, bottom blue."""
+    from pidng.core import RAW2DNG, DNGTags, Tag
+    from pidng.defs import CalibrationIlluminant, CFAPattern, DNGVersion, PhotometricInterpretation
+
+    mosaic = np.full((height, width), 64, np.uint16)
+    mosaic[: height // 2, 0::2][0::2] = 4000  # R sites (even row, even column) in the top half
+    mosaic[height // 2:, 1::2][1::2] = 4000  # B sites (odd row, odd column) in the bottom half
+    tags = DNGTags()
+    for tag, value in ((Tag.ImageWidth, width), (Tag.ImageLength, height), (Tag.TileWidth, width),
+                       (Tag.TileLength, height), (Tag.Orientation, orientation),
+                       (Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array),
+                       (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, 16), (Tag.CFARepeatPatternDim, [2, 2]),
+                       (Tag.CFAPattern, CFAPattern.RGGB), (Tag.BlackLevel, 0), (Tag.WhiteLevel, 4095),
+                       (Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]),
+                       (Tag.CalibrationIlluminant1, CalibrationIlluminant.D65), (Tag.AsShotNeutral, [[1, 1]] * 3),
+                       (Tag.DNGVersion, DNGVersion.V1_4), (Tag.DNGBackwardVersion, DNGVersion.V1_2),
+                       (Tag.Make, "clipengine"), (Tag.Model, "test")):
+        tags.set(tag, value)
+    writer = RAW2DNG()
+    writer.options(tags, path=str(path.parent), compress=False)
+    writer.convert(mosaic, filename=path.stem)
+    path.parent.joinpath(path.stem + ".dng").rename(path)  # PiDNG names it .dng; a camera's own extension may differ
+    return mosaic

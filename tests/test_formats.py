@@ -8,10 +8,12 @@ from __future__ import annotations
 import io
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import write_dng
 
 from clipengine import images
 from clipengine.images import Decoded, Skipped, open_image
@@ -114,32 +116,6 @@ def test_a_missing_decoder_is_a_skip_that_names_the_fix(tmp_path, monkeypatch):
 
 
 # ---- camera RAW ----------------------------------------------------------------------------------
-
-
-def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -> np.ndarray:
-    """A DNG as a camera writes one (an RGGB Bayer mosaic, 12 bits), through PiDNG: top half red, bottom blue."""
-    from pidng.core import RAW2DNG, DNGTags, Tag
-    from pidng.defs import CalibrationIlluminant, CFAPattern, DNGVersion, PhotometricInterpretation
-
-    mosaic = np.full((height, width), 64, np.uint16)
-    mosaic[: height // 2, 0::2][0::2] = 4000  # R sites (even row, even column) in the top half
-    mosaic[height // 2:, 1::2][1::2] = 4000  # B sites (odd row, odd column) in the bottom half
-    tags = DNGTags()
-    for tag, value in ((Tag.ImageWidth, width), (Tag.ImageLength, height), (Tag.TileWidth, width),
-                       (Tag.TileLength, height), (Tag.Orientation, orientation),
-                       (Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array),
-                       (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, 16), (Tag.CFARepeatPatternDim, [2, 2]),
-                       (Tag.CFAPattern, CFAPattern.RGGB), (Tag.BlackLevel, 0), (Tag.WhiteLevel, 4095),
-                       (Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]),
-                       (Tag.CalibrationIlluminant1, CalibrationIlluminant.D65), (Tag.AsShotNeutral, [[1, 1]] * 3),
-                       (Tag.DNGVersion, DNGVersion.V1_4), (Tag.DNGBackwardVersion, DNGVersion.V1_2),
-                       (Tag.Make, "clipengine"), (Tag.Model, "test")):
-        tags.set(tag, value)
-    writer = RAW2DNG()
-    writer.options(tags, path=str(path.parent), compress=False)
-    writer.convert(mosaic, filename=path.stem)
-    path.parent.joinpath(path.stem + ".dng").rename(path)  # PiDNG names it .dng; a camera's own extension may differ
-    return mosaic
 
 
 def test_a_raw_file_without_a_preview_is_demosaiced_upright(tmp_path):
@@ -245,6 +221,14 @@ def test_a_phone_and_camera_folder_indexes_completely_and_searches(tmp_path, tin
     with TestClient(create_app(ServiceConfig({"phone": tmp_path / "idx"}))) as client:
         thumbnail = client.get(f"/api/thumbnail/{heic.id}", params={"size": 128})
         assert thumbnail.status_code == 200 and Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
+        ids = {Path(h["path"]).name: h["id"] for h in client.get("/api/search", params={"q": "a photo", "k": 10}).json()}
+        view = client.get(f"/api/view/{ids['IMG_0002.HEIC']}")  # browsers cannot show HEIC: a JPEG rendering
+        assert view.status_code == 200 and Image.open(io.BytesIO(view.content)).format == "JPEG"
+        assert Image.open(io.BytesIO(view.content)).size == (320, 240)
+        original = client.get(f"/api/file/{ids['IMG_0002.HEIC']}")
+        assert original.content == (folder / "IMG_0002.HEIC").read_bytes()  # the original stays downloadable
+        as_is = client.get(f"/api/view/{ids['IMG_0001.JPG']}")
+        assert as_is.content == (folder / "IMG_0001.JPG").read_bytes()  # a JPEG is shown as it is
         raw = (folder / "DSC_0006.NEF").read_bytes()
         changed = raw[:-1] + bytes([raw[-1] ^ 1])  # not the indexed bytes: decoded, as a RAW file by its name
         hits = client.post("/api/search/image", files={"file": ("DSC_0006.NEF", changed, "image/x-nikon-nef")}).json()

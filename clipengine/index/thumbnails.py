@@ -18,7 +18,10 @@ from clipengine.index.location import THUMBNAILS_DIR
 from clipengine.index.store import FileRow, IndexStore
 
 SIZES = (128, 256, 512)  # the sides offered: a handful, so that the cache holds few versions of a file
+VIEW_SIZE = 2048  # a rendering to look at, for a file whose format browsers do not display
 QUALITY = 85
+# what every browser displays as it is: a file of another format (HEIC, JPEG XL, RAW, TIFF) is shown as a JPEG
+BROWSER_FORMATS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".avif", ".bmp"})
 
 
 class FileUnavailable(ClipEngineError):
@@ -39,10 +42,23 @@ def indexed_file(store: IndexStore, file_id: int) -> FileRow:
     return row
 
 
+def viewable(store: IndexStore, file_id: int) -> Path:
+    """What a browser can show of an indexed file: the file itself, or a JPEG rendering of it (at most
+    VIEW_SIZE a side, made once) when browsers cannot display its format."""
+    row = indexed_file(store, file_id)
+    if os.path.splitext(row.path)[1].lower() in BROWSER_FORMATS:
+        return Path(row.path)
+    return _rendered(store, row, VIEW_SIZE)
+
+
 def thumbnail(store: IndexStore, file_id: int, size: int = 256) -> Path:
     """The JPEG thumbnail of an indexed file, at most `size` pixels a side (rounded up to one of SIZES)."""
     side = next((s for s in SIZES if s >= size), SIZES[-1])
-    row = indexed_file(store, file_id)
+    return _rendered(store, indexed_file(store, file_id), side)
+
+
+def _rendered(store: IndexStore, row: FileRow, side: int) -> Path:
+    """A JPEG of the file at most `side` pixels a side, made once and kept in the index's thumbnails/."""
     folder = store.path / THUMBNAILS_DIR
     path = folder / f"{row.id}-{side}.jpg"  # ids are never reused: a changed file gets a new id and a new name
     if path.is_file():
@@ -51,7 +67,7 @@ def thumbnail(store: IndexStore, file_id: int, size: int = 256) -> Path:
 
     decoded = open_image(row.path, draft_size=side)
     if not isinstance(decoded, Decoded):
-        raise FileUnavailable(f"file {file_id} cannot be decoded any more: {decoded.reason}")
+        raise FileUnavailable(f"file {row.id} cannot be decoded any more: {decoded.reason}")
     image = decoded.image
     image.thumbnail((side, side))
     buffer = io.BytesIO()

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from clipengine.index.thumbnails import indexed_file, thumbnail
+from clipengine.index.thumbnails import indexed_file, thumbnail, viewable
 from clipengine.serve.deps import AUTHORISED, Served
 
 router = APIRouter(prefix="/api", tags=["files"], dependencies=AUTHORISED)
@@ -20,6 +20,15 @@ def get_thumbnail(file_id: int, served: Served, size: Annotated[int, Query(ge=16
     with served.lock:
         path = thumbnail(served.searcher.store, file_id, size)
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/view/{file_id}", response_class=FileResponse)
+def get_view(file_id: int, served: Served) -> FileResponse:
+    """The file to look at in a browser: the original, or a JPEG rendering of a format browsers do not display
+    (HEIC, JPEG XL, camera RAW, TIFF); /api/file/ID is always the original."""
+    with served.lock:
+        path = viewable(served.searcher.store, file_id)
+    return FileResponse(path, content_disposition_type="inline")
 
 
 @router.get("/file/{file_id}", response_class=FileResponse)

@@ -39,12 +39,13 @@ function render(hits, what, started) {
     img.height = 256;
     const meta = document.createElement("span");
     meta.className = "meta";
-    const original = `/api/file/${hit.id}?` + new URLSearchParams(state.index ? { index: state.index } : {});
+    const which = new URLSearchParams(state.index ? { index: state.index } : {});
     meta.innerHTML = `<span class="score">${hit.rank}. ${hit.score.toFixed(3)}</span> ` +
-      `<a href="${original}" target="_blank" rel="noopener" tabindex="-1">open</a>` +
+      `<a class="view" href="/api/view/${hit.id}?${which}" target="_blank" rel="noopener" tabindex="-1">open</a> ` +
+      `<a class="original" href="/api/file/${hit.id}?${which}" download tabindex="-1">original</a>` +
       `<span class="path"></span>`;
     meta.querySelector(".path").textContent = hit.path;
-    meta.querySelector("a").addEventListener("click", (e) => e.stopPropagation());
+    meta.querySelectorAll("a").forEach((a) => a.addEventListener("click", (e) => e.stopPropagation()));
     card.append(img, meta);
     card.addEventListener("click", () => similar(hit.id, hit.path));
     results.append(card);
