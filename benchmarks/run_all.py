@@ -177,7 +177,9 @@ SECTIONS = {
     "formats": ("Phone and camera formats", "`open_image` as indexing calls it on 12 MP photo-like pictures "
                 "saved as JPEG and as HEIC, and on 24 MP DNG files without a preview against the JPEG preview a "
                 "camera embeds, rounds interleaved; then `index_folder` with the tiny model, where decoding "
-                "dominates."),
+                "dominates. pillow-heif writes each picture as one HEVC image, which libheif decodes on one "
+                "thread: a phone's HEIC is a grid of tiles decoded in parallel, so this is the slow case. PiDNG's "
+                "DNGs are uncompressed: a camera's compressed RAW costs more to unpack."),
     "search": ("Search in a running process", "`Searcher.search_vector` over an exact index against numpy's brute "
                "force on the same vectors."),
     "cold_search": ("A search in a fresh process", "`clipengine search` as a user runs it (fresh processes, "

@@ -317,7 +317,7 @@ class IndexStore:
 
     def not_indexed(self) -> dict[str, int]:
         """What the walks of every folder passed over, by kind, most first."""
-        if not self._conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'not_indexed'").fetchone():
+        if not self._has_table("not_indexed"):
             return {}
         return dict(self._conn.execute(
             "SELECT kind, SUM(count) AS n FROM not_indexed GROUP BY kind ORDER BY n DESC, kind"))
@@ -431,8 +431,10 @@ class IndexStore:
 
     # ---- a caption set (clipengine.index.texts) -------------------------------------------------
 
-    def _has_texts(self) -> bool:
-        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'texts'").fetchone() is not None
+    def _has_table(self, name: str) -> bool:
+        """Whether a table added since the first format exists (an older index gets it when first written)."""
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                  (name,)).fetchone() is not None
 
     @property
     def texts_generation(self) -> int:
@@ -440,10 +442,10 @@ class IndexStore:
         return int(self.read_meta("texts_generation") or 0)
 
     def text_count(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0] if self._has_texts() else 0
+        return self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0] if self._has_table("texts") else 0
 
     def known_texts(self) -> set[str]:
-        return {t for (t,) in self._conn.execute("SELECT text FROM texts")} if self._has_texts() else set()
+        return {t for (t,) in self._conn.execute("SELECT text FROM texts")} if self._has_table("texts") else set()
 
     def add_texts(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Store new texts with their embeddings, in one transaction (texts already stored are refused)."""
@@ -457,7 +459,7 @@ class IndexStore:
 
     def text_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of the caption set in chunks, in id order."""
-        if not self._has_texts():
+        if not self._has_table("texts"):
             return
         cursor = self._conn.execute("SELECT id, vector FROM texts ORDER BY id")
         while batch := cursor.fetchmany(_READ_CHUNK):
