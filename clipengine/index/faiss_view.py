@@ -34,6 +34,13 @@ from clipengine.progress import StageProgress
 STATE_KEY = "faiss_state"
 GENERATION_KEY = "faiss_generation"
 RETUNE_AFTER = 0.2  # re-tune the depth once the count has moved by this fraction since the last tuning
+# the policy's settings where the index names none: half the RAM, the automatic choice, recall@10 0.95
+DEFAULT_POLICY = {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL}
+
+
+def _section(policy: dict) -> dict:
+    """The manifest's "faiss" section for a resolved policy (vectors are normalised: inner product is cosine)."""
+    return {"faiss_metric": "inner_product", "policy": policy}
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,7 @@ class FaissPolicy:
     def section(self, dim: int) -> dict:
         """The manifest's "faiss" section for a new index under this policy (defaults where it says None)."""
         self.check(dim)
-        return {"faiss_metric": "inner_product",
-                "policy": {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL, **self.changes()}}
+        return _section({**DEFAULT_POLICY, **self.changes()})
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,8 @@ class SearchStructure:
     def policy(self) -> dict:
         """How the structure is chosen: a memory budget (bytes; None: half the RAM), a factory string that
         overrides the choice, and the recall@10 that tuning must reach."""
-        policy = self.store.manifest.get("faiss", {}).get("policy", {})
-        return {"memory_budget": policy.get("memory_budget"), "factory": policy.get("factory"),
-                "target_recall": policy.get("target_recall", ann.TARGET_RECALL)}
+        recorded = self.store.manifest.get("faiss", {}).get("policy", {})
+        return {key: recorded.get(key, default) for key, default in DEFAULT_POLICY.items()}
 
     def set_policy(self, policy: FaissPolicy) -> bool:
         """Lay `policy` over the index's (its None fields leave a setting alone). Returns whether it changed;
@@ -167,8 +172,7 @@ class SearchStructure:
         new = {**self.policy, **policy.changes()}
         if new == self.policy:
             return False
-        self.store.set_manifest_section("faiss", {"faiss_metric": "inner_product",
-                                                  **self.store.manifest.get("faiss", {}), "policy": new})
+        self.store.set_manifest_section("faiss", {**self.store.manifest.get("faiss", {}), **_section(new)})
         return True
 
     @property
