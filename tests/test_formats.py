@@ -233,3 +233,20 @@ def test_a_phone_and_camera_folder_indexes_completely_and_searches(tmp_path, tin
         changed = raw[:-1] + bytes([raw[-1] ^ 1])  # not the indexed bytes: decoded, as a RAW file by its name
         hits = client.post("/api/search/image", files={"file": ("DSC_0006.NEF", changed, "image/x-nikon-nef")}).json()
         assert hits[0]["path"] == str(folder / "DSC_0006.NEF") and hits[0]["score"] > 0.99
+
+
+def test_an_image_a_search_sends_to_a_running_service_carries_its_name(tmp_path, monkeypatch):
+    """The service tells a camera RAW upload by its name: `clipengine search --image DSC_0006.NEF` through a
+    running service sends the file's own name (quoted for the header), not a placeholder."""
+    from clipengine.index import service
+
+    sent: list[bytes] = []
+
+    def request(url, path, token, data=None, content_type=None) -> list:
+        sent.append(data)
+        return []
+
+    monkeypatch.setattr(service, "_request", request)
+    (tmp_path / "DSC 0006.NEF").write_bytes(b"raw bytes")
+    assert service.search(service.Service("http://127.0.0.1:1", None, "phone"), image=tmp_path / "DSC 0006.NEF") == []
+    assert b'filename="DSC%200006.NEF"' in sent[0] and b"raw bytes" in sent[0]

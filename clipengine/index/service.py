@@ -101,7 +101,9 @@ def search(service: Service, *, text: str | None = None, image: Path | None = No
             hits = _request(service.url, "/api/search?" + urllib.parse.urlencode({"q": text, **query}), service.token)
         elif image is not None:
             boundary = uuid.uuid4().hex
-            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"query\"\r\n"
+            # its name goes with it: the extension is what tells a camera RAW file (clipengine.images.open_image)
+            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                    f"filename=\"{urllib.parse.quote(image.name)}\"\r\n"
                     f"Content-Type: application/octet-stream\r\n\r\n").encode() + image.read_bytes() + \
                 f"\r\n--{boundary}--\r\n".encode()
             hits = _request(service.url, "/api/search/image?" + urllib.parse.urlencode(query), service.token, body,
