@@ -14,6 +14,7 @@ batch of vectors is handed to the caller before the next is computed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
+from clipengine.formats import DEFAULT_SAMPLING, VIDEO_EXTENSIONS, VideoSampling
 from clipengine.images import (
     DEFAULT_MAX_PIXELS,
     WHITE,
@@ -33,15 +35,19 @@ from clipengine.images import (
     Skipped,
     content_hash,
     describe_ref,
+    file_content_hash,
     open_image,
     read_image_bytes,
 )
 from clipengine.models import LoadedModel
+from clipengine.video import DecodedVideo, open_video
 
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """One file's outcome. Exactly one of: a vector, a skip reason, or `reused` (its hash is known)."""
+    """One file's outcome. Exactly one of: a vector, a skip reason, or `reused` (its hash is known). A video's
+    vector is the mean of its frames' (normalised); `frames` are their moments in seconds, `frame_vectors`
+    their embeddings."""
 
     path: str
     hash: str | None = None
@@ -49,6 +55,8 @@ class ImageEmbedding:
     height: int = 0
     vector: np.ndarray | None = None
     skip_reason: str | None = None
+    frames: tuple[float, ...] = ()
+    frame_vectors: np.ndarray | None = None
 
     @property
     def reused(self) -> bool:
@@ -68,24 +76,35 @@ def split_transform(transform: Compose) -> tuple[Compose, Normalize]:
     return Compose([*steps[:cut], PILToTensor()]), steps[-1]
 
 
+def is_video(ref: ImageRef) -> bool:
+    return isinstance(ref, str) and os.path.splitext(ref)[1].lower() in VIDEO_EXTENSIONS
+
+
 class ImageFiles(Dataset):
-    """Reads, hashes, decodes and resizes one file (or tar member) per item; never raises for a bad file."""
+    """Reads, hashes, decodes and resizes one file (or tar member) per item; never raises for a bad file.
+    An item's pixels are (n, 3, H, W) uint8: n = 1 for an image, the kept frames of a video."""
 
     def __init__(self, paths: Sequence[ImageRef], pixel_transform: Callable, *, known_hashes: Collection[str] = (),
-                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224, transparency: str = WHITE):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = 224, transparency: str = WHITE,
+                 video: VideoSampling = DEFAULT_SAMPLING):
         self.paths = paths
         self.pixel_transform = pixel_transform
         self.known_hashes = known_hashes
         self.max_pixels = max_pixels
         self.draft_size = draft_size
         self.transparency = transparency
+        self.video = video
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[ImageEmbedding, torch.Tensor | None]:
-        path = describe_ref(self.paths[i])
-        data = read_image_bytes(self.paths[i])
+        ref = self.paths[i]
+        if is_video(ref):
+            assert isinstance(ref, str)
+            return self._video(ref)
+        path = describe_ref(ref)
+        data = read_image_bytes(ref)
         if isinstance(data, Skipped):
             return ImageEmbedding(path, skip_reason=data.reason), None
         digest = content_hash(data)
@@ -96,15 +115,31 @@ class ImageFiles(Dataset):
         if not isinstance(result, Decoded):
             return ImageEmbedding(path, hash=digest, skip_reason=result.reason), None
         try:
-            pixels = self.pixel_transform(result.image)
+            pixels = self.pixel_transform(result.image)[None]
         except Exception as e:  # a transform failing on a decoded image is still one bad file
             return ImageEmbedding(path, hash=digest, skip_reason=f"preprocessing failed ({e})"), None
         return ImageEmbedding(path, hash=digest, width=result.width, height=result.height), pixels
 
+    def _video(self, path: str) -> tuple[ImageEmbedding, torch.Tensor | None]:
+        digest = file_content_hash(path)  # read in pieces: a video may be far larger than memory
+        if isinstance(digest, Skipped):
+            return ImageEmbedding(path, skip_reason=digest.reason), None
+        if digest in self.known_hashes:
+            return ImageEmbedding(path, hash=digest), None
+        result = open_video(path, self.video, max_pixels=self.max_pixels, draft_size=self.draft_size)
+        if not isinstance(result, DecodedVideo):
+            return ImageEmbedding(path, hash=digest, skip_reason=result.reason), None
+        try:
+            pixels = torch.stack([self.pixel_transform(frame.image) for frame in result.frames])
+        except Exception as e:
+            return ImageEmbedding(path, hash=digest, skip_reason=f"preprocessing failed ({e})"), None
+        return ImageEmbedding(path, hash=digest, width=result.width, height=result.height,
+                              frames=tuple(f.seconds for f in result.frames)), pixels
+
 
 def _collate(items: list) -> tuple[list[ImageEmbedding], torch.Tensor | None]:
     pixels = [p for _, p in items if p is not None]
-    return [m for m, _ in items], (torch.stack(pixels) if pixels else None)
+    return [m for m, _ in items], (torch.cat(pixels) if pixels else None)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -159,18 +194,20 @@ def embed_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     exact_decode: bool = False,
     transparency: str = WHITE,
+    video: VideoSampling = DEFAULT_SAMPLING,
 ) -> Iterator[list[ImageEmbedding]]:
-    """Embed image files in batches, yielding each batch's outcomes in input order.
+    """Embed image (and video) files in batches, yielding each batch's outcomes in input order.
 
     Files whose content hash is in `known_hashes` are hashed but not decoded (their vector exists).
     `exact_decode=True` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing;
-    `transparency` DROP treats alpha as open_clip does (clipengine.images.TRANSPARENCY).
+    `transparency` DROP treats alpha as open_clip does (clipengine.images.TRANSPARENCY); `video` says how a
+    video becomes frames. A batch holds `batch_size` files; the model sees at most `batch_size` pictures at once.
     """
     if not paths:
         return
     pixel_transform, normalize = split_transform(model.image_transform())
     dataset = ImageFiles(paths, pixel_transform, known_hashes=known_hashes, max_pixels=max_pixels,
-                         draft_size=None if exact_decode else model.image_size, transparency=transparency)
+                         draft_size=None if exact_decode else model.image_size, transparency=transparency, video=video)
     workers = default_workers(model.device) if workers is None else workers
     loader = DataLoader(
         dataset,
@@ -181,15 +218,30 @@ def embed_images(
         prefetch_factor=4 if workers else None,
     )
     to_device = PixelNormalizer(normalize, model.device)
+    step = loader.batch_size or 1
     for metas, pixels in loader:
         if pixels is not None:
-            vectors = iter(encode_pixels(model, to_device(pixels)))
-            metas = [
-                m if m.skip_reason or m.hash in known_hashes else
-                ImageEmbedding(m.path, m.hash, m.width, m.height, vector=next(vectors))
-                for m in metas
-            ]
+            vectors = np.concatenate([encode_pixels(model, to_device(pixels[i:i + step]))
+                                      for i in range(0, len(pixels), step)])
+            metas = list(_with_vectors(metas, vectors, known_hashes))
         yield metas
+
+
+def _with_vectors(metas: list[ImageEmbedding], vectors: np.ndarray, known_hashes: Collection[str]
+                  ) -> Iterator[ImageEmbedding]:
+    """Hand each decoded file its rows of `vectors` (one for an image, one per frame for a video)."""
+    row = 0
+    for m in metas:
+        if m.skip_reason or m.hash in known_hashes:
+            yield m
+        elif m.frames:
+            frames = vectors[row:row + len(m.frames)]
+            row += len(m.frames)
+            mean = frames.mean(axis=0)
+            yield dataclasses.replace(m, vector=mean / np.linalg.norm(mean), frame_vectors=frames)
+        else:
+            yield dataclasses.replace(m, vector=vectors[row])
+            row += 1
 
 
 def embed_pil_images(model: LoadedModel, images: Sequence[Image.Image]) -> np.ndarray:

@@ -62,7 +62,8 @@ class Skipped:
     reason: str
 
 
-def _megapixels(n: int) -> str:
+def megapixels(n: int) -> str:
+    """A pixel count as people say it: '24 MP', '2.1 MP'."""
     return f"{n / 1e6:.0f} MP" if n >= 10**7 else f"{n / 1e6:.1f} MP"
 
 
@@ -127,6 +128,20 @@ def content_hash(data: bytes) -> str:
     """A file's content identity: the index keys vectors by it, so a moved, copied or uploaded image that is
     already indexed needs no decoding."""
     return hashlib.sha256(data).hexdigest()
+
+
+def file_content_hash(path: str | os.PathLike) -> str | Skipped:
+    """`content_hash` of a file too large to hold (a video), read in pieces: the same digest as of its bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return Skipped("file disappeared before it could be read")
+    except OSError as e:
+        return Skipped(f"cannot read file: {e.strerror or e}")
+    return digest.hexdigest()
 
 
 def describe_ref(ref: ImageRef) -> str:
@@ -241,7 +256,7 @@ def open_image(
             decoded_pixels = img.size[0] * img.size[1]
             if decoded_pixels > max_pixels:
                 return Skipped(f"too large to decode safely: {full_size[0]}x{full_size[1]} "
-                               f"({_megapixels(decoded_pixels)} > {_megapixels(max_pixels)} cap, --max-pixels)")
+                               f"({megapixels(decoded_pixels)} > {megapixels(max_pixels)} cap, --max-pixels)")
             width, height = _oriented_size(img, full_size)
             img.load()  # decodes the first frame of animated images
             img = ImageOps.exif_transpose(img) or img
@@ -283,7 +298,7 @@ def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transpare
             pixels = (sizes.width // 2) * (sizes.height // 2) if half else sizes.width * sizes.height
             if pixels > max_pixels:
                 return Skipped(f"too large to decode safely: {width}x{height} "
-                               f"({_megapixels(pixels)} > {_megapixels(max_pixels)} cap, --max-pixels)")
+                               f"({megapixels(pixels)} > {megapixels(max_pixels)} cap, --max-pixels)")
             rgb = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)  # turned upright by LibRaw
             return Decoded(Image.fromarray(rgb, "RGB"), width, height)
     except (rawpy.LibRawError, OSError, ValueError) as e:

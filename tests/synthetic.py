@@ -83,3 +83,44 @@ def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -
     writer.convert(mosaic, filename=path.stem)
     path.parent.joinpath(path.stem + ".dng").rename(path)  # PiDNG names it .dng; a camera's own extension may differ
     return mosaic
+
+
+def write_video(path, segments, *, fps: int = 10, size: tuple[int, int] = (160, 120), codec: str | None = None,
+                gop: int | None = None, rotation: int | None = None, truncate: int | None = None) -> list[float]:
+    """A video whose content is known per second, through PyAV's own encoder: `segments` is a list of
+    (seconds, picture), a picture being an RGB colour, a PIL image (stretched to `size`) or None (black).
+    Each picture moves a little every frame, as a camera does. `gop`: frames between keyframes (default one
+    second); `rotation`: the display matrix a phone writes (counter-clockwise degrees); `truncate`: keep only
+    this many bytes (a copy cut short). Returns each segment's start in seconds."""
+    import av
+    from PIL import Image
+
+    codec = codec or ("libvpx-vp9" if str(path).endswith(".webm") else "libx264")
+    starts, t = [], 0.0
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop or fps
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for seconds, picture in segments:
+            starts.append(t)
+            t += seconds
+            if picture is None:
+                base = np.zeros((size[1], size[0], 3), np.uint8)
+            elif isinstance(picture, tuple):
+                base = np.empty((size[1], size[0], 3), np.uint8)
+                base[...] = picture
+                base[size[1] // 3: 2 * size[1] // 3, size[0] // 3: 2 * size[0] // 3] = [255 - c for c in picture]
+            else:
+                base = np.asarray(picture.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+            for i in range(int(round(seconds * fps))):
+                shifted = np.roll(base, i % 8, axis=1) if picture is not None else base
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(shifted), format="rgb24")):
+                    container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    if truncate is not None:
+        os.truncate(path, truncate)
+    return starts

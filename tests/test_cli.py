@@ -217,13 +217,14 @@ def test_what_index_passes_over_is_counted_in_its_report_and_in_info(indexed):
     (indexed / "a" / "IMG_0001.xmp").write_text("<x/>")
     (indexed / "a" / "clip.mp4").write_bytes(b"\x00" * 64)
     (indexed / ".thumbs").mkdir()
-    report = json.loads(run("index", indexed, "--index", "photos", "--json").stdout)
+    report = json.loads(run("index", indexed, "--index", "photos", "--json", "--no-video").stdout)
     assert report["not_indexed"] == {".xmp": 2, ".mp4": 1, "hidden": 1} and report["unchanged"] == 12
-    text = run("index", indexed, "--index", "photos").stdout
-    assert "not indexed: 2 .xmp (no decoder); 1 .mp4 (videos are not indexed yet); 1 hidden" in text
+    text = run("index", indexed, "--index", "photos", "--no-video").stdout
+    assert "not indexed: 2 .xmp (no decoder); 1 .mp4 (--no-video); 1 hidden" in text
     assert json.loads(run("info", "--index", "photos", "--json").stdout)["not_indexed"] == report["not_indexed"]
     (indexed / "notes.xmp").unlink()  # the next walk's count replaces the last one's
     assert json.loads(run("info", "--index", "photos", "--json").stdout)["not_indexed"][".xmp"] == 2
-    run("index", indexed, "--index", "photos")
+    run("index", indexed, "--index", "photos")  # videos indexed (this one is no video: skipped with its reason)
     info = run("info", "--index", "photos").stdout
-    assert "not indexed: " in info and "1 .xmp (no decoder)" in info and "2 .xmp" not in info
+    assert "not indexed: " in info and "1 .xmp (no decoder)" in info and "2 .xmp" not in info and ".mp4" not in info
+    assert "clip.mp4" in info and "not a readable video" in info

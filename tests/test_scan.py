@@ -37,12 +37,13 @@ def test_everything_the_walk_passes_over_is_counted_by_kind(tmp_path):
     (tmp_path / ".git" / "x.jpg").write_bytes(b"x")  # inside a hidden folder: the folder is what is passed over
     os.mkfifo(tmp_path / "pipe.jpg")  # named like an image, and not a file
     passed: Counter[str] = Counter()
-    assert [os.path.basename(f.path) for f in scan_folder(tmp_path, passed_over=passed)] == ["a.jpg"]
+    assert [os.path.basename(f.path) for f in scan_folder(tmp_path, videos=False, passed_over=passed)] == ["a.jpg"]
     assert passed == {".xmp": 2, ".pdf": 1, "no extension": 1, ".mp4": 1, ".mov": 1, "hidden": 2,
                       "not a regular file": 1}
+    assert [os.path.basename(f.path) for f in scan_folder(tmp_path)] == ["VID.MOV", "a.jpg", "clip.mp4"]
     line = describe_not_indexed(dict(passed.most_common()))
     assert "2 .xmp" in line and "1 .pdf" in line and "(no decoder)" in line
-    assert "1 .mov, 1 .mp4 (videos are not indexed yet)" in line and "2 hidden (--include-hidden indexes them)" in line
+    assert "1 .mov, 1 .mp4 (--no-video)" in line and "2 hidden (--include-hidden indexes them)" in line
     assert "1 with no extension" in line and "1 not a regular file (sockets, pipes or devices)" in line
     counted: Counter[str] = Counter()
     list(scan_folder(tmp_path, include_hidden=True, passed_over=counted))

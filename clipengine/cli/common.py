@@ -158,3 +158,8 @@ def list_skipped(skipped: list[tuple[str, str]], limit: int, rest: str, verb: st
         out.print(f"  {verb} {path}: {reason}", markup=False)
     if len(skipped) > limit:
         out.print(f"  ... and {len(skipped) - limit} more {rest}", markup=False)
+
+
+def counted(n: int, thing: str) -> str:
+    """'1 video', '2 videos', '1,204 frames'."""
+    return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"

@@ -82,14 +82,20 @@ def search(
     elif preview and (preview != "auto" or out.is_terminal):  # detected only on a terminal; a named one anywhere
         _print_previews(hits, preview)
     else:
-        sys.stdout.write("".join(f"{h.rank:>4}  {h.score:+.4f}  {h.path}\n" for h in hits))
+        sys.stdout.write("".join(hit_line(h) + "\n" for h in hits))
+
+
+def hit_line(hit) -> str:
+    """'   2  +0.2980  ~/Phone/2023/VID_0031.MOV  at 0:42': a video's hit says where in it."""
+    return f"{hit.rank:>4}  {hit.score:+.4f}  {hit.path}" + (f"  {hit.moment}" if hit.moment else "")
 
 
 def _print_previews(hits: list, preview: str) -> None:
     from rich.console import Console
 
-    from clipengine.images import Decoded, open_image
+    from clipengine.images import Decoded
     from clipengine.preview import detect, show
+    from clipengine.video import still_of
 
     protocol = detect() if preview == "auto" else preview
     # a named protocol is written even into a pipe (a pager, a file to cat later), in full colour
@@ -97,11 +103,11 @@ def _print_previews(hits: list, preview: str) -> None:
                                                             highlight=False, width=out.width)
     width = max(8, min(32, console.width // 3))  # follows the terminal; rich assumes 80 columns where none is reported
     for h in hits:
-        decoded = open_image(h.path, draft_size=8 * width)
+        decoded = still_of(h.path, h.seconds, draft_size=8 * width)  # a video's hit: its frame at that moment
         if isinstance(decoded, Decoded):
             decoded.image.thumbnail((8 * width, 8 * width))
             show(console, decoded.image, protocol, width)
-        console.print(f"{h.rank:>4}  {h.score:+.4f}  {h.path}", markup=False, style=None)
+        console.print(hit_line(h), markup=False, style=None)
 
 
 @app.command()

@@ -15,9 +15,19 @@ class Hit:
     width: int
     height: int
     id: int
+    seconds: float | None = None  # a video's hit: the moment of its best-matching frame
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def moment(self) -> str:
+        """Where in a video the hit is, as a player shows it ('at 0:42', 'at 1:02:07'); empty for an image."""
+        if self.seconds is None:
+            return ""
+        minutes, seconds = divmod(int(self.seconds), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"at {hours}:{minutes:02d}:{seconds:02d}" if hours else f"at {minutes}:{seconds:02d}"
 
 
 def path_prefix(text: str) -> str:

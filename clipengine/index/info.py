@@ -14,7 +14,9 @@ from clipengine.index.store import IndexStore
 class IndexInfo:
     path: str
     model: dict
-    count: int
+    count: int  # searchable files, videos among them
+    videos: int  # searchable videos, and the frames that stand for them in the search structure
+    frames: int
     skipped_files: list[dict]  # {path, reason} of each file that could not be used (IndexReport.skipped counts them)
     not_indexed: dict[str, int]  # what the walks of its folders passed over, by kind (clipengine.index.scan)
     unique_vectors: int
@@ -44,6 +46,8 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             path=str(path),
             model=store.manifest["model"],
             count=counts["count"],
+            videos=counts["videos"],
+            frames=counts["frames"],
             skipped_files=[{"path": p, "reason": r} for p, r in store.skipped()],
             not_indexed=store.not_indexed(),
             unique_vectors=counts["unique_vectors"],

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipengine.errors import BadInput, ClipEngineError
+from clipengine.formats import DEFAULT_SAMPLING, VideoSampling
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.index import sharded
 from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure
@@ -53,6 +54,7 @@ class IndexOptions:
     quantize: str | None = None  # "int8": also export int8 query encoders
     runtime: str | None = None  # what embeds the images (`embedding_runtime`)
     precision: str | None = None
+    video: VideoSampling | None = DEFAULT_SAMPLING  # how videos become frames; None: videos are not indexed
 
     def __post_init__(self) -> None:
         if self.commit_every < 1 or (self.batch_size is not None and self.batch_size < 1):
@@ -66,6 +68,9 @@ class IndexReport:
     folder: str
     model: str
     embedded: int = 0  # decoded and run through the model
+    formats: dict[str, int] = field(default_factory=dict)  # of those, how many of each format ("HEIC", "MP4"), most first
+    videos: int = 0  # of those, videos, and the frames that stand for them
+    frames: int = 0
     reused: int = 0  # recognised by content hash (moved, renamed or duplicated files)
     skipped: int = 0  # new skips in this run
     removed: int = 0  # rows dropped: files deleted, or the old rows of changed files
@@ -267,13 +272,20 @@ class StoreSink:
                 self.report.reused += 1
             else:
                 self.report.embedded += 1
+                kind = os.path.splitext(r.path)[1].lstrip(".").upper() or "no extension"
+                self.report.formats[kind] = self.report.formats.get(kind, 0) + 1
+                if r.frame_vectors is not None:
+                    self.report.videos += 1
+                    self.report.frames += len(r.frames)
+        self.report.formats = dict(sorted(self.report.formats.items(), key=lambda item: (-item[1], item[0])))
 
 
 def plan_and_drop(store: IndexStore, root: str, report: IndexReport, commit: StoreSink, options: IndexOptions) -> Plan:
     """Compare the folder with the index, commit what needs no model (files gone, unreadable entries),
     and return the plan of what is left to embed."""
     passed_over: Counter[str] = Counter()
-    plan = plan_update(scan_folder(root, include_hidden=options.include_hidden, passed_over=passed_over),
+    plan = plan_update(scan_folder(root, include_hidden=options.include_hidden, videos=options.video is not None,
+                                   passed_over=passed_over),
                        store.recorded_under(root), retry_skipped=options.retry_skipped)
     report.not_indexed = dict(sorted(passed_over.items(), key=lambda item: (-item[1], item[0])))
     report.unchanged, report.changed, report.removed = plan.unchanged, plan.changed, len(plan.remove_ids)
@@ -294,11 +306,13 @@ def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], 
     if progress:
         progress(0, len(files))
     outcomes = embed_images(model, [f.path for f in files], batch_size=options.batch_size, workers=options.workers,
-                            known_hashes=known_hashes, max_pixels=options.max_pixels, exact_decode=options.exact_decode)
+                            known_hashes=known_hashes, max_pixels=options.max_pixels, exact_decode=options.exact_decode,
+                            video=options.video or DEFAULT_SAMPLING)
     for batch in outcomes:
         for e in batch:
             f = by_path[e.path]
-            pending.append(FileRecord(f.path, f.size, f.mtime_ns, e.hash, e.width, e.height, e.vector, e.skip_reason))
+            pending.append(FileRecord(f.path, f.size, f.mtime_ns, e.hash, e.width, e.height, e.vector, e.skip_reason,
+                                      e.frames, e.frame_vectors))
         done += len(batch)
         if len(pending) >= options.commit_every:
             yield pending

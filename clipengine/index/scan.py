@@ -63,11 +63,11 @@ NOT_A_FILE = "not a regular file"  # a socket, a pipe, a device named like an im
 
 def describe_not_indexed(counts: Mapping[str, int]) -> str:
     """One line for what a walk passed over, grouped by why: '1,204 .xmp, 31 .pdf (no decoder); 908 .mp4
-    (videos are not indexed yet); 3 hidden (--include-hidden indexes them)'."""
+    (--no-video); 3 hidden (--include-hidden indexes them)'."""
     why: dict[str, list[str]] = {}
     for kind, n in counts.items():
         reason = ("--include-hidden indexes them" if kind == HIDDEN else
-                  "videos are not indexed yet" if kind in VIDEO_EXTENSIONS else
+                  "--no-video" if kind in VIDEO_EXTENSIONS else
                   "sockets, pipes or devices" if kind == NOT_A_FILE else "no decoder")
         why.setdefault(reason, []).append(f"{n:,} {'with no extension' if kind == NO_EXTENSION else kind}")
     return "; ".join(f"{', '.join(kinds)} ({reason})" for reason, kinds in why.items())
@@ -78,15 +78,16 @@ def kind_of(name: str) -> str:
     return os.path.splitext(name)[1].lower() or NO_EXTENSION
 
 
-def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False,
+def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False, videos: bool = True,
                 passed_over: Counter[str] | None = None) -> Iterator[FoundFile]:
-    """Every image file under `root` (by extension), depth first, in sorted order; what else it passes
-    over is counted into `passed_over` by kind (`kind_of`, or HIDDEN).
+    """Every image file (and video file, unless not `videos`) under `root`, by extension, depth first, in
+    sorted order; what else it passes over is counted into `passed_over` by kind (`kind_of`, or HIDDEN).
 
     Hidden files and folders (names starting with '.') are left out unless `include_hidden`; they are
     thumbnails caches, version control and macOS '._' metadata files far more often than photos.
     """
     passed = passed_over if passed_over is not None else Counter()
+    wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS
     top = os.path.abspath(os.fspath(root))
     seen_dirs: set[tuple[int, int]] = set()
     stack = [top]
@@ -115,7 +116,7 @@ def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False,
                 subdirs.append(entry.path)
                 continue
             kind = kind_of(entry.name)
-            if kind not in IMAGE_EXTENSIONS:
+            if kind not in wanted:
                 passed[kind] += 1
                 continue
             try:

@@ -190,30 +190,52 @@ class Searcher:
     # ---- vectors -> hits ----------------------------------------------------------------------
 
     def search_vector(self, vector: np.ndarray, k: int = 10, prefix: str | None = None) -> list[Hit]:
-        """Top-k files by cosine similarity to `vector` (normalised here), optionally under a path prefix."""
+        """Top-k files by cosine similarity to `vector` (normalised here), optionally under a path prefix. A video
+        is one hit, at the moment of its best-matching frame (`Hit.seconds`). Several vectors (rows) search
+        together, each file scored by its best match with any of them (a video's frames: `search_id`)."""
         if k < 1:
             raise BadInput("-k must be at least 1")
-        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        q = np.array(vector, dtype=np.float32, ndmin=2)
         if q.shape[1] != self.store.dim:
             raise BadInput(f"query vector has dimension {q.shape[1]}, but this index holds {self.store.dim}")
-        norm = float(np.linalg.norm(q))
-        if not np.isfinite(norm) or norm == 0:
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if not np.all(np.isfinite(norms)) or np.any(norms == 0):
             raise BadInput("query vector is zero or not finite")
-        q /= norm
+        q /= norms
         allowed = None
         if prefix is not None:
             allowed = self.store.ids_under(prefix)
             if allowed.size == 0:
                 return []
-        if self.faiss.ntotal == 0:
+        total = self.faiss.ntotal
+        if total == 0:
             return []
-        scores, ids = self.faiss.search(q, k, allowed)
-        rows = self.store.rows(i for i in ids[0] if i >= 0)
+        depth = k
+        while True:  # a video's frames may fill the top: look deeper until k files are found, or everything is seen
+            scores, ids = self.faiss.search(q, min(depth, total), allowed)
+            best: dict[int, float] = {}
+            for score, i in zip(scores.ravel().tolist(), ids.ravel().tolist(), strict=True):
+                if i >= 0 and score > best.get(i, -np.inf):
+                    best[i] = score
+            found = sorted(((s, i) for i, s in best.items()), key=lambda pair: -pair[0])
+            hits = self._hits(found, k)
+            if len(hits) >= k or len(found) < min(depth, total) or depth >= total:
+                return hits
+            depth *= 4
+
+    def _hits(self, found: list[tuple[float, int]], k: int) -> list[Hit]:
+        """(score, search structure id), best first -> at most k hits, one per file: a video at its best frame."""
+        rows = self.store.rows(i for _, i in found)
         hits: list[Hit] = []
-        for score, i in zip(scores[0], ids[0], strict=True):
-            row = rows.get(int(i))
-            if row is not None:  # a row deleted since the faiss view was read is simply left out
-                hits.append(Hit(len(hits) + 1, float(score), row.path, row.width, row.height, row.id))
+        files: set[int] = set()
+        for score, i in found:
+            row = rows.get(i)
+            if row is None or row.id in files:  # a row deleted since the view was read; a video already found
+                continue
+            files.add(row.id)
+            hits.append(Hit(len(hits) + 1, score, row.path, row.width, row.height, row.id, row.seconds))
+            if len(hits) == k:
+                break
         return hits
 
     def search_text(self, text: str, k: int = 10, prefix: str | None = None) -> list[Hit]:
@@ -248,5 +270,6 @@ class Searcher:
         return self.search_vector(self.terms_vector(terms), k, prefix)
 
     def search_id(self, file_id: int, k: int = 10, prefix: str | None = None) -> list[Hit]:
-        """Files like an indexed one (itself first, at score 1)."""
-        return self.search_vector(self.id_vector(file_id), k, prefix)
+        """Files like an indexed one (itself first, at score 1); like any scene of a video."""
+        frames = self.store.frames_of_file(file_id)
+        return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix)

@@ -123,6 +123,8 @@ class PartWriter:
         for row, r in enumerate(records):
             if r.vector is not None:
                 vectors[row] = r.vector
+        videos = [r for r in records if r.frame_vectors is not None]  # a video's frames, all records' end to end
+        frame_vectors = np.concatenate([r.frame_vectors for r in videos]) if videos else np.zeros((0, self.dim), np.float32)
         name = f"part-{time.time_ns():020d}.npz"  # sorts in writing order, unique across restarts
         with replacing(self.folder / name) as tmp, open(tmp, "wb") as f:
             np.savez(f, path=np.array([r.path for r in records]), size=np.array([r.size for r in records], np.int64),
@@ -130,21 +132,29 @@ class PartWriter:
                      hash=np.array([r.hash or "" for r in records]), width=np.array([r.width for r in records]),
                      height=np.array([r.height for r in records]), vector=vectors,
                      has_vector=np.array([r.vector is not None for r in records]),
-                     skip=np.array([r.skip_reason or "" for r in records]))
+                     skip=np.array([r.skip_reason or "" for r in records]),
+                     frame_count=np.array([len(r.frames) if r.frame_vectors is not None else 0 for r in records]),
+                     frame_seconds=np.array([t for r in videos for t in r.frames], np.float64),
+                     frame_vectors=frame_vectors)
 
 
 def _read_part(path: Path, known: set[str]) -> list[FileRecord]:
     """A part's records; one that reuses a stored vector which has since gone is dropped (it will be planned again)."""
     with np.load(path, allow_pickle=False) as part:
         records = []
+        counts = part["frame_count"] if "frame_count" in part.files else np.zeros(len(part["path"]), np.int64)
+        ends = np.cumsum(counts)
         for i in range(len(part["path"])):
             skip = str(part["skip"][i]) or None
             vector = part["vector"][i] if part["has_vector"][i] else None
             digest = str(part["hash"][i]) or None
             if skip is None and vector is None and digest not in known:
                 continue
+            frames = slice(int(ends[i] - counts[i]), int(ends[i]))
             records.append(FileRecord(str(part["path"][i]), int(part["size"][i]), int(part["mtime_ns"][i]), digest,
-                                      int(part["width"][i]), int(part["height"][i]), vector, skip))
+                                      int(part["width"][i]), int(part["height"][i]), vector, skip,
+                                      tuple(part["frame_seconds"][frames].tolist()) if counts[i] else (),
+                                      part["frame_vectors"][frames] if counts[i] else None))
     return records
 
 

@@ -7,11 +7,13 @@ File names live in `clipengine.index.location`; every durable write goes through
                       metric and the faiss policy (memory budget, factory override, target recall);
                       rewritten, atomically, only when the policy changes
       meta.sqlite     the source of truth: files (path, size, mtime, content hash, or skip reason),
-                      vectors (content hash -> float32 embedding, width, height), folders indexed,
-                      the commit generation, and what the faiss file is (kind, training, tuning, drift);
+                      vectors (content hash -> float32 embedding, width, height), a video's frames
+                      (content hash, position -> seconds, embedding), folders indexed, the commit
+                      generation, and what the faiss file is (kind, training, tuning, drift);
                       and a caption set (texts: text -> vector, `clipengine index-texts`)
-      vectors.faiss   the search structure, derived from meta.sqlite (faiss id = files.id): exact or
-                      approximate as clipengine.index.ann chooses
+      vectors.faiss   the search structure, derived from meta.sqlite: exact or approximate as
+                      clipengine.index.ann chooses. Its ids are `faiss_id(file id, position)`: an image
+                      is its file id, a video's frame is the file id plus its position << 40
       texts.faiss     exact search over the caption set (faiss id = texts.id), derived the same way
       lock            flock()ed by the single process allowed to write
 
@@ -19,7 +21,9 @@ Why this shape. Every change is one sqlite transaction (synchronous=FULL), so a 
 the last committed state and nothing half-written. Vectors live in sqlite keyed by content hash, so a
 moved or duplicated photo reuses its embedding and a changed one never overwrites another's. The faiss
 file is a *view*: written to a temporary file, fsynced and renamed into place, and tagged with the
-generation it reflects. Whenever it is behind (a crash between the two writes, say), it is brought up to
+generation it reflects. A video is searched by its frames (its own vector, the frames' normalised mean,
+answers "more like this" and duplicates); frames are keyed by content hash as vectors are, so a moved video
+keeps them. Whenever it is behind (a crash between the two writes, say), it is brought up to
 date by id-set difference with the live rows; file ids come from AUTOINCREMENT and are never reused or
 rewritten (a changed file gets a new row), so that difference is all a sync needs. The catalogue gives
 the structure what it needs through a handful of methods (`live_ids`, `vectors_of`, `generation`,
@@ -30,6 +34,7 @@ read and write (`set_manifest_section`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import json
@@ -53,12 +58,20 @@ FORMAT_VERSION = 1
 ENCODERS_PENDING = {"status": "pending"}  # a new index's encoders record, until its first run's export
 _READ_CHUNK = 65536
 
-# a caption set stored beside the images (clipengine.index.texts); created in older indexes when first written
-TEXTS_SCHEMA = "CREATE TABLE IF NOT EXISTS texts (id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE, vector BLOB NOT NULL)"
-# what the last walk of each folder passed over, by kind (clipengine.index.scan): created in older indexes when written
-NOT_INDEXED_SCHEMA = ("CREATE TABLE IF NOT EXISTS not_indexed "
-                      "(folder TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (folder, kind))")
-SCHEMA = f"""
+FRAME_SHIFT = 40  # a video frame's faiss id is its file id + (position << FRAME_SHIFT); an image's is its file id
+_FILE_MASK = (1 << FRAME_SHIFT) - 1
+# Tables added since the first format. An older index gets them when opened for writing; opened read-only, it gets
+# empty stand-ins in sqlite's temporary schema, dropped once a writer has made the real ones (`generation`).
+ADDED_TABLES = {
+    # a caption set stored beside the images (clipengine.index.texts)
+    "texts": "(id INTEGER PRIMARY KEY, text TEXT NOT NULL UNIQUE, vector BLOB NOT NULL)",
+    # what the last walk of each folder passed over, by kind (clipengine.index.scan)
+    "not_indexed": "(folder TEXT NOT NULL, kind TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (folder, kind))",
+    # the frames that stand for a video (clipengine.video), by the video's content hash; position from 1
+    "frames": ("(hash TEXT NOT NULL, position INTEGER NOT NULL, seconds REAL NOT NULL, vector BLOB NOT NULL, "
+               "PRIMARY KEY (hash, position))"),
+}
+SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE vectors (
     hash TEXT PRIMARY KEY,
@@ -79,9 +92,23 @@ CREATE TABLE files (
 CREATE INDEX files_hash ON files(hash);
 CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
 INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
-{TEXTS_SCHEMA};
-{NOT_INDEXED_SCHEMA};
-"""
+""" + "".join(f"CREATE TABLE {name} {columns};\n" for name, columns in ADDED_TABLES.items())
+# every searchable image's faiss id, and every frame's of every searchable video ({where}: a condition on f)
+_FAISS_IDS = ("SELECT f.id FROM files f WHERE f.hash IS NOT NULL AND {where} "
+              "AND NOT EXISTS (SELECT 1 FROM frames fr WHERE fr.hash = f.hash) "
+              f"UNION ALL SELECT f.id + (fr.position << {FRAME_SHIFT}) FROM files f JOIN frames fr ON fr.hash = f.hash "
+              "WHERE {where}")
+
+
+def faiss_id(file_id: int, position: int = 0) -> int:
+    """The search structure's id of a file (position 0) or of a video's frame (position from 1)."""
+    return int(file_id) + (int(position) << FRAME_SHIFT)
+
+
+def file_id_of(ids: np.ndarray) -> np.ndarray:
+    """The file ids of search structure ids (a video's frames all give the video's)."""
+    return np.asarray(ids, dtype=np.int64) & _FILE_MASK
+
 
 
 @dataclass(frozen=True)
@@ -96,6 +123,8 @@ class FileRecord:
     height: int = 0
     vector: np.ndarray | None = None  # None when the hash's vector is already stored (a moved file)
     skip_reason: str | None = None
+    frames: tuple[float, ...] = ()  # a video's frames: their moments in seconds, with their vectors below
+    frame_vectors: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,7 @@ class FileRow:
     height: int
     size: int = 0  # bytes and mtime when indexed (read by `file`): a file that differs now is not the one indexed
     mtime_ns: int = 0
+    seconds: float | None = None  # for a video's frame (`rows` of a frame's faiss id): its moment
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +182,30 @@ class IndexStore:
         self.manifest = manifest
         self._conn = conn
         self._lock_fd = lock_fd
+        self._stand_ins: set[str] = set()
+        self._add_tables()
+
+    def _add_tables(self) -> None:
+        """Give an older index the tables added since its format (see ADDED_TABLES)."""
+        present = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [name for name in ADDED_TABLES if name not in present]
+        if not missing:
+            return
+        if self.writable:
+            with self._transaction():
+                for name in missing:
+                    self._conn.execute(f"CREATE TABLE IF NOT EXISTS {name} {ADDED_TABLES[name]}")
+            return
+        for name in missing:
+            self._conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {name} {ADDED_TABLES[name]}")
+        self._stand_ins.update(missing)
+
+    def _follow_tables(self) -> None:
+        """Drop the stand-ins of tables a writer has since added, so that reads see the real ones."""
+        present = {name for (name,) in self._conn.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
+        for name in self._stand_ins & present:
+            self._conn.execute(f"DROP TABLE temp.{name}")
+        self._stand_ins -= present
 
     # ---- opening -----------------------------------------------------------------------------
 
@@ -290,6 +344,8 @@ class IndexStore:
     @property
     def generation(self) -> int:
         """How many commits the catalogue has had: a derived file tagged with an older one is behind."""
+        if self._stand_ins:
+            self._follow_tables()
         return int(self.read_meta("generation") or 0)
 
     def recorded_under(self, folder: str) -> dict[str, Recorded]:
@@ -306,10 +362,13 @@ class IndexStore:
         return {h for (h,) in self._conn.execute("SELECT hash FROM vectors")}
 
     def counts(self) -> dict[str, int]:
+        """Searchable files, skipped files, distinct contents; and of the searchable files, the videos and their frames."""
         searchable, skipped = self._conn.execute(
             "SELECT COUNT(hash), COUNT(skip_reason) FROM files").fetchone()
         (unique,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
-        return {"count": searchable, "skipped": skipped, "unique_vectors": unique}
+        videos, frames = self._conn.execute(
+            "SELECT COUNT(DISTINCT f.id), COUNT(*) FROM files f JOIN frames fr ON fr.hash = f.hash").fetchone()
+        return {"count": searchable, "skipped": skipped, "unique_vectors": unique, "videos": videos, "frames": frames}
 
     def skipped(self) -> list[tuple[str, str]]:
         return list(self._conn.execute(
@@ -317,8 +376,6 @@ class IndexStore:
 
     def not_indexed(self) -> dict[str, int]:
         """What the walks of every folder passed over, by kind, most first."""
-        if not self._has_table("not_indexed"):
-            return {}
         return dict(self._conn.execute(
             "SELECT kind, SUM(count) AS n FROM not_indexed GROUP BY kind ORDER BY n DESC, kind"))
 
@@ -326,13 +383,28 @@ class IndexStore:
         return list(self._conn.execute("SELECT path, indexed_at FROM folders ORDER BY path"))
 
     def rows(self, ids: Iterable[int]) -> dict[int, FileRow]:
+        """The files of search structure ids, by those ids: a video's frame gives its video with the moment."""
         ids = [int(i) for i in ids]
         if not ids:
             return {}
-        marks = ",".join("?" * len(ids))
-        query = (f"SELECT f.id, f.path, v.width, v.height FROM files f JOIN vectors v ON v.hash = f.hash "
-                 f"WHERE f.id IN ({marks})")
-        return {r[0]: FileRow(*r) for r in self._conn.execute(query, ids)}
+        file_ids = sorted({i & _FILE_MASK for i in ids})
+        marks = ",".join("?" * len(file_ids))
+        files = {r[0]: FileRow(*r) for r in self._conn.execute(
+            f"SELECT f.id, f.path, v.width, v.height FROM files f JOIN vectors v ON v.hash = f.hash "
+            f"WHERE f.id IN ({marks})", file_ids)}
+        moments: dict[int, float] = {}
+        videos = sorted({i & _FILE_MASK for i in ids if i >> FRAME_SHIFT})
+        if videos:
+            marks = ",".join("?" * len(videos))
+            moments = {faiss_id(i, position): seconds for i, position, seconds in self._conn.execute(
+                f"SELECT f.id, fr.position, fr.seconds FROM files f JOIN frames fr ON fr.hash = f.hash "
+                f"WHERE f.id IN ({marks})", videos)}
+        found = {}
+        for i in ids:
+            row = files.get(i & _FILE_MASK)
+            if row is not None and (i in moments or not i >> FRAME_SHIFT):
+                found[i] = dataclasses.replace(row, seconds=moments[i]) if i in moments else row
+        return found
 
     def file(self, file_id: int) -> FileRow | None:
         """One searchable file by id, with the size and mtime it had when indexed (None: no such file)."""
@@ -342,10 +414,12 @@ class IndexStore:
         return None if row is None else FileRow(*row)
 
     def ids_under(self, prefix: str) -> np.ndarray:
-        """Ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
-        rows = self._conn.execute(
-            "SELECT id FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ?", _prefix_range(prefix))
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        """Search structure ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
+        return self._faiss_ids("f.path >= ? AND f.path < ?", _prefix_range(prefix))
+
+    def _faiss_ids(self, where: str = "1", params: Sequence = ()) -> np.ndarray:
+        rows = self._conn.execute(_FAISS_IDS.format(where=where), (*params, *params))
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64))
 
     def file_hashes(self, prefix: str | None = None) -> list[tuple[int, str, str]]:
         """(id, path, content hash) of every searchable file (under `prefix`), by path."""
@@ -379,27 +453,38 @@ class IndexStore:
         return self.gather(self.live_ids())
 
     def live_ids(self) -> np.ndarray:
-        """The ids of every searchable file, ascending: what the search structure must hold."""
-        rows = self._conn.execute("SELECT id FROM files WHERE hash IS NOT NULL ORDER BY id")
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        """The search structure's ids, ascending: every searchable image's, and every frame's of every video."""
+        return self._faiss_ids()
 
     def vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) in chunks for the given file ids, read straight from sqlite."""
+        """(ids, vectors) in chunks for the given search structure ids, read straight from sqlite (a video's
+        file id gives its own vector, the mean of its frames')."""
+        ids = np.asarray(ids, dtype=np.int64)
+        frame_ids = ids[ids > _FILE_MASK]
+        yield from self._chunks(ids[ids <= _FILE_MASK], "SELECT f.id, v.vector FROM files f "
+                                "JOIN vectors v ON v.hash = f.hash", "f.id IN ({marks})", lambda chunk: chunk)
+        yield from self._chunks(frame_ids, f"SELECT f.id + (fr.position << {FRAME_SHIFT}), fr.vector FROM files f "
+                                "JOIN frames fr ON fr.hash = f.hash", "f.id IN ({marks})",
+                                lambda chunk: sorted({i & _FILE_MASK for i in chunk}))
+
+    def _chunks(self, ids: np.ndarray, select: str, where: str, keys) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Rows of `select` whose first column is in `ids`: one ordered pass for most of the index, IN queries
+        (on `keys` of each chunk of ids) for a few."""
+        if not ids.size:
+            return
+        wanted = set(ids.tolist())
         if ids.size > _READ_CHUNK:  # most of the index: one ordered pass beats many IN queries
-            wanted = set(ids.tolist())
-            cursor = self._conn.execute(
-                "SELECT f.id, v.vector FROM files f JOIN vectors v ON v.hash = f.hash ORDER BY f.id")
+            cursor = self._conn.execute(select)
             while batch := cursor.fetchmany(_READ_CHUNK):
                 batch = [r for r in batch if r[0] in wanted]
                 if batch:
                     yield self._unpack(batch)
             return
         for start in range(0, ids.size, 900):
-            chunk = ids[start:start + 900].tolist()
+            chunk = keys(ids[start:start + 900].tolist())
             marks = ",".join("?" * len(chunk))
-            batch = self._conn.execute(
-                f"SELECT f.id, v.vector FROM files f JOIN vectors v ON v.hash = f.hash WHERE f.id IN ({marks})",
-                chunk).fetchall()
+            batch = [r for r in self._conn.execute(f"{select} WHERE {where.format(marks=marks)}", chunk)
+                     if r[0] in wanted]
             if batch:
                 yield self._unpack(batch)
 
@@ -429,12 +514,27 @@ class IndexStore:
             "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ?", (path, size, mtime_ns)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype="<f4").astype(np.float32)
 
-    # ---- a caption set (clipengine.index.texts) -------------------------------------------------
+    def frames_of_contents(self, digests: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The frames of those of these content hashes that are videos: hash -> (seconds, vectors), in time order."""
+        found: dict[str, tuple[list[float], list[bytes]]] = {}
+        for start in range(0, len(digests), 900):
+            chunk = list(digests[start:start + 900])
+            marks = ",".join("?" * len(chunk))
+            for digest, seconds, blob in self._conn.execute(
+                    f"SELECT hash, seconds, vector FROM frames WHERE hash IN ({marks}) ORDER BY hash, position", chunk):
+                times, blobs = found.setdefault(digest, ([], []))
+                times.append(seconds)
+                blobs.append(blob)
+        return {d: (np.asarray(t), np.frombuffer(b"".join(b), dtype="<f4").reshape(len(b), self.dim).astype(np.float32))
+                for d, (t, b) in found.items()}
 
-    def _has_table(self, name: str) -> bool:
-        """Whether a table added since the first format exists (an older index gets it when first written)."""
-        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                  (name,)).fetchone() is not None
+    def frames_of_file(self, file_id: int) -> np.ndarray | None:
+        """The frame vectors of an indexed video, in time order (None: no such video)."""
+        row = self._conn.execute("SELECT hash FROM files WHERE id = ? AND hash IS NOT NULL", (int(file_id),)).fetchone()
+        frames = self.frames_of_contents([row[0]]).get(row[0]) if row else None
+        return None if frames is None else frames[1]
+
+    # ---- a caption set (clipengine.index.texts) -------------------------------------------------
 
     @property
     def texts_generation(self) -> int:
@@ -442,25 +542,22 @@ class IndexStore:
         return int(self.read_meta("texts_generation") or 0)
 
     def text_count(self) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0] if self._has_table("texts") else 0
+        return self._conn.execute("SELECT COUNT(*) FROM texts").fetchone()[0]
 
     def known_texts(self) -> set[str]:
-        return {t for (t,) in self._conn.execute("SELECT text FROM texts")} if self._has_table("texts") else set()
+        return {t for (t,) in self._conn.execute("SELECT text FROM texts")}
 
     def add_texts(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Store new texts with their embeddings, in one transaction (texts already stored are refused)."""
         self._require_writable()
         blobs = (np.asarray(v, dtype="<f4").tobytes() for v in vectors)
         with self._transaction():
-            self._conn.execute(TEXTS_SCHEMA)
             self._conn.executemany("INSERT INTO texts (text, vector) VALUES (?, ?)", zip(texts, blobs, strict=True))
             self._conn.execute("INSERT INTO meta VALUES ('texts_generation', '1') "
                                "ON CONFLICT(key) DO UPDATE SET value = value + 1")
 
     def text_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of the caption set in chunks, in id order."""
-        if not self._has_table("texts"):
-            return
         cursor = self._conn.execute("SELECT id, vector FROM texts ORDER BY id")
         while batch := cursor.fetchmany(_READ_CHUNK):
             yield self._unpack(batch)
@@ -511,6 +608,12 @@ class IndexStore:
                 ((r.hash, r.width, r.height, np.asarray(r.vector, dtype="<f4").tobytes())
                  for r in records if r.vector is not None),
             )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO frames (hash, position, seconds, vector) VALUES (?, ?, ?, ?)",
+                ((r.hash, position, seconds, np.asarray(vector, dtype="<f4").tobytes())
+                 for r in records if r.frame_vectors is not None
+                 for position, (seconds, vector) in enumerate(zip(r.frames, r.frame_vectors, strict=True), start=1)),
+            )
             # REPLACE deletes a row with the same path and inserts a fresh id: rows are never edited.
             self._conn.executemany(
                 "INSERT OR REPLACE INTO files (path, size, mtime_ns, hash, skip_reason, indexed_at) "
@@ -525,7 +628,6 @@ class IndexStore:
         self._require_writable()
         with self._transaction():
             self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?)", (folder, time.time()))
-            self._conn.execute(NOT_INDEXED_SCHEMA)
             self._conn.execute("DELETE FROM not_indexed WHERE folder = ?", (folder,))
             self._conn.executemany("INSERT INTO not_indexed VALUES (?, ?, ?)",
                                    ((folder, kind, n) for kind, n in (not_indexed or {}).items()))
@@ -536,6 +638,7 @@ class IndexStore:
         with self._transaction():
             cursor = self._conn.execute(
                 "DELETE FROM vectors WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
+            self._conn.execute("DELETE FROM frames WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
         return cursor.rowcount
 
     @contextlib.contextmanager

@@ -14,6 +14,8 @@ class HitOut(BaseModel):
     width: int
     height: int
     id: int = Field(description="The indexed file's id: /api/file/ID, /api/thumbnail/ID, /api/similar/ID.")
+    seconds: float | None = Field(None, description="A video's hit: the moment of its best-matching frame "
+                                                    "(/api/thumbnail/ID?t=SECONDS, /api/view/ID#t=SECONDS).")
 
 
 class TermIn(BaseModel):

@@ -15,10 +15,13 @@ router = APIRouter(prefix="/api", tags=["files"], dependencies=AUTHORISED)
 
 
 @router.get("/thumbnail/{file_id}", response_class=FileResponse)
-def get_thumbnail(file_id: int, served: Served, size: Annotated[int, Query(ge=16, le=1024)] = 256) -> FileResponse:
-    """A JPEG thumbnail, at most `size` pixels a side, made once and kept in the index."""
+def get_thumbnail(file_id: int, served: Served, size: Annotated[int, Query(ge=16, le=1024)] = 256,
+                  t: Annotated[float | None, Query(ge=0, description="A video's moment, in seconds.")] = None
+                  ) -> FileResponse:
+    """A JPEG thumbnail, at most `size` pixels a side, made once and kept in the index; of a video, its frame at
+    `t` seconds (a hit's `seconds`)."""
     with served.lock:
-        path = thumbnail(served.searcher.store, file_id, size)
+        path = thumbnail(served.searcher.store, file_id, size, t)
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
 

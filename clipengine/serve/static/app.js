@@ -22,6 +22,11 @@ function status(text, isError) {
   $("status").classList.toggle("error", !!isError);
 }
 
+function moment_text(seconds) {  // as Hit.moment says it: "at 0:42", "at 1:02:07"
+  const s = Math.floor(seconds), h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = String(s % 60).padStart(2, "0");
+  return h ? `at ${h}:${String(m).padStart(2, "0")}:${r}` : `at ${m}:${r}`;
+}
+
 function render(hits, what, started) {
   const results = $("results");
   results.replaceChildren();
@@ -34,14 +39,17 @@ function render(hits, what, started) {
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = hit.path.split("/").pop();
-    img.src = `/api/thumbnail/${hit.id}?` + new URLSearchParams(state.index ? { index: state.index } : {});
+    const moment = hit.seconds == null ? {} : { t: hit.seconds };  // a video: the frame that matched
+    img.src = `/api/thumbnail/${hit.id}?` + new URLSearchParams({ ...(state.index ? { index: state.index } : {}), ...moment });
     img.width = 256;
     img.height = 256;
     const meta = document.createElement("span");
     meta.className = "meta";
     const which = new URLSearchParams(state.index ? { index: state.index } : {});
+    const at = hit.seconds == null ? "" : `#t=${hit.seconds.toFixed(2)}`;  // a media fragment: the player starts there
     meta.innerHTML = `<span class="score">${hit.rank}. ${hit.score.toFixed(3)}</span> ` +
-      `<a class="view" href="/api/view/${hit.id}?${which}" target="_blank" rel="noopener" tabindex="-1">open</a> ` +
+      (at ? `<span class="moment">${moment_text(hit.seconds)}</span> ` : "") +
+      `<a class="view" href="/api/view/${hit.id}?${which}${at}" target="_blank" rel="noopener" tabindex="-1">open</a> ` +
       `<a class="original" href="/api/file/${hit.id}?${which}" download tabindex="-1">original</a>` +
       `<span class="path"></span>`;
     meta.querySelector(".path").textContent = hit.path;
