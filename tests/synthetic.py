@@ -86,19 +86,22 @@ def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -
 
 
 def write_video(path, segments, *, fps: int = 10, size: tuple[int, int] = (160, 120), codec: str | None = None,
-                gop: int | None = None, rotation: int | None = None, truncate: int | None = None) -> list[float]:
+                gop: int | None = None, rotation: int | None = None, truncate: int | None = None,
+                pan: int | None = None, options: dict | None = None) -> list[float]:
     """A video whose content is known per second, through PyAV's own encoder: `segments` is a list of
     (seconds, picture), a picture being an RGB colour, a PIL image (stretched to `size`) or None (black).
-    Each picture moves a little every frame, as a camera does. `gop`: frames between keyframes (default one
-    second); `rotation`: the display matrix a phone writes (counter-clockwise degrees); `truncate`: keep only
-    this many bytes (a copy cut short). Returns each segment's start in seconds."""
+    Each picture moves a little every frame, as a camera does (`pan`: by this many pixels a frame, sideways;
+    by default it shakes within 8 pixels). `gop`: frames between keyframes (default one second); `rotation`:
+    the display matrix a phone writes (counter-clockwise degrees); `truncate`: keep only this many bytes (a
+    copy cut short); `options`: the encoder's (e.g. {"preset": "veryfast"}). Returns each segment's start in
+    seconds."""
     import av
     from PIL import Image
 
     codec = codec or ("libvpx-vp9" if str(path).endswith(".webm") else "libx264")
     starts, t = [], 0.0
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop or fps
@@ -116,7 +119,7 @@ def write_video(path, segments, *, fps: int = 10, size: tuple[int, int] = (160, 
             else:
                 base = np.asarray(picture.convert("RGB").resize(size, Image.Resampling.BILINEAR))
             for i in range(int(round(seconds * fps))):
-                shifted = np.roll(base, i % 8, axis=1) if picture is not None else base
+                shifted = np.roll(base, i * pan if pan else i % 8, axis=1) if picture is not None else base
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(shifted), format="rgb24")):
                     container.mux(packet)
         for packet in stream.encode():

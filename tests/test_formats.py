@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import write_dng
+from synthetic import write_dng, write_video
 
 from clipengine import images
 from clipengine.images import Decoded, Skipped, open_image
@@ -208,10 +208,12 @@ def test_a_phone_and_camera_folder_indexes_completely_and_searches(tmp_path, tin
                                      ("JXL", "photo_0004.jxl"), ("HEIF", "IMG_0005.jpg")]):  # the last one misnamed
         (folder / name).write_bytes(encoded(photo_like(320, 240, seed=i), fmt, quality=90))
     write_dng(folder / "DSC_0006.NEF")
+    write_video(folder / "VID_0007.MOV", [(2, None), (3, (200, 30, 30))])
     (folder / "IMG_0002.AAE").write_text("<plist/>")
     (folder / "broken.heic").write_bytes(encoded(photo_like(320, 240, seed=9), "HEIF", quality=90)[:300])
     report = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
-    assert report.count == 6 and report.embedded == 6, report.skips
+    assert report.count == 7 and report.embedded == 7 and report.videos == 1, report.skips
+    assert report.formats == {"HEIC": 1, "JPG": 2, "AVIF": 1, "JXL": 1, "MOV": 1, "NEF": 1}
     assert [s["path"] for s in report.skips] == [str(folder / "broken.heic")]
     assert report.not_indexed == {".aae": 1} and index_info(tmp_path / "idx").not_indexed == {".aae": 1}
     with Searcher(tmp_path / "idx") as searcher:

@@ -152,3 +152,34 @@ def test_paste_or_drop_an_image(page, service, how):
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('3 results for the image')")
     assert page.locator(".hit .path").first.inner_text() == first["path"]
     assert page.locator("#drop").is_hidden()
+
+
+def test_a_video_hit_shows_its_matching_frame_and_opens_at_that_moment(browser, tmp_path, tiny_model, _export_cache):
+    from synthetic import write_video
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    write_video(folder / "clip.mp4", [(3, None), (3, (200, 30, 30))])  # its only kept frame: the red one, at 0:03
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
+        index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    process, url = start_service(tmp_path / "idx")
+    try:
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url + "/?q=red")
+        page.wait_for_selector(".hit")
+        assert page.locator(".hit .moment").inner_text() == "at 0:03"
+        assert page.locator(".hit a.view").get_attribute("href").endswith("#t=3.00")  # the player starts there
+        assert "t=3" in page.locator(".hit img").get_attribute("src")
+        assert thumbnails_loaded(page) == [160]  # the frame at 0:03, at the video's own size (160x120)
+        red = page.evaluate("""async () => {
+            const img = document.querySelector('.hit img');
+            const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+            const g = c.getContext('2d'); g.drawImage(img, 0, 0); return Array.from(g.getImageData(4, 4, 1, 1).data);
+        }""")
+        assert red[0] > 150 and red[1] < 80  # the red scene's frame, not the black intro
+        context.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)

@@ -57,7 +57,7 @@ def test_create_writes_a_self_describing_index(tmp_path, store):
 
 def test_commit_and_search_through_the_faiss_view(store):
     store.commit([record("a.jpg", 1), record("b.jpg", 2), FileRecord("/photos/bad.jpg", 1, 1, skip_reason="broken")])
-    assert store.counts() == {"count": 2, "skipped": 1, "unique_vectors": 2}
+    assert store.counts() == {"count": 2, "skipped": 1, "unique_vectors": 2, "videos": 0, "frames": 0}
     assert store.skipped() == [("/photos/bad.jpg", "broken")]
     ids = search_ids(store, 2)
     assert store.rows(ids)[ids[0]].path == "/photos/b.jpg"

@@ -87,14 +87,22 @@ def test_long_keyframe_intervals_still_find_every_scene(tmp_path):
     assert [int(f.seconds // 3) for f in result.frames] == [0, 1, 2]
 
 
-def test_the_kept_frames_are_capped_and_spread_over_the_video():
-    rng = np.random.default_rng(0)
-    signatures = [rng.random((16, 16, 3), dtype=np.float32) for _ in range(100)]  # every look a new scene
-    kept = choose_frames(signatures, VideoSampling(max_frames=5))
-    assert kept == [0, 25, 50, 74, 99]
+def test_past_the_cap_the_biggest_changes_are_kept_so_pans_go_before_scenes():
+    def picture(seed: int) -> np.ndarray:  # blocks of 4x4: a pan by one column changes a quarter of it
+        return np.kron(np.random.default_rng(seed).random((4, 4, 3), dtype=np.float32), np.ones((4, 4, 1), np.float32))
+
+    looks, cuts = [], []
+    for i in range(40):
+        if i % 10 == 0:  # a cut to a new scene every tenth look
+            base = picture(i)
+            cuts.append(i)
+        looks.append(np.roll(base, i % 10, axis=1))  # in between, the camera pans: each look differs a little
+    sampling = VideoSampling(scene_change=0.05, max_frames=4)
+    assert len(choose_frames(looks, VideoSampling(scene_change=0.05, max_frames=100))) == 40  # every look a change
+    assert choose_frames(looks, sampling) == cuts  # capped at 4: the four cuts, not four looks spread evenly
     flat = [np.full((16, 16, 3), 0.5, np.float32)] * 3
-    assert choose_frames(flat + signatures[:2], VideoSampling()) == [3, 4]  # near-constant looks never kept
-    assert choose_frames(flat, VideoSampling()) == []
+    assert choose_frames(flat + looks[:2], sampling) == [3, 4]  # near-constant looks are never kept
+    assert choose_frames(flat, sampling) == []
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +113,11 @@ def four_hours(tmp_path_factory) -> Path:
 
 
 def test_a_four_hour_video_costs_a_bounded_number_of_looks(four_hours, monkeypatch):
-    decoded = []
-    real = video_module._decoded
-
-    def counted(container, stream):
-        for frame in real(container, stream):
-            decoded.append(frame.time)
-            yield frame
-
-    monkeypatch.setattr(video_module, "_decoded", counted)
+    in_order = []
+    monkeypatch.setattr(video_module._Looker, "_in_order", lambda *args: in_order.append(args))
     result = open_video(four_hours)
     assert isinstance(result, DecodedVideo) and result.duration == 4 * 3600
-    assert result.looks == 240 and len(decoded) == 240  # one keyframe decoded per look, of 14,400 frames
+    assert result.looks == 240 and in_order == []  # 240 keyframes sought and decoded, of 14,400 frames; never in order
     assert [int(f.seconds // 3600) for f in result.frames] == [0, 1, 2, 3]  # every hour's scene, at its moment
     assert result.seen_seconds > 3.9 * 3600
 
@@ -241,8 +242,13 @@ def test_videos_are_incremental_moved_by_hash_and_left_out_with_no_video(tmp_pat
     folder.mkdir()
     library(folder)
     index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
-    opened = []
-    monkeypatch.setattr("clipengine.embed.open_video", lambda *a, **k: opened.append(a) or Skipped("no"))
+    opened: list[tuple] = []
+
+    def never(*args, **kwargs):
+        opened.append(args)
+        return Skipped("decoded again")
+
+    monkeypatch.setattr("clipengine.embed.open_video", never)
     again = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
     assert again.unchanged == 6 and again.embedded == 0 and opened == []
     shutil.move(folder / "VID_0002.webm", folder / "moved.webm")
@@ -326,6 +332,8 @@ def test_the_service_shows_a_videos_matching_frame_and_plays_it(tmp_path, tiny_m
             pixel = Image.open(io.BytesIO(got.content)).convert("RGB").getpixel((3, 3))
             assert got.status_code == 200 and max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) < 40
         assert client.get(f"/api/view/{mp4['id']}").content == (folder / "clip.mp4").read_bytes()  # played as it is
+        part = client.get(f"/api/view/{mp4['id']}", headers={"Range": "bytes=100-199"})  # a player seeking to #t=
+        assert part.status_code == 206 and part.content == (folder / "clip.mp4").read_bytes()[100:200]
         mkv = next(h for h in hits if h["path"].endswith(".mkv"))
         view = client.get(f"/api/view/{mkv['id']}")  # browsers do not play MKV: its frame as a JPEG
         assert Image.open(io.BytesIO(view.content)).format == "JPEG"
