@@ -93,11 +93,6 @@ CREATE INDEX files_hash ON files(hash);
 CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
 INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
 """ + "".join(f"CREATE TABLE {name} {columns};\n" for name, columns in ADDED_TABLES.items())
-# every searchable image's faiss id, and every frame's of every searchable video ({where}: a condition on f)
-_FAISS_IDS = ("SELECT f.id FROM files f WHERE f.hash IS NOT NULL AND {where} "
-              "AND NOT EXISTS (SELECT 1 FROM frames fr WHERE fr.hash = f.hash) "
-              f"UNION ALL SELECT f.id + (fr.position << {FRAME_SHIFT}) FROM files f JOIN frames fr ON fr.hash = f.hash "
-              "WHERE {where}")
 
 
 def faiss_id(file_id: int, position: int = 0) -> int:
@@ -367,7 +362,7 @@ class IndexStore:
             "SELECT COUNT(hash), COUNT(skip_reason) FROM files").fetchone()
         (unique,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
         videos, frames = self._conn.execute(
-            "SELECT COUNT(DISTINCT f.id), COUNT(*) FROM files f JOIN frames fr ON fr.hash = f.hash").fetchone()
+            "SELECT COUNT(DISTINCT f.id), COUNT(*) FROM frames fr CROSS JOIN files f ON f.hash = fr.hash").fetchone()
         return {"count": searchable, "skipped": skipped, "unique_vectors": unique, "videos": videos, "frames": frames}
 
     def skipped(self) -> list[tuple[str, str]]:
@@ -418,8 +413,18 @@ class IndexStore:
         return self._faiss_ids("f.path >= ? AND f.path < ?", _prefix_range(prefix))
 
     def _faiss_ids(self, where: str = "1", params: Sequence = ()) -> np.ndarray:
-        rows = self._conn.execute(_FAISS_IDS.format(where=where), (*params, *params))
-        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64))
+        """Search structure ids of the searchable files that meet `where` (on f): an image's file id, a video's
+        frames' ids instead of its own. (Two plain queries and a set difference: a NOT EXISTS per file made
+        this 1.7x slower at 500,000 photos, and every search's first read of the structure calls it.)"""
+        files = np.fromiter((r[0] for r in self._conn.execute(
+            f"SELECT f.id FROM files f WHERE f.hash IS NOT NULL AND {where} ORDER BY f.id", params)), dtype=np.int64)
+        frames = np.array(self._conn.execute(
+            f"SELECT f.id, fr.position FROM frames fr CROSS JOIN files f ON f.hash = fr.hash WHERE {where}", params
+        ).fetchall(), dtype=np.int64).reshape(-1, 2)
+        if not len(frames):
+            return files
+        images = np.setdiff1d(files, np.unique(frames[:, 0]), assume_unique=True)
+        return np.sort(np.concatenate([images, frames[:, 0] + (frames[:, 1] << FRAME_SHIFT)]))
 
     def file_hashes(self, prefix: str | None = None) -> list[tuple[int, str, str]]:
         """(id, path, content hash) of every searchable file (under `prefix`), by path."""
