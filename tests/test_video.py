@@ -400,3 +400,23 @@ def test_an_older_index_without_frames_reads_and_follows_a_writer_that_adds_vide
     reader.refresh()
     assert {Path(h.path).name for h in reader.search_text("x", 5)} == {"photo.jpg", "clip.mp4"}
     reader.close()
+
+
+def test_a_video_as_the_query_finds_the_videos_that_share_its_scenes(tmp_path, tiny_model, monkeypatch):
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    write_video(folder / "holiday.mp4", [(2, None), (3, GREEN), (3, BLUE)])
+    write_video(folder / "other.mp4", [(3, YELLOW)])
+    photo_like(160, 120, seed=3).save(folder / "photo.jpg")
+    index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    write_video(tmp_path / "copy.mov", [(3, BLUE)], size=(192, 144))  # not indexed: one of holiday's scenes
+    with Searcher(tmp_path / "idx") as searcher:
+        hits = searcher.search_image(tmp_path / "copy.mov", 3)
+        assert hits[0].path == str(folder / "holiday.mp4") and hits[0].score > 0.99 and hits[0].seconds >= 5
+        monkeypatch.setattr("clipengine.video.open_video", lambda *a, **k: Skipped("decoded again"))
+        itself = searcher.search_image(folder / "holiday.mp4", 1)  # indexed and unchanged: its stored frames
+        assert itself[0].path == str(folder / "holiday.mp4") and itself[0].score > 0.999
+    from clipengine.cli import app
+
+    result = CliRunner().invoke(app, ["search", "--image", str(tmp_path / "none.mp4"), "--index", str(tmp_path / "idx")])
+    assert result.exit_code == 1 and "cannot read query video" in result.output

@@ -33,7 +33,7 @@ from clipengine.index.location import resolve_index_path
 def search(
     query: Annotated[str | None, typer.Argument(
         help="Text to search for; or an image file, or id:N (an indexed image); WEIGHT:... weighs it.")] = None,
-    image: Annotated[Path | None, typer.Option("--image", help="Find images like this one.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="Find files like this image (or like any scene of this video).")] = None,
     vector: Annotated[Path | None, typer.Option("--vector", help="A query embedding saved as .npy.")] = None,
     add: Annotated[list[str] | None, typer.Option(
         "--add", help="Add a term to the query: text, an image file or id:N, with an optional WEIGHT: prefix. Repeatable.")] = None,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipengine.errors import BadInput
+from clipengine.formats import VIDEO_EXTENSIONS
 from clipengine.index.terms import Term, parse_term, parse_terms
 from clipengine.models import ModelSpec
 
@@ -65,7 +66,8 @@ def search_index(index_path: Path, query: Query, k: int = 10, prefix: str | None
     """The `k` best hits for `query` (under the path `prefix`), from a running service when it would give
     the same answer, else from the index itself. Naming a model, device, runtime or precision asks for a
     local search: the service answers with its own."""
-    if query.terms is None and spec.is_empty and (runtime, precision, device) == (None, None, None):
+    video = query.image is not None and query.image.suffix.lower() in VIDEO_EXTENSIONS  # a service takes images only
+    if query.terms is None and not video and spec.is_empty and (runtime, precision, device) == (None, None, None):
         from clipengine.index.service import search_through_service
 
         hits = search_through_service(index_path, text=query.text, image=query.image, vector=query.vector, k=k,

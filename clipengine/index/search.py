@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
+from clipengine.formats import VIDEO_EXTENSIONS
 from clipengine.index.faiss_view import SearchStructure
 from clipengine.index.hits import Hit
 from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
@@ -109,13 +110,14 @@ class Searcher:
             warnings.warn(advice, FallbackNotice, stacklevel=3)
 
     def _encode(self, tower: str, inputs: list, on_torch: Callable[[list], np.ndarray]) -> np.ndarray:
+        """The vectors of `inputs` (one row each) through the exported tower, or `on_torch` where it cannot."""
         encoders = self.encoders
         if encoders is not None and encoders.available(tower):
             try:
-                return (encoders.encode_texts if tower == "text" else encoders.encode_images)(inputs)[0]
+                return (encoders.encode_texts if tower == "text" else encoders.encode_images)(inputs)
             except EncodersUnavailable as e:
                 self._fall_back(e)
-        return on_torch(inputs)[0]
+        return on_torch(inputs)
 
     # ---- queries -> vectors -------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class Searcher:
             from clipengine.embed import embed_texts
 
             return embed_texts(self.model, texts)
-        return self._encode("text", [text], on_torch)
+        return self._encode("text", [text], on_torch)[0]
 
     def text_vectors(self, texts: Sequence[str]) -> np.ndarray:
         """Many texts at once, (len(texts), dim): through the exported text tower in batches when there is one."""
@@ -150,7 +152,35 @@ class Searcher:
         stored = self.store.stored_vector(path, st.st_size, st.st_mtime_ns)
         if stored is not None:
             return stored
+        if _is_video(path):  # as indexing makes a video's own vector: the mean of its frames'
+            mean = self.video_vectors(image_path).mean(axis=0)
+            return mean / np.linalg.norm(mean)
         return self._decoded_vector(path, str(image_path))
+
+    def video_vectors(self, video_path: str | os.PathLike) -> np.ndarray:
+        """A video's frame vectors (n, dim): stored if the index holds it unchanged, else its frames chosen and
+        embedded as indexing does."""
+        path = os.path.abspath(os.path.expanduser(os.fspath(video_path)))
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise BadInput(f"cannot read query video {video_path}: {e.strerror}") from None
+        stored = self.store.stored_frames(path, st.st_size, st.st_mtime_ns)
+        if stored is not None:
+            return stored
+        from clipengine.video import DecodedVideo, open_video
+
+        encoders = self.encoders
+        onnx = encoders if encoders is not None and encoders.available("image") else None
+        video = open_video(path, draft_size=onnx.image_size if onnx else self.model.image_size)
+        if not isinstance(video, DecodedVideo):
+            raise BadInput(f"cannot use {video_path} as a query: {video.reason}")
+
+        def on_torch(images: list) -> np.ndarray:
+            from clipengine.embed import embed_pil_images
+
+            return embed_pil_images(self.model, images)
+        return self._encode("image", [f.image for f in video.frames], on_torch)
 
     def image_bytes_vector(self, data: bytes, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
         """The vector of an image given as bytes (an upload called `name`: its extension tells a camera RAW
@@ -185,7 +215,7 @@ class Searcher:
             from clipengine.embed import embed_pil_images
 
             return embed_pil_images(self.model, images)
-        return self._encode("image", [decoded.image], on_torch)
+        return self._encode("image", [decoded.image], on_torch)[0]
 
     # ---- vectors -> hits ----------------------------------------------------------------------
 
@@ -242,6 +272,9 @@ class Searcher:
         return self.search_vector(self.text_vector(text), k, prefix)
 
     def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None) -> list[Hit]:
+        """Files like an image; like any scene of a video (`video_vectors`)."""
+        if _is_video(os.fspath(image_path)):
+            return self.search_vector(self.video_vectors(image_path), k, prefix)
         return self.search_vector(self.image_vector(image_path), k, prefix)
 
     def terms_vector(self, terms: Sequence[Term]) -> np.ndarray:
@@ -273,3 +306,7 @@ class Searcher:
         """Files like an indexed one (itself first, at score 1); like any scene of a video."""
         frames = self.store.frames_of_file(file_id)
         return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix)
+
+
+def _is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS

@@ -539,6 +539,13 @@ class IndexStore:
         frames = self.frames_of_contents([row[0]]).get(row[0]) if row else None
         return None if frames is None else frames[1]
 
+    def stored_frames(self, path: str, size: int, mtime_ns: int) -> np.ndarray | None:
+        """The frame vectors of the video at `path` if the index holds it and the file is unchanged, else None."""
+        blobs = [r[0] for r in self._conn.execute(
+            "SELECT fr.vector FROM files f JOIN frames fr ON fr.hash = f.hash "
+            "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ? ORDER BY fr.position", (path, size, mtime_ns))]
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32) if blobs else None
+
     # ---- a caption set (clipengine.index.texts) -------------------------------------------------
 
     @property
