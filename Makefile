@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt clip-benchmark
 	touch $(STAMP)
 
+# real camera RAW files (ExifTool's test images, from Debian's source package), which tests/test_formats.py reads
+CAMERA_RAW := data/camera-raw/.fetched
+$(CAMERA_RAW): $(STAMP) scripts/camera_raw.py
+	$(BIN)/python scripts/camera_raw.py
+	touch $@
+
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
@@ -24,7 +30,7 @@ $(CHROMIUM):
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP) lint $(CHROMIUM)
+test: $(STAMP) lint $(CHROMIUM) $(CAMERA_RAW)
 	$(BIN)/python -m pytest -q
 
 # ruff (pyflakes, isort, bugbear, pyupgrade) and mypy over the whole tree, as configured in pyproject.toml

@@ -300,9 +300,13 @@ def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transpare
                 return Skipped(f"too large to decode safely: {width}x{height} "
                                f"({megapixels(pixels)} > {megapixels(max_pixels)} cap, --max-pixels)")
             rgb = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)  # turned upright by LibRaw
+            if rgb.size and rgb.max() == rgb.min():  # LibRaw fills sensor data that is not there with zeros
+                return Skipped("camera RAW file without a picture: its sensor data is missing (cut short?)")
             return Decoded(Image.fromarray(rgb, "RGB"), width, height)
+    except rawpy.LibRawFileUnsupportedError:
+        return Skipped("a camera RAW format LibRaw does not read")
     except (rawpy.LibRawError, OSError, ValueError) as e:
-        return Skipped(f"corrupt or unsupported RAW file ({type(e).__name__})")
+        return Skipped(f"camera RAW file cut short or damaged (LibRaw: {type(e).__name__.removeprefix('LibRaw')})")
     except MemoryError:
         return Skipped("not enough memory to decode")
 

@@ -16,6 +16,7 @@ from PIL import Image
 from synthetic import write_dng, write_video
 
 from clipengine import images
+from clipengine.formats import RAW_EXTENSIONS
 from clipengine.images import Decoded, Skipped, open_image
 
 
@@ -186,6 +187,26 @@ def test_a_damaged_raw_file_is_skipped_with_a_reason(tmp_path):
     for name in ("cut.nef", "noise.cr2"):
         result = open_image(tmp_path / name)
         assert isinstance(result, Skipped) and "RAW" in result.reason, (name, result)
+
+
+CAMERA_RAW = Path(__file__).resolve().parent.parent / "data" / "camera-raw"
+
+
+def test_real_camera_files_cut_short_are_read_by_their_headers_and_never_crash():
+    """ExifTool's test images (Debian's source package of ExifTool, fetched by `make test`, scripts/camera_raw.py):
+    one real file per camera maker, with its pixel data cut away. Each is decoded at its camera's size or
+    skipped with a reason; none is indexed as an empty picture, none raises."""
+    if not (CAMERA_RAW / "Nikon.nef").is_file():
+        pytest.fail(f"{CAMERA_RAW} is missing: `make test` fetches it (python scripts/camera_raw.py)")
+    results = {p.name: open_image(p) for p in sorted(CAMERA_RAW.iterdir()) if p.suffix.lower() in RAW_EXTENSIONS}
+    assert len(results) == 11
+    decoded = {name: (r.width, r.height) for name, r in results.items() if isinstance(r, Decoded)}
+    assert decoded == {"Panasonic.rw2": (3664, 2754)}, decoded  # a Lumix's 10 MP sensor, read from its header
+    skipped = {name: r.reason for name, r in results.items() if isinstance(r, Skipped)}
+    assert "sensor data is missing" in skipped["DNG.dng"]  # LibRaw's zeros are not a picture
+    assert skipped["CanonRaw.cr2"] == "a camera RAW format LibRaw does not read"
+    for name in ("Nikon.nef", "CanonRaw.cr3", "FujiFilm.raf", "PhaseOne.iiq"):
+        assert skipped[name].startswith("camera RAW file cut short or damaged (LibRaw: "), (name, skipped[name])
 
 
 # ---- the same everywhere: indexing, searching, thumbnails, uploads ----------------------------------------
