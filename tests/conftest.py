@@ -54,6 +54,23 @@ def committed_count(index: Path) -> int:
         return 0
 
 
+def interrupted_run(script: str, folder: Path, index: Path, after: int, sig: int) -> int:
+    """Run `script` (python -c, given FOLDER INDEX) in a child and interrupt it with `sig` once `after` files are
+    committed; returns how many were committed when it stopped."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder), str(index)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
+    deadline = time.monotonic() + 120
+    while committed_count(index) < after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return committed_count(index)
+
+
 def spy(monkeypatch, owner: object, name: str) -> list[tuple]:
     """Replace `owner.name` by a wrapper that records each call's arguments and calls through."""
     calls: list[tuple] = []

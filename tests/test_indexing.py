@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import committed_count, interruptible, write_bad_inputs
+from conftest import interrupted_run, write_bad_inputs
 from synthetic import write_photo_folder
 
 import clipengine.embed as embed_module
@@ -273,14 +270,7 @@ def many_pngs(tmp_path_factory) -> Path:
 def test_killed_run_resumes_and_indexes_every_file_exactly_once(many_pngs, tmp_path, sig):
     folder = many_pngs
     index = tmp_path / "idx"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(folder), str(index)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
-    deadline = time.monotonic() + 120
-    while committed_count(index) < 8 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    at_kill = committed_count(index)
+    at_kill = interrupted_run(KILL_SCRIPT, folder, index, 8, sig)
     assert 8 <= at_kill < 120, "the run must be interrupted part-way for this test to mean anything"
     report = build(folder, index, batch_size=16)
     assert report.embedded == 120 - at_kill  # nothing committed is embedded again

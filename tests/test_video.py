@@ -9,14 +9,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CliRunner, committed_count, interruptible
+from conftest import CliRunner, interrupted_run
 from PIL import Image
 from synthetic import write_video
 
@@ -276,14 +273,7 @@ def test_a_killed_run_over_videos_resumes_and_embeds_each_once(tmp_path):
     for i in range(12):
         write_video(folder / f"v{i:02d}.mp4", [(2, scene(100 + i)), (2, scene(200 + i))], size=(320, 240))
     index = tmp_path / "idx"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(folder), str(index)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
-    deadline = time.monotonic() + 120
-    while committed_count(index) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    at_kill = committed_count(index)
+    at_kill = interrupted_run(KILL_SCRIPT, folder, index, 3, signal.SIGKILL)
     assert 3 <= at_kill < 12, "the run must be interrupted part-way for this test to mean anything"
     report = index_folder(folder, index, workers=0)
     assert report.embedded == 12 - at_kill and report.count == 12 and report.videos == 12 - at_kill

@@ -144,11 +144,7 @@ class Searcher:
         return embed_texts(self.model, list(texts))
 
     def image_vector(self, image_path: str | os.PathLike) -> np.ndarray:
-        path = os.path.abspath(os.path.expanduser(os.fspath(image_path)))
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise BadInput(f"cannot read query image {image_path}: {e.strerror}") from None
+        path, st = _query_file(image_path, "image")
         stored = self.store.stored_vector(path, st.st_size, st.st_mtime_ns)
         if stored is not None:
             return stored
@@ -160,19 +156,13 @@ class Searcher:
     def video_vectors(self, video_path: str | os.PathLike) -> np.ndarray:
         """A video's frame vectors (n, dim): stored if the index holds it unchanged, else its frames chosen and
         embedded as indexing does."""
-        path = os.path.abspath(os.path.expanduser(os.fspath(video_path)))
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise BadInput(f"cannot read query video {video_path}: {e.strerror}") from None
+        path, st = _query_file(video_path, "video")
         stored = self.store.stored_frames(path, st.st_size, st.st_mtime_ns)
         if stored is not None:
             return stored
         from clipengine.video import DecodedVideo, open_video
 
-        encoders = self.encoders
-        onnx = encoders if encoders is not None and encoders.available("image") else None
-        video = open_video(path, draft_size=onnx.image_size if onnx else self.model.image_size)
+        video = open_video(path, draft_size=self._input_size())
         if not isinstance(video, DecodedVideo):
             raise BadInput(f"cannot use {video_path} as a query: {video.reason}")
 
@@ -200,14 +190,18 @@ class Searcher:
             raise FileUnavailable(f"no searchable file has id {file_id} in this index")
         return vectors[0]
 
+    def _input_size(self) -> int:
+        """The image tower's input size, which a query is decoded to as indexing decodes (without loading torch
+        when the exported tower will embed it)."""
+        encoders = self.encoders
+        return encoders.image_size if encoders is not None and encoders.available("image") else self.model.image_size
+
     def _decoded_vector(self, source: str | bytes, what: str, max_pixels: int | None = None,
                         name: str | None = None) -> np.ndarray:
         from clipengine.images import DEFAULT_MAX_PIXELS, Decoded, open_image  # PIL: not needed by text queries
 
-        encoders = self.encoders
-        onnx = encoders if encoders is not None and encoders.available("image") else None
-        decoded = open_image(source, draft_size=onnx.image_size if onnx else self.model.image_size,  # as indexing does
-                             max_pixels=max_pixels or DEFAULT_MAX_PIXELS, name=name)
+        decoded = open_image(source, draft_size=self._input_size(), max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                             name=name)
         if not isinstance(decoded, Decoded):
             raise BadInput(f"cannot use {what} as a query: {decoded.reason}")
 
@@ -310,3 +304,12 @@ class Searcher:
 
 def _is_video(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def _query_file(path: str | os.PathLike, what: str) -> tuple[str, os.stat_result]:
+    """A query file's absolute path and stat (its identity in the index), or a one-line error."""
+    absolute = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        return absolute, os.stat(absolute)
+    except OSError as e:
+        raise BadInput(f"cannot read query {what} {path}: {e.strerror}") from None
