@@ -9,8 +9,10 @@ interleaved so that every format sees the same machine load; ms per image is the
     camera's embedded preview, which is what it does with one.
 Indexing: `index_folder` end to end with the shipped tiny model (so the decode dominates), images/s.
 
-The recall change between a RAW file's preview and its demosaiced pixels needs captioned RAW photos, which
-no registry package ships: it is not measured here.
+Recall: a tiny model trained on the captioned scenes, its held-out scenes read through each route a RAW
+file takes: the embedded preview (a 256 px JPEG of the scene) against LibRaw's full demosaic of a 512 px
+RGGB mosaic of it (linearised, through PiDNG). No registry ships captioned camera RAW photos, so the
+mosaics are made from captioned pictures.
 
     python benchmarks/bench_formats.py            # 8 pictures, 3 rounds
     python benchmarks/bench_formats.py --quick    # 2 pictures, 1 round
@@ -26,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
-from synthetic import write_dng  # tests/ is, through results_file
+from synthetic import write_dng, write_dng_of  # tests/ is, through results_file
 
 from clipengine.images import Decoded, open_image
 from clipengine.index.pipeline import index_folder
@@ -55,6 +58,46 @@ def decode_ms(paths: list[Path]) -> float:
     for path in paths:
         assert isinstance(open_image(path, draft_size=224), Decoded), path
     return (time.perf_counter() - started) * 1000 / len(paths)
+
+
+def raw_recall(root: Path, quick: bool) -> dict:
+    """Held-out recall of a tiny model trained on the captioned scenes, its test scenes read as a camera's RAW
+    file is read in each way: the embedded preview (a 256 px JPEG), or the sensor data (a 512 px RGGB mosaic,
+    linearised, written by PiDNG) demosaiced in full by LibRaw."""
+    import csv
+
+    from clipengine.evaluation.retrieval import retrieval_benchmark
+    from clipengine.scenes import write_scene_set
+    from clipengine.training import TrainConfig, train
+
+    train_set = write_scene_set(root / "train-scenes", 600 if quick else 3000, seed=0)
+    test_set = write_scene_set(root / "test-scenes", 60 if quick else 300, seed=1)
+    started = time.perf_counter()
+    train(TrainConfig(data=str(train_set), out=str(root / "run"), model="tiny", epochs=2 if quick else 8,
+                      batch_size=128, lr=1e-3, val_size=0))
+    print(f"trained tiny on the scenes in {time.perf_counter() - started:.0f} s", flush=True)
+    with open(test_set, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    out: dict[str, dict] = {}
+    for route, suffix in (("preview", ".jpg"), ("demosaic", ".dng")):
+        folder = root / f"raw-{route}"
+        folder.mkdir()
+        for name in sorted({r[0] for r in rows}):
+            picture = Image.open(test_set.parent / name).convert("RGB")
+            target = folder / Path(name).with_suffix(suffix).name
+            if route == "preview":
+                picture.resize((256, 256), Image.Resampling.LANCZOS).save(target, "JPEG", quality=90)
+            else:
+                write_dng_of(picture.resize((512, 512), Image.Resampling.LANCZOS), target)
+        with open(folder / "captions.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filepath", "caption"])
+            writer.writerows((Path(n).with_suffix(suffix).name, c) for n, c in rows)
+        metrics = retrieval_benchmark(folder / "captions.csv", spec=ModelSpec(checkpoint=str(root / "run"))).metrics
+        out[route] = {k: round(v, 4) for k, v in metrics.items()}
+        print(f"  {route:9s} " + "  ".join(f"{k} {100 * v:.1f}" for k, v in sorted(metrics.items())), flush=True)
+    out["demosaic_minus_preview_points"] = {k: round(100 * (out["demosaic"][k] - v), 2) for k, v in out["preview"].items()}
+    return out
 
 
 def main() -> None:
@@ -87,12 +130,13 @@ def main() -> None:
         for name in ("jpeg", "heic"):
             report = index_folder(folders[name], root / f"idx-{name}", model=model, workers=2, export=False)
             indexing[name] = round(report.images_per_second, 2)
+        recall = raw_recall(root, args.quick)
     record = {
         "benchmark": "formats", "date": dt.date.today().isoformat(), "quick": args.quick, "pictures": n,
         "rounds": rounds, "decode_ms": decode,
         "heic_over_jpeg_decode": round(decode["heic"] / decode["jpeg"], 2),
         "raw_demosaic_over_preview": round(decode["raw"] / decode["preview"], 1),
-        "index_images_per_second_tiny": indexing,
+        "index_images_per_second_tiny": indexing, "raw_recall": recall,
     }
     print(f"12 MP decode: JPEG {decode['jpeg']} ms, HEIC {decode['heic']} ms ({record['heic_over_jpeg_decode']}x)")
     print(f"24 MP RAW: demosaic {decode['raw']} ms, preview {decode['preview']} ms "

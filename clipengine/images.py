@@ -275,13 +275,42 @@ def open_image(
 _FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 
 
+def _rawpy():
+    """rawpy, its OpenMP runtime (a copy of its own) started with one thread, or None if it is not installed.
+
+    A process whose LibRaw has run its OpenMP threads deadlocks the decode workers it forks (measured: a
+    demosaic in the main process, then `index_folder(workers=2)`, hung until killed). With one thread, LibRaw
+    starts none, and a fork is safe; the parallelism is the workers'. The OpenMP runtime reads
+    OMP_NUM_THREADS once, when loaded, so the variable is set only while rawpy is imported: torch's own
+    runtime keeps its threads."""
+    import sys
+
+    with _PIL_GUARD:
+        if "rawpy" in sys.modules:  # loaded already (by us, or by a caller: then with its threads)
+            return sys.modules["rawpy"]
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            import rawpy
+        except ImportError:
+            return None
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+    # rawpy warns in every forked worker that OpenMP may deadlock it: with one thread it cannot, so the flag
+    # that says it has already warned is set (a warning per decode worker would reach every user's terminal)
+    rawpy._warned_about_multiprocessing = True
+    return rawpy
+
+
 def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transparency: str) -> Decoded | Skipped:
     """A camera RAW file: its embedded JPEG preview when both its sides are at least `draft_size` (decoding
     it costs a fraction of demosaicing), else the sensor data demosaiced by LibRaw at half size (full size
     for an exact decode), with the camera's white balance. Either way turned upright as the file says."""
-    try:
-        import rawpy
-    except ImportError:
+    rawpy = _rawpy()
+    if rawpy is None:
         return Skipped("camera RAW needs its decoder: pip install rawpy")
     try:
         with rawpy.imread(io.BytesIO(data)) as raw:

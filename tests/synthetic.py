@@ -61,19 +61,46 @@ def clustered_unit_vectors(n: int, dim: int = 512, *, clusters: int | None = Non
 
 def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -> np.ndarray:
     """A DNG as a camera writes one (an RGGB Bayer mosaic, 12 bits), through PiDNG: top half red, bottom blue."""
-    from pidng.core import RAW2DNG, DNGTags, Tag
-    from pidng.defs import CalibrationIlluminant, CFAPattern, DNGVersion, PhotometricInterpretation
-
     mosaic = np.full((height, width), 64, np.uint16)
     mosaic[: height // 2, 0::2][0::2] = 4000  # R sites (even row, even column) in the top half
     mosaic[height // 2:, 1::2][1::2] = 4000  # B sites (odd row, odd column) in the bottom half
+    identity = [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]
+    _write_mosaic(path, mosaic, orientation, identity)
+    return mosaic
+
+
+# XYZ -> linear sRGB (IEC 61966-2-1), in ten-thousandths: as a DNG's ColorMatrix1 it says the camera's sensor
+# sees linear sRGB, so that LibRaw's output is the picture the mosaic was sampled from
+_XYZ_TO_SRGB = [[32406, 10000], [-15372, 10000], [-4986, 10000], [-9689, 10000], [18758, 10000], [415, 10000],
+                [557, 10000], [-2040, 10000], [10570, 10000]]
+
+
+def write_dng_of(image, path) -> None:
+    """A DNG (RGGB, 12 bits, no preview) whose sensor saw `image`: each site keeps its colour's channel of
+    the picture, linearised, so that demosaicing gives the picture back as a camera's RAW would."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    height, width = (d - d % 2 for d in linear.shape[:2])
+    mosaic = np.empty((height, width), np.float64)
+    mosaic[0::2, 0::2] = linear[0:height:2, 0:width:2, 0]  # R
+    mosaic[0::2, 1::2] = linear[0:height:2, 1:width:2, 1]  # G
+    mosaic[1::2, 0::2] = linear[1:height:2, 0:width:2, 1]  # G
+    mosaic[1::2, 1::2] = linear[1:height:2, 1:width:2, 2]  # B
+    _write_mosaic(Path(path), np.round(mosaic * 4095).astype(np.uint16), 1, _XYZ_TO_SRGB)
+
+
+def _write_mosaic(path: Path, mosaic: np.ndarray, orientation: int, color_matrix: list) -> None:
+    from pidng.core import RAW2DNG, DNGTags, Tag
+    from pidng.defs import CalibrationIlluminant, CFAPattern, DNGVersion, PhotometricInterpretation
+
+    height, width = mosaic.shape
     tags = DNGTags()
     for tag, value in ((Tag.ImageWidth, width), (Tag.ImageLength, height), (Tag.TileWidth, width),
                        (Tag.TileLength, height), (Tag.Orientation, orientation),
                        (Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array),
                        (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, 16), (Tag.CFARepeatPatternDim, [2, 2]),
                        (Tag.CFAPattern, CFAPattern.RGGB), (Tag.BlackLevel, 0), (Tag.WhiteLevel, 4095),
-                       (Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]),
+                       (Tag.ColorMatrix1, color_matrix),
                        (Tag.CalibrationIlluminant1, CalibrationIlluminant.D65), (Tag.AsShotNeutral, [[1, 1]] * 3),
                        (Tag.DNGVersion, DNGVersion.V1_4), (Tag.DNGBackwardVersion, DNGVersion.V1_2),
                        (Tag.Make, "clipengine"), (Tag.Model, "test")):
@@ -82,7 +109,6 @@ def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -
     writer.options(tags, path=str(path.parent), compress=False)
     writer.convert(mosaic, filename=path.stem)
     path.parent.joinpath(path.stem + ".dng").rename(path)  # PiDNG names it .dng; a camera's own extension may differ
-    return mosaic
 
 
 def write_video(path, segments, *, fps: int = 10, size: tuple[int, int] = (160, 120), codec: str | None = None,

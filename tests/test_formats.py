@@ -273,3 +273,39 @@ def test_an_image_a_search_sends_to_a_running_service_carries_its_name(tmp_path,
     (tmp_path / "DSC 0006.NEF").write_bytes(b"raw bytes")
     assert service.search(service.Service("http://127.0.0.1:1", None, "phone"), image=tmp_path / "DSC 0006.NEF") == []
     assert b'filename="DSC%200006.NEF"' in sent[0] and b"raw bytes" in sent[0]
+
+
+FORKED_AFTER_A_DEMOSAIC = """
+import sys
+from pathlib import Path
+from clipengine.images import Decoded, open_image
+from clipengine.index.pipeline import index_folder
+from clipengine.models import ModelSpec
+assert isinstance(open_image(Path(sys.argv[1]) / "0.dng", draft_size=None), Decoded)  # LibRaw runs in this process
+report = index_folder(sys.argv[1], sys.argv[2], ModelSpec(arch="tiny"), workers=2, exact_decode=True, export=False)
+assert report.embedded == 6, report.skips
+import torch
+print(torch.get_num_threads())
+"""
+
+
+def test_decode_workers_forked_after_a_raw_decode_do_not_deadlock(tmp_path):
+    """LibRaw's OpenMP threads, once started in a process, deadlock the workers it forks (this run hung until
+    killed before rawpy was loaded with one thread): the parent decodes a DNG, then indexes with 2 workers."""
+    import os
+    import subprocess
+    import sys
+
+    from synthetic import write_dng_of
+
+    from clipengine.scenes import photo_like
+
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for i in range(6):
+        write_dng_of(photo_like(256, 192, seed=i), folder / f"{i}.dng")
+    done = subprocess.run([sys.executable, "-c", FORKED_AFTER_A_DEMOSAIC, str(folder), str(tmp_path / "idx")],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == len(os.sched_getaffinity(0))  # torch keeps its threads
+    assert "rawpy is being used in a process created by multiprocessing" not in done.stderr
