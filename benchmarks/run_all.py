@@ -79,6 +79,13 @@ def markdown(results: dict) -> str:
         lines.append(_row("a 24 MP camera RAW file without a usable preview: LibRaw's half-size demosaic",
                           f"{d['raw']:.0f} ms", f"decoding a 1620x1080 preview {d['preview']:.0f} ms",
                           f"{f['raw_demosaic_over_preview']:.0f}x the preview's"))
+        if "raw_recall" in f:
+            r = f["raw_recall"]
+            lines.append(_row("held-out recall (T->I R@1/5/10 · I->T R@1/5/10, %), RAW read by its full demosaic, "
+                              "tiny trained on the scenes", _recall_cells(r["demosaic"]),
+                              f"through its preview {_recall_cells(r['preview'])}",
+                              f"R@10 {r['demosaic_minus_preview_points']['text_to_image_R@10']:+.1f} / "
+                              f"{r['demosaic_minus_preview_points']['image_to_text_R@10']:+.1f} points"))
     if "video" in results:
         v = results["video"]
         for arch, m in v["models"].items():
@@ -192,7 +199,10 @@ SECTIONS = {
                 "camera embeds, rounds interleaved; then `index_folder` with the tiny model, where decoding "
                 "dominates. pillow-heif writes each picture as one HEVC image, which libheif decodes on one "
                 "thread: a phone's HEIC is a grid of tiles decoded in parallel, so this is the slow case. PiDNG's "
-                "DNGs are uncompressed: a camera's compressed RAW costs more to unpack."),
+                "DNGs are uncompressed: a camera's compressed RAW costs more to unpack. The recall rows: held-out "
+                "scenes read through each route a RAW file takes, the embedded preview (a 256 px JPEG) or LibRaw's "
+                "full demosaic of a 512 px RGGB mosaic of the scene (linearised; no registry ships captioned RAW "
+                "photos), scored by a tiny model trained on the scenes."),
     "video": ("Videos", "Generated 1280x720 H.264 videos with a keyframe a second, as phones write them: scenes of "
               "3 to 12 s of photo-like pictures panning a pixel a frame, every other change to a picture half made "
               "of the one before, one video with a black intro; where each scene starts is known. `index_folder` "

@@ -324,6 +324,8 @@ def test_the_service_shows_a_videos_matching_frame_and_plays_it(tmp_path, tiny_m
         assert client.get(f"/api/view/{mp4['id']}").content == (folder / "clip.mp4").read_bytes()  # played as it is
         part = client.get(f"/api/view/{mp4['id']}", headers={"Range": "bytes=100-199"})  # a player seeking to #t=
         assert part.status_code == 206 and part.content == (folder / "clip.mp4").read_bytes()[100:200]
+        upload = client.post("/api/search/image", files={"file": ("other.mp4", b"\0" * 64 + b"x", "video/mp4")})
+        assert upload.status_code == 400 and "is a video" in upload.json()["error"], upload.text
         mkv = next(h for h in hits if h["path"].endswith(".mkv"))
         view = client.get(f"/api/view/{mkv['id']}")  # browsers do not play MKV: its frame as a JPEG
         assert Image.open(io.BytesIO(view.content)).format == "JPEG"

@@ -179,7 +179,12 @@ class Searcher:
         from clipengine.images import content_hash
 
         stored = self.store.vector_of_content(content_hash(bytes(data)))
-        return stored if stored is not None else self._decoded_vector(data, "the uploaded image", max_pixels, name)
+        if stored is not None:
+            return stored
+        if name and _is_video(name):  # PyAV reads a video from its file; an upload is held in memory
+            raise BadInput(f"{os.path.basename(name)} is a video: search by a video with `clipengine search --image "
+                           "FILE`, or by an indexed one's id")
+        return self._decoded_vector(data, "the uploaded image", max_pixels, name)
 
     def id_vector(self, file_id: int) -> np.ndarray:
         """The stored vector of an indexed file: "more like this" without reading the file."""
