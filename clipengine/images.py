@@ -328,8 +328,12 @@ def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transpare
             if pixels > max_pixels:
                 return Skipped(f"too large to decode safely: {width}x{height} "
                                f"({megapixels(pixels)} > {megapixels(max_pixels)} cap, --max-pixels)")
+            if len(data) * 8 < sizes.raw_width * sizes.raw_height:  # under a bit a pixel: no codec packs it so
+                # tightly, and LibRaw would fill the missing sensor data with whatever its buffer held
+                return Skipped(f"camera RAW file cut short: {len(data):,} bytes cannot hold its {width}x{height} "
+                               "sensor data")
             rgb = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)  # turned upright by LibRaw
-            if rgb.size and rgb.max() == rgb.min():  # LibRaw fills sensor data that is not there with zeros
+            if rgb.size and rgb.max() == rgb.min():
                 return Skipped("camera RAW file without a picture: its sensor data is missing (cut short?)")
             return Decoded(Image.fromarray(rgb, "RGB"), width, height)
     except rawpy.LibRawFileUnsupportedError:
