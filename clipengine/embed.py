@@ -39,6 +39,7 @@ from clipengine.images import (
     open_image,
     read_image_bytes,
 )
+from clipengine.metadata import MediaInfo
 from clipengine.models import LoadedModel
 from clipengine.video import DecodedVideo, open_video
 
@@ -57,6 +58,8 @@ class ImageEmbedding:
     skip_reason: str | None = None
     frames: tuple[float, ...] = ()
     frame_vectors: np.ndarray | None = None
+    metadata: MediaInfo | None = None  # read while decoding (None: not decoded)
+    duration: float | None = None  # a video's, in seconds
 
     @property
     def reused(self) -> bool:
@@ -118,7 +121,8 @@ class ImageFiles(Dataset):
             pixels = self.pixel_transform(result.image)[None]
         except Exception as e:  # a transform failing on a decoded image is still one bad file
             return ImageEmbedding(path, hash=digest, skip_reason=f"preprocessing failed ({e})"), None
-        return ImageEmbedding(path, hash=digest, width=result.width, height=result.height), pixels
+        return ImageEmbedding(path, hash=digest, width=result.width, height=result.height,
+                              metadata=result.metadata), pixels
 
     def _video(self, path: str) -> tuple[ImageEmbedding, torch.Tensor | None]:
         digest = file_content_hash(path)  # read in pieces: a video may be far larger than memory
@@ -134,7 +138,8 @@ class ImageFiles(Dataset):
         except Exception as e:
             return ImageEmbedding(path, hash=digest, skip_reason=f"preprocessing failed ({e})"), None
         return ImageEmbedding(path, hash=digest, width=result.width, height=result.height,
-                              frames=tuple(f.seconds for f in result.frames)), pixels
+                              frames=tuple(f.seconds for f in result.frames), metadata=result.metadata,
+                              duration=result.duration), pixels
 
 
 def _collate(items: list) -> tuple[list[ImageEmbedding], torch.Tensor | None]:

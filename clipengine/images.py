@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from clipengine.formats import RAW_EXTENSIONS
+from clipengine.metadata import NO_METADATA, MediaInfo, from_exif
 from clipengine.sizes import DEFAULT_MAX_PIXELS
 
 MAX_FILE_BYTES = 1 << 30  # larger "images" are almost always something else; never read them whole
@@ -55,6 +56,7 @@ class Decoded:
     image: Image.Image  # RGB (RGBA with transparency under DROP), EXIF orientation applied, maybe draft-reduced
     width: int  # size of the full image as the viewer sees it (after EXIF rotation, before draft)
     height: int
+    metadata: MediaInfo = NO_METADATA  # when, with what and where, from its EXIF (clipengine.metadata)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,41 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     elif img.mode.startswith("I;16") or (img.mode == "I" and arr.size and arr.max() > 255):
         arr = arr.astype(np.float32) / 257.0
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+
+
+def header_metadata(path: str | os.PathLike) -> MediaInfo:
+    """An image file's EXIF, read from its header alone (nothing is decoded); a camera RAW file's from its
+    embedded preview, where it has one."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if os.path.splitext(path)[1].lower() in RAW_EXTENSIONS:
+                rawpy = _rawpy()
+                if rawpy is None:
+                    return NO_METADATA
+                f.seek(0)
+                with rawpy.imread(f) as raw:
+                    thumb = raw.extract_thumb()
+                if thumb.format != rawpy.ThumbFormat.JPEG:
+                    return NO_METADATA
+                with Image.open(io.BytesIO(bytes(thumb.data))) as preview:
+                    return _metadata(preview)
+            kind = sniff(head)
+            if kind and _load_decoder(kind):
+                return NO_METADATA
+            f.seek(0)
+            with _open_unguarded(f) as img:
+                return _metadata(img)
+    except Exception:  # unreadable, not an image, no preview: nothing is known
+        return NO_METADATA
+
+
+def _metadata(img: Image.Image) -> MediaInfo:
+    try:
+        return from_exif(img.getexif())
+    except Exception:  # a damaged EXIF block costs the metadata, never the image
+        return NO_METADATA
 
 
 def to_rgb(img: Image.Image, transparency: str = WHITE) -> Image.Image:
@@ -251,6 +288,7 @@ def open_image(
         try:
             img = _open_unguarded(fp)
             full_size = img.size
+            metadata = _metadata(img)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             decoded_pixels = img.size[0] * img.size[1]
@@ -268,7 +306,7 @@ def open_image(
             return Skipped(f"corrupt or truncated image ({message})")
         except MemoryError:
             return Skipped("not enough memory to decode")
-    return Decoded(rgb, width, height)
+    return Decoded(rgb, width, height, metadata)
 
 
 # LibRaw's flip: how the stored image must turn to be seen upright
@@ -319,10 +357,10 @@ def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transpare
             width, height = (sizes.height, sizes.width) if flip in (5, 6) else (sizes.width, sizes.height)
             preview = _raw_preview(raw, draft_size, max_pixels, transparency)
             if preview is not None:
-                image, turned = preview
+                image, turned, metadata = preview
                 if not turned and flip in _FLIP:
                     image = image.transpose(_FLIP[flip])
-                return Decoded(image, width, height)
+                return Decoded(image, width, height, metadata)
             half = draft_size is not None
             pixels = (sizes.width // 2) * (sizes.height // 2) if half else sizes.width * sizes.height
             if pixels > max_pixels:
@@ -344,9 +382,10 @@ def _open_raw(data: bytes, *, max_pixels: int, draft_size: int | None, transpare
         return Skipped("not enough memory to decode")
 
 
-def _raw_preview(raw, draft_size: int | None, max_pixels: int, transparency: str) -> tuple[Image.Image, bool] | None:
-    """The embedded JPEG preview, decoded, if it is large enough to stand for the photo; and whether its own
-    EXIF already turned it upright."""
+def _raw_preview(raw, draft_size: int | None, max_pixels: int,
+                 transparency: str) -> tuple[Image.Image, bool, MediaInfo] | None:
+    """The embedded JPEG preview, decoded, if it is large enough to stand for the photo; whether its own
+    EXIF already turned it upright; and what its EXIF says."""
     import rawpy
 
     if draft_size is None:
@@ -362,4 +401,4 @@ def _raw_preview(raw, draft_size: int | None, max_pixels: int, transparency: str
         return None
     with Image.open(io.BytesIO(thumb.data)) as header:
         turned = header.getexif().get(0x0112, 1) != 1
-    return decoded.image, turned
+    return decoded.image, turned, decoded.metadata

@@ -53,6 +53,9 @@ class MediaInfo:
         return self.model
 
 
+NO_METADATA = MediaInfo()
+
+
 def _text(value) -> str | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from clipengine.formats import DEFAULT_SAMPLING, VIDEO_EXTENSIONS, VideoSampling
-from clipengine.images import Decoded, Skipped, megapixels, open_image
+from clipengine.images import Decoded, Skipped, header_metadata, megapixels, open_image
+from clipengine.metadata import NO_METADATA, MediaInfo, from_video
 from clipengine.sizes import DEFAULT_MAX_PIXELS
 
 NEAR_CONSTANT = 0.03  # a look whose 16x16 signature has a smaller standard deviation (of 1) is black or a flat colour
@@ -48,6 +49,7 @@ class DecodedVideo:
     duration: float  # seconds (0 when the file does not say)
     looks: int  # frames decoded to choose from
     seen_seconds: float = 0.0  # how far into the video the looks reached (less than duration if the budget ran out)
+    metadata: MediaInfo = NO_METADATA  # when, with what and where, from its container's tags (clipengine.metadata)
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent: open, seek+decode, convert, choose
 
 
@@ -78,6 +80,7 @@ def open_video(path: str | os.PathLike, sampling: VideoSampling = DEFAULT_SAMPLI
                 return Skipped(f"too large to decode safely: {width}x{height} ({megapixels(width * height)} > "
                                f"{megapixels(max_pixels)} cap, --max-pixels)")
             duration = _duration(container, stream)
+            metadata = from_video(dict(container.metadata))
             looker.look(container, stream, duration)
     except av.error.FFmpegError as e:
         return Skipped(_describe(e, path))
@@ -100,7 +103,7 @@ def open_video(path: str | os.PathLike, sampling: VideoSampling = DEFAULT_SAMPLI
     if looker.rotation in (90, 270):
         width, height = height, width
     frames = [Frame(looks[i][0], looks[i][2]) for i in chosen]
-    return DecodedVideo(frames, width, height, duration or 0.0, len(looks), looker.seen, looker.timings)
+    return DecodedVideo(frames, width, height, duration or 0.0, len(looks), looker.seen, metadata, looker.timings)
 
 
 def _duration(container, stream) -> float | None:
@@ -334,3 +337,19 @@ def frame_at(path: str | os.PathLike, seconds: float, *, max_pixels: int = DEFAU
         return Skipped(_describe(e, os.fspath(path)))
     except (OSError, ValueError, MemoryError) as e:
         return Skipped(f"not a readable video ({type(e).__name__}: {e})")
+
+
+def metadata_of(path: str | os.PathLike) -> tuple[MediaInfo, float | None]:
+    """What a file's header says of it, without decoding a pixel: an image's EXIF, a video's tags and duration
+    (for an index made before metadata was read: `clipengine.index.pipeline` fills it in)."""
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() not in VIDEO_EXTENSIONS:
+        return header_metadata(path), None
+    try:
+        import av
+
+        with av.open(path, metadata_errors="ignore") as container:
+            duration = _duration(container, container.streams.video[0]) if container.streams.video else None
+            return from_video(dict(container.metadata)), duration
+    except Exception:  # unreadable now: nothing is known, and the file stays as indexed
+        return NO_METADATA, None

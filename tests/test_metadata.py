@@ -168,3 +168,98 @@ def test_video_tags_without_a_time_or_with_a_muxers_epoch(tmp_path):
                        "com.android.manufacturer": "Google", "com.android.model": "Pixel 7"}, now=NOW)
     assert (info.taken, info.latitude, info.camera) == (None, None, "Google Pixel 7")
     assert from_video({"creation_time": "2040-01-01T00:00:00Z"}, now=NOW).taken is None
+
+
+def write_photo(path, exif) -> None:
+    from clipengine.scenes import photo_like
+
+    photo_like(160, 120, seed=hash(path.name) % 1000).save(path, "JPEG", exif=exif.tobytes())
+
+
+def media_rows(index) -> dict:
+    import sqlite3
+
+    from clipengine.index.location import DATABASE
+
+    with sqlite3.connect(index / DATABASE) as conn:
+        conn.row_factory = sqlite3.Row
+        return {r["path"].rsplit("/", 1)[-1]: dict(r) for r in conn.execute(
+            "SELECT f.path, m.* FROM files f JOIN media m ON m.hash = f.hash")}
+
+
+def test_indexing_keeps_each_files_metadata_and_info_sums_it_up(tmp_path, tiny_model):
+    import json
+
+    from conftest import CliRunner
+    from synthetic import write_video
+
+    from clipengine.cli import app
+    from clipengine.index.pipeline import index_folder
+
+    folder = tmp_path / "Phone"
+    folder.mkdir()
+    write_photo(folder / "berlin.jpg", exif_of("2023:07:14 18:03:22", "+02:00", "Google", "Pixel 7",
+                                               gps=(52.52, 13.405)))
+    write_photo(folder / "paris.jpg", exif_of("2024:03:02 09:00:00", "+01:00", "Apple", "iPhone 13",
+                                              gps=(48.8566, 2.3522)))
+    write_photo(folder / "scan.jpg", exif_of())  # a scanner writes nothing: its file time stands in
+    write_video(folder / "clip.mp4", [(3, (200, 30, 30))])
+    report = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    assert report.embedded == 4 and report.metadata_read == 0  # read while decoding, not again
+    rows = media_rows(tmp_path / "idx")
+    assert rows["berlin.jpg"]["taken"] == "2023-07-14T18:03:22+02:00" and rows["berlin.jpg"]["model"] == "Pixel 7"
+    assert rows["berlin.jpg"]["taken_at"] == dt.datetime(2023, 7, 14, 16, 3, 22, tzinfo=dt.timezone.utc).timestamp()
+    assert rows["paris.jpg"]["latitude"] == pytest.approx(48.8566, abs=1e-5)
+    assert (rows["scan.jpg"]["taken"], rows["scan.jpg"]["taken_source"], rows["scan.jpg"]["kind"]) == (None, "mtime", "image")
+    assert rows["clip.mp4"]["kind"] == "video" and rows["clip.mp4"]["duration"] == 3.0
+    (folder / "trip").mkdir()
+    (folder / "paris.jpg").rename(folder / "trip" / "paris.jpg")  # moved: its metadata goes with its content
+    assert index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0).reused == 1
+    assert media_rows(tmp_path / "idx")["paris.jpg"]["model"] == "iPhone 13"
+    info = json.loads(CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx"), "--json"]).stdout)["media"]
+    assert info["cameras"] == 2 and info["with_position"] == 2 and info["with_taken_time"] == 2 and info["files"] == 4
+    assert info["first_taken"] == "2023-07-14"
+    text = CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx")]).stdout
+    assert "taken     2023-07-14 .. " in text and "(2 by file time); 2 cameras; 50% with a position" in text
+
+
+def test_an_index_from_before_metadata_is_filled_in_from_headers_without_embedding(tmp_path, tiny_model, monkeypatch):
+    import sqlite3
+
+    from clipengine.index.location import DATABASE
+    from clipengine.index.pipeline import index_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        write_photo(folder / f"{i}.jpg", exif_of(f"2022:0{i + 1}:01 12:00:00", make="Sony", model="ILCE-7M3"))
+    index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    with sqlite3.connect(tmp_path / "idx" / DATABASE) as conn:  # as an older clipengine left it
+        conn.execute("DROP TABLE media")
+    monkeypatch.setattr("clipengine.embed.open_image", lambda *a, **k: pytest.fail("decoded again"))
+    report = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    assert (report.embedded, report.unchanged, report.metadata_read) == (0, 5, 5)
+    rows = media_rows(tmp_path / "idx")
+    assert sorted(r["taken"] for r in rows.values()) == [f"2022-0{i + 1}-01T12:00:00" for i in range(5)]
+    assert index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0).metadata_read == 0  # once only
+
+
+def test_headers_alone_give_the_metadata_of_every_kind_of_file(tmp_path):
+    import pillow_heif
+    from synthetic import write_dng
+
+    from clipengine.video import metadata_of
+
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (64, 48)).save(tmp_path / "IMG_0001.HEIC", "HEIF",
+                                    exif=exif_of("2021:12:24 20:00:00", "-05:00", "Apple", "iPhone 12").tobytes())
+    write_tagged_video(tmp_path / "VID.mov", {"creation_time": "2022-01-01T10:00:00Z"}, fmt="mov")
+    write_dng(tmp_path / "DSC_0001.NEF")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe1 not really")
+    heic, _ = metadata_of(tmp_path / "IMG_0001.HEIC")
+    assert heic.taken == "2021-12-24T20:00:00-05:00" and heic.camera == "Apple iPhone 12"
+    video, duration = metadata_of(tmp_path / "VID.mov")
+    assert video.taken == "2022-01-01T10:00:00+00:00" and duration == pytest.approx(0.5)
+    assert metadata_of(tmp_path / "DSC_0001.NEF") == (MediaInfo(), None)  # no preview, so no EXIF: not an error
+    assert metadata_of(tmp_path / "broken.jpg") == (MediaInfo(), None)
+    assert metadata_of(tmp_path / "gone.jpg") == (MediaInfo(), None)

@@ -139,6 +139,15 @@ def index(
         out.print(f"  advice: {advice}", markup=False)
 
 
+def describe_media(media: dict) -> str:
+    """'2014-03-02 .. 2026-11-30; 7 cameras; 38% with a position' (a file without a taken time counts by its mtime)."""
+    span = f"{media['first_taken']} .. {media['last_taken']}"
+    dated = "" if media["with_taken_time"] == media["files"] else \
+        f" ({media['files'] - media['with_taken_time']:,} by file time)"
+    return (f"{span}{dated}; {counted(media['cameras'], 'camera')}; "
+            f"{100 * media['with_position'] / media['files']:.0f}% with a position")
+
+
 def describe_embedded(report) -> str:
     """'embedded 14 (9 HEIC, 3 JPG, 2 MP4) at 3.1 files/s with torch (...), of them 2 videos (11 frames)'."""
     if not report.embedded:
@@ -198,6 +207,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"files     {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct"
         + (f"; {counted(report.videos, 'video')} among them ({counted(report.frames, 'frame')})" if report.videos else ""),
+        *([f"taken     {describe_media(report.media)}"] if report.media["files"] else []),
         f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",

@@ -17,6 +17,7 @@ class IndexInfo:
     count: int  # searchable files, videos among them
     videos: int  # searchable videos, and the frames that stand for them in the search structure
     frames: int
+    media: dict  # what the files say of themselves: taken span, cameras, positions (IndexStore.media_summary)
     skipped_files: list[dict]  # {path, reason} of each file that could not be used (IndexReport.skipped counts them)
     not_indexed: dict[str, int]  # what the walks of its folders passed over, by kind (clipengine.index.scan)
     unique_vectors: int
@@ -48,6 +49,7 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             count=counts["count"],
             videos=counts["videos"],
             frames=counts["frames"],
+            media=store.media_summary(),
             skipped_files=[{"path": p, "reason": r} for p, r in store.skipped()],
             not_indexed=store.not_indexed(),
             unique_vectors=counts["unique_vectors"],

@@ -80,6 +80,7 @@ class IndexReport:
     seconds: float = 0.0
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
     not_indexed: dict[str, int] = field(default_factory=dict)  # what the walk passed over, by kind (scan.kind_of)
+    metadata_read: int = 0  # files indexed before metadata was, whose headers this run read
     faiss: FaissState | None = None  # the search structure after the run
     runtime: str = ""  # what embedded the images, and why (embedding_runtime); empty when nothing was embedded
     query_encoders: dict | None = None  # the exported towers' record, as `info` shows it (None: never exported)
@@ -312,7 +313,7 @@ def embed_records(model, files: list[FoundFile], known_hashes: Collection[str], 
         for e in batch:
             f = by_path[e.path]
             pending.append(FileRecord(f.path, f.size, f.mtime_ns, e.hash, e.width, e.height, e.vector, e.skip_reason,
-                                      e.frames, e.frame_vectors))
+                                      e.frames, e.frame_vectors, e.metadata, e.duration))
         done += len(batch)
         if len(pending) >= options.commit_every:
             yield pending
@@ -330,6 +331,7 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     not had its export yet, even when its first run was interrupted), and fill in the report."""
     if changed:
         store.drop_unused_vectors()
+    report.metadata_read = read_missing_metadata(store, root, progress)
     structure = SearchStructure(store)
     if changed or policy_changed or not structure.current:
         structure.save(rebuild=policy_changed, progress=progress)
@@ -344,6 +346,25 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     report.faiss = structure.state
     report.query_encoders = store.query_encoders
     report.advice = encoders_advice(store)
+
+
+def read_missing_metadata(store: IndexStore, root: str, progress: StageProgress | None = None,
+                          commit_every: int = 256) -> int:
+    """Read, from their headers alone, the metadata of files under `root` indexed before metadata was read
+    (or merged from a torchrun job's parts): nothing is decoded or embedded again, and each group is one
+    commit, so an interrupted run keeps what it read. Returns how many contents were read."""
+    missing = store.without_metadata(root)
+    if not missing:
+        return 0
+    from clipengine.video import metadata_of
+
+    for start in range(0, len(missing), commit_every):
+        if progress:
+            progress("reading metadata", start, len(missing))
+        store.add_metadata([(digest, path, *metadata_of(path)) for path, digest in missing[start:start + commit_every]])
+    if progress:
+        progress("reading metadata", len(missing), len(missing))
+    return len(missing)
 
 
 def embedding_runtime(store: IndexStore, model, runtime: str | None, precision: str | None) -> tuple[object, str]:

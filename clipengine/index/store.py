@@ -51,7 +51,9 @@ import numpy as np
 from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
+from clipengine.formats import VIDEO_EXTENSIONS
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
+from clipengine.metadata import MediaInfo
 
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
@@ -70,6 +72,10 @@ ADDED_TABLES = {
     # the frames that stand for a video (clipengine.video), by the video's content hash; position from 1
     "frames": ("(hash TEXT NOT NULL, position INTEGER NOT NULL, seconds REAL NOT NULL, vector BLOB NOT NULL, "
                "PRIMARY KEY (hash, position))"),
+    # what a file says of itself (clipengine.metadata), by content hash: `taken` as written (ISO 8601, an offset
+    # when the file gives one), `taken_at` the same in seconds since 1970 (a time without a zone read as UTC)
+    "media": ("(hash TEXT PRIMARY KEY, kind TEXT NOT NULL, taken TEXT, taken_at REAL, taken_source TEXT NOT NULL, "
+              "make TEXT, model TEXT, lens TEXT, latitude REAL, longitude REAL, altitude REAL, duration REAL)"),
 }
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +99,19 @@ CREATE INDEX files_hash ON files(hash);
 CREATE TABLE folders (path TEXT PRIMARY KEY, indexed_at REAL NOT NULL);
 INSERT INTO meta VALUES ('generation', '0'), ('faiss_generation', '-1');
 """ + "".join(f"CREATE TABLE {name} {columns};\n" for name, columns in ADDED_TABLES.items())
+
+
+_ADD_MEDIA = "INSERT OR IGNORE INTO media VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _media_row(digest: str, path: str, info: MediaInfo, duration: float | None) -> tuple:
+    taken_at = None
+    if info.taken:
+        moment = dt.datetime.fromisoformat(info.taken)
+        taken_at = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
+    kind = "video" if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS else "image"
+    return (digest, kind, info.taken, taken_at, info.taken_source or "mtime", info.make, info.model, info.lens,
+            info.latitude, info.longitude, info.altitude, duration)
 
 
 def faiss_id(file_id: int, position: int = 0) -> int:
@@ -120,6 +139,8 @@ class FileRecord:
     skip_reason: str | None = None
     frames: tuple[float, ...] = ()  # a video's frames: their moments in seconds, with their vectors below
     frame_vectors: np.ndarray | None = None
+    metadata: MediaInfo | None = None  # what the file says of itself, when read (a video: with its duration)
+    duration: float | None = None
 
 
 @dataclass(frozen=True)
@@ -633,7 +654,39 @@ class IndexStore:
                 ((r.path, r.size, r.mtime_ns, None if r.skip_reason else r.hash, r.skip_reason, now)
                  for r in records),
             )
+            self._conn.executemany(_ADD_MEDIA, (_media_row(r.hash, r.path, r.metadata, r.duration)
+                                                for r in records if r.hash and r.metadata is not None))
             self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    def without_metadata(self, folder: str) -> list[tuple[str, str]]:
+        """(path, content hash) of one file per searchable content under `folder` whose metadata was never read
+        (indexed before it was), for `clipengine.index.pipeline` to read from the headers."""
+        lo = folder.rstrip(os.sep) + os.sep
+        return list(self._conn.execute(
+            "SELECT MIN(f.path), f.hash FROM files f LEFT JOIN media m ON m.hash = f.hash "
+            "WHERE f.hash IS NOT NULL AND m.hash IS NULL AND f.path >= ? AND f.path < ? GROUP BY f.hash",
+            (lo, lo[:-1] + chr(ord(os.sep) + 1))))
+
+    def add_metadata(self, rows: Sequence[tuple[str, str, MediaInfo, float | None]]) -> None:
+        """Store read metadata: (content hash, path, MediaInfo, duration) each, in one transaction."""
+        self._require_writable()
+        with self._transaction():
+            self._conn.executemany(_ADD_MEDIA, (_media_row(*row) for row in rows))
+
+    def media_summary(self) -> dict:
+        """What the searchable files say of themselves: the span of taken times (a file with none counts by its
+        modification time), how many cameras, how many with a position, how many have been read at all."""
+        files, read, dated, placed, first, last, cameras = self._conn.execute(
+            "SELECT COUNT(*), COUNT(m.hash), COUNT(m.taken), COUNT(m.latitude), "
+            "MIN(COALESCE(m.taken_at, f.mtime_ns / 1e9)), MAX(COALESCE(m.taken_at, f.mtime_ns / 1e9)), "
+            "COUNT(DISTINCT COALESCE(m.make, '') || '|' || COALESCE(m.model, '')) "
+            "FILTER (WHERE m.make IS NOT NULL OR m.model IS NOT NULL) "
+            "FROM files f LEFT JOIN media m ON m.hash = f.hash WHERE f.hash IS NOT NULL").fetchone()
+
+        def day(seconds: float | None) -> str | None:
+            return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc).date().isoformat()
+        return {"files": files, "read": read, "with_taken_time": dated, "with_position": placed,
+                "cameras": cameras, "first_taken": day(first), "last_taken": day(last)}
 
     def record_folder(self, folder: str, not_indexed: Mapping[str, int] | None = None) -> None:
         """Record a walk of `folder`, and what it passed over by kind (replacing the last walk's count)."""
@@ -651,6 +704,7 @@ class IndexStore:
             cursor = self._conn.execute(
                 "DELETE FROM vectors WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
             self._conn.execute("DELETE FROM frames WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
+            self._conn.execute("DELETE FROM media WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
         return cursor.rowcount
 
     @contextlib.contextmanager
