@@ -113,6 +113,8 @@ def header_metadata(path: str | os.PathLike) -> MediaInfo:
                 return NO_METADATA
             f.seek(0)
             with _open_unguarded(f) as img:
+                if img.format == "PNG" and "exif" not in img.info:  # past the pixels, if anywhere: not read here
+                    return NO_METADATA
                 return _metadata(img)
     except Exception:  # unreadable, not an image, no preview: nothing is known
         return NO_METADATA
@@ -288,7 +290,6 @@ def open_image(
         try:
             img = _open_unguarded(fp)
             full_size = img.size
-            metadata = _metadata(img)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             decoded_pixels = img.size[0] * img.size[1]
@@ -297,6 +298,7 @@ def open_image(
                                f"({megapixels(decoded_pixels)} > {megapixels(max_pixels)} cap, --max-pixels)")
             width, height = _oriented_size(img, full_size)
             img.load()  # decodes the first frame of animated images
+            metadata = _metadata(img)  # after the cap: a PNG's EXIF may follow its pixels, and reading it decodes them
             img = ImageOps.exif_transpose(img) or img
             rgb = to_rgb(img, transparency)
         except UnidentifiedImageError:
