@@ -75,19 +75,14 @@ def speed(root: Path, n: int, rounds: int) -> dict:
 
 
 def recall(root: Path, quick: bool) -> dict:
-    from clipengine.evaluation.retrieval import retrieval_benchmark
-    from clipengine.scenes import write_scene_set
-    from clipengine.training import TrainConfig, train
+    from scene_model import tiny_trained_on_scenes
 
-    train_set = write_scene_set(root / "train-scenes", 600 if quick else 3000, seed=0)
-    test_set = write_scene_set(root / "test-scenes", 200 if quick else 500, seed=1)
-    started = time.perf_counter()
-    train(TrainConfig(data=str(train_set), out=str(root / "run"), model="tiny", epochs=2 if quick else 8,
-                      batch_size=128, lr=1e-3, val_size=0))
-    print(f"trained tiny on the scenes in {time.perf_counter() - started:.0f} s", flush=True)
+    from clipengine.evaluation.retrieval import retrieval_benchmark
+
+    run, test_set = tiny_trained_on_scenes(root, quick, 200 if quick else 500)
     out: dict[str, dict] = {}
     for runtime, precision in RUNTIMES:
-        result = retrieval_benchmark(test_set, spec=ModelSpec(checkpoint=str(root / "run")), runtime=runtime,
+        result = retrieval_benchmark(test_set, spec=ModelSpec(checkpoint=str(run)), runtime=runtime,
                                      precision=precision)
         name = runtime if not precision else f"{runtime} {precision}"
         out[name] = result.metrics

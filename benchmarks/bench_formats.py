@@ -66,16 +66,11 @@ def raw_recall(root: Path, quick: bool) -> dict:
     linearised, written by PiDNG) demosaiced in full by LibRaw."""
     import csv
 
-    from clipengine.evaluation.retrieval import retrieval_benchmark
-    from clipengine.scenes import write_scene_set
-    from clipengine.training import TrainConfig, train
+    from scene_model import tiny_trained_on_scenes
 
-    train_set = write_scene_set(root / "train-scenes", 600 if quick else 3000, seed=0)
-    test_set = write_scene_set(root / "test-scenes", 60 if quick else 300, seed=1)
-    started = time.perf_counter()
-    train(TrainConfig(data=str(train_set), out=str(root / "run"), model="tiny", epochs=2 if quick else 8,
-                      batch_size=128, lr=1e-3, val_size=0))
-    print(f"trained tiny on the scenes in {time.perf_counter() - started:.0f} s", flush=True)
+    from clipengine.evaluation.retrieval import retrieval_benchmark
+
+    run, test_set = tiny_trained_on_scenes(root, quick, 60 if quick else 300)
     with open(test_set, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
     out: dict[str, dict] = {}
@@ -93,7 +88,7 @@ def raw_recall(root: Path, quick: bool) -> dict:
             writer = csv.writer(f)
             writer.writerow(["filepath", "caption"])
             writer.writerows((Path(n).with_suffix(suffix).name, c) for n, c in rows)
-        metrics = retrieval_benchmark(folder / "captions.csv", spec=ModelSpec(checkpoint=str(root / "run"))).metrics
+        metrics = retrieval_benchmark(folder / "captions.csv", spec=ModelSpec(checkpoint=str(run))).metrics
         out[route] = {k: round(v, 4) for k, v in metrics.items()}
         print(f"  {route:9s} " + "  ".join(f"{k} {100 * v:.1f}" for k, v in sorted(metrics.items())), flush=True)
     out["demosaic_minus_preview_points"] = {k: round(100 * (out["demosaic"][k] - v), 2) for k, v in out["preview"].items()}
