@@ -18,6 +18,7 @@ from clipengine.cli.common import (
     PreprocessFromArg,
     PretrainedArg,
     app,
+    counted,
     err,
     model_spec,
     out,
@@ -43,6 +44,14 @@ def search(
     index_dir: IndexDirArg = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 10,
     prefix: Annotated[str | None, typer.Option(help="Only results whose path starts with this.")] = None,
+    after: Annotated[str | None, typer.Option(
+        help="Only files taken at or after this (2023, 2023-06, 2023-06-14 or 2023-06-14T10:30, UTC; a file "
+             "that says nothing counts by its modification time).")] = None,
+    before: Annotated[str | None, typer.Option(help="Only files taken before this (as --after).")] = None,
+    camera: Annotated[list[str] | None, typer.Option(
+        help="Only files from a camera whose make and model contain this, e.g. 'Pixel 7'. Repeatable (any of them).")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="Only images, or only videos. Repeatable.")] = None,
+    ext: Annotated[list[str] | None, typer.Option(help="Only files with this extension, e.g. png. Repeatable.")] = None,
     model: ModelArg = None,
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
@@ -61,8 +70,11 @@ def search(
 ) -> None:
     """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
     `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
+    import dataclasses
+
+    from clipengine.index.filters import make_filter
     from clipengine.index.hits import path_prefix
-    from clipengine.index.query import read_query, search_index
+    from clipengine.index.query import count_matching, read_query, search_index
     from clipengine.preview import PROTOCOLS
 
     if preview not in (None, "auto", *PROTOCOLS):
@@ -70,13 +82,17 @@ def search(
                                  param_hint="--preview")
     asked = read_query(query, image, vector, add or (), subtract or ())
     where = path_prefix(prefix) if prefix else None
-    hits = search_index(resolve_index_path(index_name, index_dir), asked, k, where,
-                        spec=model_spec(model, pretrained, checkpoint, None), device=device, runtime=runtime,
-                        precision=precision)
+    kept = make_filter(None, after, before, camera or (), kind or (), ext or ())
+    index_path = resolve_index_path(index_name, index_dir)
+    hits = search_index(index_path, asked, k, where, spec=model_spec(model, pretrained, checkpoint, None),
+                        device=device, runtime=runtime, precision=precision, keep=kept)
     if as_json:
         print_json([h.to_dict() for h in hits])
     elif paths_only:
         sys.stdout.write("".join(h.path + "\n" for h in hits))
+    elif not hits and not kept.is_empty:  # not an error: say how many files the filter left to search
+        matched = count_matching(index_path, dataclasses.replace(kept, prefix=where))
+        err.print(f"no results: the filter keeps {counted(matched, 'file')}", markup=False)
     elif not hits:
         err.print("no results" + (f" under {where}" if where else ""), markup=False)
     elif preview and (preview != "auto" or out.is_terminal):  # detected only on a terminal; a named one anywhere

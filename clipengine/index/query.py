@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from clipengine.errors import BadInput
 from clipengine.formats import VIDEO_EXTENSIONS
+from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.terms import Term, parse_term, parse_terms
 from clipengine.models import ModelSpec
 
@@ -62,12 +63,13 @@ def read_query(text: str | None = None, image: str | os.PathLike | None = None,
 
 def search_index(index_path: Path, query: Query, k: int = 10, prefix: str | None = None, *,
                  spec: ModelSpec = ModelSpec(), device: str | None = None, runtime: str | None = None,
-                 precision: str | None = None) -> list[Hit]:
-    """The `k` best hits for `query` (under the path `prefix`), from a running service when it would give
-    the same answer, else from the index itself. Naming a model, device, runtime or precision asks for a
-    local search: the service answers with its own."""
+                 precision: str | None = None, keep: Filter = KEEP_ALL) -> list[Hit]:
+    """The `k` best hits for `query` (under the path `prefix`, among the files `keep` keeps), from a running
+    service when it would give the same answer, else from the index itself. Naming a model, device, runtime or
+    precision asks for a local search: the service answers with its own (and takes no filter but a prefix)."""
     video = query.image is not None and query.image.suffix.lower() in VIDEO_EXTENSIONS  # a service takes images only
-    if query.terms is None and not video and spec.is_empty and (runtime, precision, device) == (None, None, None):
+    if (query.terms is None and not video and keep.is_empty and spec.is_empty
+            and (runtime, precision, device) == (None, None, None)):
         from clipengine.index.service import search_through_service
 
         hits = search_through_service(index_path, text=query.text, image=query.image, vector=query.vector, k=k,
@@ -79,9 +81,17 @@ def search_index(index_path: Path, query: Query, k: int = 10, prefix: str | None
     with Searcher(index_path, spec=spec, device=device, runtime=runtime, precision=precision,
                   one_shot=True) as searcher:
         if query.terms is not None:
-            return searcher.search_terms(list(query.terms), k, prefix)
+            return searcher.search_terms(list(query.terms), k, prefix, where=keep)
         if query.text is not None:
-            return searcher.search_text(query.text, k, prefix)
+            return searcher.search_text(query.text, k, prefix, where=keep)
         if query.image is not None:
-            return searcher.search_image(query.image, k, prefix)
-        return searcher.search_vector(query.vector, k, prefix)
+            return searcher.search_image(query.image, k, prefix, where=keep)
+        return searcher.search_vector(query.vector, k, prefix, where=keep)
+
+
+def count_matching(index_path: Path, keep: Filter) -> int:
+    """How many searchable files of the index a filter keeps."""
+    from clipengine.index.store import IndexStore, file_id_of
+
+    with IndexStore.open(index_path) as store:
+        return len(set(file_id_of(store.ids_matching(keep)).tolist()))

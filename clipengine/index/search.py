@@ -9,6 +9,7 @@ model. The model is always the index's own; naming another is refused before any
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from clipengine.errors import BadInput, FallbackNotice
 from clipengine.formats import VIDEO_EXTENSIONS
 from clipengine.index.faiss_view import SearchStructure
+from clipengine.index.filters import Filter
 from clipengine.index.hits import Hit
 from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.index.store import IndexStore
@@ -218,10 +220,12 @@ class Searcher:
 
     # ---- vectors -> hits ----------------------------------------------------------------------
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, prefix: str | None = None) -> list[Hit]:
+    def search_vector(self, vector: np.ndarray, k: int = 10, prefix: str | None = None, *,
+                      where: Filter | None = None) -> list[Hit]:
         """Top-k files by cosine similarity to `vector` (normalised here), optionally under a path prefix. A video
         is one hit, at the moment of its best-matching frame (`Hit.seconds`). Several vectors (rows) search
-        together, each file scored by its best match with any of them (a video's frames: `search_id`)."""
+        together, each file scored by its best match with any of them (a video's frames: `search_id`). `where`
+        keeps only the files a `Filter` matches (its prefix replaced by `prefix` when that is given)."""
         if k < 1:
             raise BadInput("-k must be at least 1")
         q = np.array(vector, dtype=np.float32, ndmin=2)
@@ -232,8 +236,9 @@ class Searcher:
             raise BadInput("query vector is zero or not finite")
         q /= norms
         allowed = None
-        if prefix is not None:
-            allowed = self.store.ids_under(prefix)
+        if prefix is not None or (where is not None and not where.is_empty):
+            allowed = self.store.ids_matching(dataclasses.replace(where or Filter(), prefix=prefix) if prefix is not None
+                                              else where or Filter())
             if allowed.size == 0:
                 return []
         total = self.faiss.ntotal
@@ -267,14 +272,16 @@ class Searcher:
                 break
         return hits
 
-    def search_text(self, text: str, k: int = 10, prefix: str | None = None) -> list[Hit]:
-        return self.search_vector(self.text_vector(text), k, prefix)
+    def search_text(self, text: str, k: int = 10, prefix: str | None = None, *,
+                      where: Filter | None = None) -> list[Hit]:
+        return self.search_vector(self.text_vector(text), k, prefix, where=where)
 
-    def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None) -> list[Hit]:
+    def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None, *,
+                      where: Filter | None = None) -> list[Hit]:
         """Files like an image; like any scene of a video (`video_vectors`)."""
         if _is_video(os.fspath(image_path)):
-            return self.search_vector(self.video_vectors(image_path), k, prefix)
-        return self.search_vector(self.image_vector(image_path), k, prefix)
+            return self.search_vector(self.video_vectors(image_path), k, prefix, where=where)
+        return self.search_vector(self.image_vector(image_path), k, prefix, where=where)
 
     def terms_vector(self, terms: Sequence[Term]) -> np.ndarray:
         """Query arithmetic (`clipengine.index.terms`): the normalised sum of each term's normalised vector
@@ -297,14 +304,16 @@ class Searcher:
             raise BadInput("the query terms cancel out: nothing is left to search for")
         return (total / norm).astype(np.float32)
 
-    def search_terms(self, terms: Sequence[Term], k: int = 10, prefix: str | None = None) -> list[Hit]:
+    def search_terms(self, terms: Sequence[Term], k: int = 10, prefix: str | None = None, *,
+                      where: Filter | None = None) -> list[Hit]:
         """Images for a weighted sum of texts, image files and indexed images (see `terms_vector`)."""
-        return self.search_vector(self.terms_vector(terms), k, prefix)
+        return self.search_vector(self.terms_vector(terms), k, prefix, where=where)
 
-    def search_id(self, file_id: int, k: int = 10, prefix: str | None = None) -> list[Hit]:
+    def search_id(self, file_id: int, k: int = 10, prefix: str | None = None, *,
+                      where: Filter | None = None) -> list[Hit]:
         """Files like an indexed one (itself first, at score 1); like any scene of a video."""
         frames = self.store.frames_of_file(file_id)
-        return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix)
+        return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix, where=where)
 
 
 def _is_video(path: str) -> bool:

@@ -52,6 +52,7 @@ from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.formats import VIDEO_EXTENSIONS
+from clipengine.index.filters import Filter, prefix_range
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 from clipengine.metadata import MediaInfo
 
@@ -168,11 +169,6 @@ class FileRow:
 # --------------------------------------------------------------------------------------------------
 # The store
 # --------------------------------------------------------------------------------------------------
-
-
-def _prefix_range(prefix: str) -> tuple[str, str]:
-    """The [lo, hi) range of paths that start with `prefix`, for an indexed range query."""
-    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
 
 
 def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
@@ -431,7 +427,12 @@ class IndexStore:
 
     def ids_under(self, prefix: str) -> np.ndarray:
         """Search structure ids of searchable files whose path starts with `prefix` (a plain string prefix)."""
-        return self._faiss_ids("f.path >= ? AND f.path < ?", _prefix_range(prefix))
+        return self.ids_matching(Filter(prefix=prefix))
+
+    def ids_matching(self, where: Filter) -> np.ndarray:
+        """Search structure ids of the searchable files that `where` keeps (a video: its frames')."""
+        condition, params = where.sql()
+        return self._faiss_ids(condition, params)
 
     def _faiss_ids(self, where: str = "1", params: Sequence = ()) -> np.ndarray:
         """Search structure ids of the searchable files that meet `where` (on f): an image's file id, a video's
@@ -451,7 +452,7 @@ class IndexStore:
         """(id, path, content hash) of every searchable file (under `prefix`), by path."""
         return list(self._conn.execute(
             "SELECT id, path, hash FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ? ORDER BY path",
-            _prefix_range(prefix or "")))
+            prefix_range(prefix or "")))
 
     def content_vectors(self, digests: Sequence[str]) -> np.ndarray:
         """The stored vectors of these content hashes, in their order (one pass over the vectors table)."""
