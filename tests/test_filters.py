@@ -16,6 +16,7 @@ from clipengine.errors import BadInput
 from clipengine.index.filters import Filter, make_filter, parse_when
 from clipengine.index.pipeline import index_folder
 from clipengine.index.search import Searcher
+from clipengine.models import ModelSpec
 from clipengine.scenes import photo_like
 
 
@@ -98,3 +99,38 @@ def test_the_cli_filters_and_says_how_many_files_a_fruitless_filter_kept(library
     assert [Path(h["path"]).name for h in json.loads(one.stdout)] == ["clip.mp4"]
     bad = runner.invoke(app, ["search", "a cat", "--index", str(index), "--after", "last summer"])
     assert bad.exit_code == 1 and "--after 'last summer'" in bad.output
+
+
+def test_the_api_and_duplicates_take_the_same_filters(library, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from clipengine.cli import app
+    from clipengine.index.duplicates import find_duplicates
+    from clipengine.serve.app import create_app
+    from clipengine.serve.state import ServiceConfig
+
+    folder, index = library
+    with TestClient(create_app(ServiceConfig({"phone": index}))) as client:
+        def found(**params) -> list[str]:
+            answer = client.get("/api/search", params={"q": "a photo", "k": 10, **params})
+            assert answer.status_code == 200, answer.text
+            return sorted(Path(h["path"]).name for h in answer.json())
+
+        assert found(after="2023-06", before="2023-09") == ["beach.jpg", "late.jpg"]
+        assert found(camera=["iPhone", "EOS"]) == ["march.jpg", "winter.jpg"]
+        assert found(kind="video") == ["clip.mp4"] and found(ext="png") == ["receipt.png"]
+        bad = client.get("/api/search", params={"q": "a photo", "after": "last summer"})
+        assert bad.status_code == 400 and "--after 'last summer'" in bad.json()["error"]
+    copies = tmp_path / "copies"
+    shutil.copytree(folder, copies)  # every file twice: each pair is a duplicate group
+    for each in (folder, copies):
+        index_folder(each, index.parent / "idx-copies", ModelSpec(arch="tiny"), workers=0)
+    everything = find_duplicates(index.parent / "idx-copies", 0.999)
+    assert all(g.exact for g in everything) and len(everything) >= 5
+    pixel = find_duplicates(index.parent / "idx-copies", 0.999, where=make_filter(cameras=["Pixel"]))
+    assert sorted(Path(f.path).name for g in pixel for f in g.files) == ["beach.jpg"] * 2 + ["late.jpg"] * 2
+    result = CliRunner().invoke(app, ["duplicates", "--index", str(index.parent / "idx-copies"), "--kind", "video",
+                                      "--paths-only"])
+    assert result.exit_code == 0 and [line.count("clip.mp4") for line in result.stdout.splitlines()] == [2]

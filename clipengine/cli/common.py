@@ -163,3 +163,14 @@ def list_skipped(skipped: list[tuple[str, str]], limit: int, rest: str, verb: st
 def counted(n: int, thing: str) -> str:
     """'1 video', '2 videos', '1,204 frames'."""
     return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"
+
+
+# what a search or `duplicates` keeps (clipengine.index.filters)
+AfterArg = Annotated[str | None, typer.Option(
+    help="Only files taken at or after this (2023, 2023-06, 2023-06-14 or 2023-06-14T10:30, UTC; a file "
+         "that says nothing counts by its modification time).")]
+BeforeArg = Annotated[str | None, typer.Option(help="Only files taken before this (as --after).")]
+CameraArg = Annotated[list[str] | None, typer.Option(
+    help="Only files from a camera whose make and model contain this, e.g. 'Pixel 7'. Repeatable (any of them).")]
+KindArg = Annotated[list[str] | None, typer.Option(help="Only images, or only videos. Repeatable.")]
+ExtArg = Annotated[list[str] | None, typer.Option(help="Only files with this extension, e.g. png. Repeatable.")]

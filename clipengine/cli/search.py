@@ -9,11 +9,16 @@ from typing import Annotated
 import typer
 
 from clipengine.cli.common import (
+    AfterArg,
+    BeforeArg,
+    CameraArg,
     CheckpointArg,
     DeviceArg,
+    ExtArg,
     IndexArg,
     IndexDirArg,
     JsonArg,
+    KindArg,
     ModelArg,
     PreprocessFromArg,
     PretrainedArg,
@@ -44,14 +49,11 @@ def search(
     index_dir: IndexDirArg = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 10,
     prefix: Annotated[str | None, typer.Option(help="Only results whose path starts with this.")] = None,
-    after: Annotated[str | None, typer.Option(
-        help="Only files taken at or after this (2023, 2023-06, 2023-06-14 or 2023-06-14T10:30, UTC; a file "
-             "that says nothing counts by its modification time).")] = None,
-    before: Annotated[str | None, typer.Option(help="Only files taken before this (as --after).")] = None,
-    camera: Annotated[list[str] | None, typer.Option(
-        help="Only files from a camera whose make and model contain this, e.g. 'Pixel 7'. Repeatable (any of them).")] = None,
-    kind: Annotated[list[str] | None, typer.Option(help="Only images, or only videos. Repeatable.")] = None,
-    ext: Annotated[list[str] | None, typer.Option(help="Only files with this extension, e.g. png. Repeatable.")] = None,
+    after: AfterArg = None,
+    before: BeforeArg = None,
+    camera: CameraArg = None,
+    kind: KindArg = None,
+    ext: ExtArg = None,
     model: ModelArg = None,
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
@@ -134,17 +136,22 @@ def duplicates(
     threshold: Annotated[float, typer.Option(
         help="Cosine similarity two images need to count as duplicates (1: identical embeddings only).")] = 0.95,
     prefix: Annotated[str | None, typer.Option(help="Only files whose path starts with this.")] = None,
+    after: AfterArg = None,
+    before: BeforeArg = None,
+    camera: CameraArg = None,
+    kind: KindArg = None,
+    ext: ExtArg = None,
     paths_only: Annotated[bool, typer.Option(help="One group per line, its paths separated by tabs (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
     """Groups of near-duplicate images, largest first; files with the same bytes are marked exact."""
     from clipengine.index.duplicates import find_duplicates
-    from clipengine.index.hits import path_prefix
+    from clipengine.index.filters import make_filter
 
+    kept = make_filter(prefix, after, before, camera or (), kind or (), ext or ())
     stages, on_stage = stage_progress()
     with stages:
-        groups = find_duplicates(resolve_index_path(index_name, index_dir), threshold,
-                                 prefix=path_prefix(prefix) if prefix else None, progress=on_stage)
+        groups = find_duplicates(resolve_index_path(index_name, index_dir), threshold, where=kept, progress=on_stage)
     if as_json:
         print_json([g.to_dict() for g in groups])
     elif paths_only:

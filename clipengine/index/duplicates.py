@@ -16,6 +16,7 @@ videos that share an intro, or one frame, are not duplicates; and no video is re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import numpy as np
 
 from clipengine.errors import BadInput
 from clipengine.index import ann
+from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.store import IndexStore
 
 EXACT_MAX = 20_000  # distinct vectors searched by a flat scan; above, an IVF index (see the module docstring)
@@ -106,17 +108,18 @@ def _frames_agree(first: str, second: str, first_vector: np.ndarray, second_vect
 
 
 def find_duplicates(index_path: str | os.PathLike, threshold: float = 0.95, *, prefix: str | None = None,
-                    exact: bool | None = None, progress: Callable[[str, int, int], None] | None = None
-                    ) -> list[DuplicateGroup]:
+                    exact: bool | None = None, progress: Callable[[str, int, int], None] | None = None,
+                    where: Filter = KEEP_ALL) -> list[DuplicateGroup]:
     """Groups of near-duplicate images in an index, largest first. `threshold`: the cosine similarity two
-    images need to count as duplicates (1 keeps only identical embeddings); `prefix`: only files under it."""
+    images need to count as duplicates (1 keeps only identical embeddings); `prefix`: only files under it;
+    `where`: only files a `Filter` keeps (its prefix replaced by `prefix` when that is given)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     if not -1 <= threshold <= 1:
         raise BadInput(f"--threshold {threshold} is outside [-1, 1]: it is a cosine similarity, e.g. 0.95")
     with IndexStore.open(Path(index_path)) as store:
-        files = store.file_hashes(prefix)  # (id, path, hash), ordered by path
+        files = store.file_hashes(where if prefix is None else dataclasses.replace(where, prefix=prefix))
         if not files:
             return []
         hashes = sorted({h for _, _, h in files})

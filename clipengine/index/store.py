@@ -52,7 +52,7 @@ from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.formats import VIDEO_EXTENSIONS
-from clipengine.index.filters import Filter, prefix_range
+from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 from clipengine.metadata import MediaInfo
 
@@ -448,11 +448,12 @@ class IndexStore:
         images = np.setdiff1d(files, np.unique(frames[:, 0]), assume_unique=True)
         return np.sort(np.concatenate([images, frames[:, 0] + (frames[:, 1] << FRAME_SHIFT)]))
 
-    def file_hashes(self, prefix: str | None = None) -> list[tuple[int, str, str]]:
-        """(id, path, content hash) of every searchable file (under `prefix`), by path."""
+    def file_hashes(self, where: Filter = KEEP_ALL) -> list[tuple[int, str, str]]:
+        """(id, path, content hash) of every searchable file that `where` keeps, by path."""
+        condition, params = where.sql()
         return list(self._conn.execute(
-            "SELECT id, path, hash FROM files WHERE hash IS NOT NULL AND path >= ? AND path < ? ORDER BY path",
-            prefix_range(prefix or "")))
+            f"SELECT f.id, f.path, f.hash FROM files f WHERE f.hash IS NOT NULL AND {condition} ORDER BY f.path",
+            params))
 
     def content_vectors(self, digests: Sequence[str]) -> np.ndarray:
         """The stored vectors of these content hashes, in their order (one pass over the vectors table)."""

@@ -1,5 +1,5 @@
 """What the routes share, as FastAPI dependencies: the running service, the token check, the index a request
-names, and its path prefix."""
+names, and what its search keeps (path prefix, dates, cameras, kinds, extensions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from clipengine.index.hits import path_prefix
+from clipengine.index.filters import Filter, make_filter
 from clipengine.index.service import MAX_K
 from clipengine.serve.errors import Refused
 from clipengine.serve.state import ServedIndex, Service
@@ -48,10 +48,18 @@ def served_index(running: ServiceDep, index: IndexQ = None) -> ServedIndex:
     return running.indexes[index]
 
 
-def prefix(prefix: PrefixQ = None) -> str | None:
-    return path_prefix(prefix) if prefix else None
+def kept(prefix: PrefixQ = None,
+         after: Annotated[str | None, Query(description="Only files taken at or after this (2023, 2023-06, "
+                                                        "2023-06-14, UTC).")] = None,
+         before: Annotated[str | None, Query(description="Only files taken before this.")] = None,
+         camera: Annotated[list[str] | None, Query(description="A camera's make or model words (any of them).")] = None,
+         kind: Annotated[list[str] | None, Query(description="image or video (any of them).")] = None,
+         ext: Annotated[list[str] | None, Query(description="A file extension, e.g. png (any of them).")] = None
+         ) -> Filter:
+    """What a search keeps, as `clipengine search` takes it (a bad date is a 400 with the one-line error)."""
+    return make_filter(prefix or None, after, before, camera or (), kind or (), ext or ())
 
 
 Served = Annotated[ServedIndex, Depends(served_index)]
-Prefix = Annotated[str | None, Depends(prefix)]
+Kept = Annotated[Filter, Depends(kept)]
 AUTHORISED = [Depends(authorised)]
