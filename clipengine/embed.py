@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor
 
-from clipengine.formats import DEFAULT_SAMPLING, VIDEO_EXTENSIONS, VideoSampling
+from clipengine.formats import DEFAULT_SAMPLING, VideoSampling, is_video_name
 from clipengine.images import (
     DEFAULT_MAX_PIXELS,
     WHITE,
@@ -80,7 +80,7 @@ def split_transform(transform: Compose) -> tuple[Compose, Normalize]:
 
 
 def is_video(ref: ImageRef) -> bool:
-    return isinstance(ref, str) and os.path.splitext(ref)[1].lower() in VIDEO_EXTENSIONS
+    return isinstance(ref, str) and is_video_name(ref)
 
 
 class ImageFiles(Dataset):

@@ -5,6 +5,7 @@ whose content is another supported format (a HEIC photo named .jpg) is read as w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # camera RAW files, decoded by LibRaw (rawpy): from their embedded preview when it is large enough
@@ -20,6 +21,11 @@ IMAGE_EXTENSIONS = frozenset(
 ) | PHONE_EXTENSIONS | RAW_EXTENSIONS
 # videos, indexed by their frames (clipengine.video) unless `index --no-video`
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp", ".mts", ".m2ts", ".wmv"})
+
+
+def is_video_name(path: str | os.PathLike) -> bool:
+    """Whether a file is read as a video: by its extension, as a folder walk decides."""
+    return os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)

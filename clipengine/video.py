@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from clipengine.formats import DEFAULT_SAMPLING, VIDEO_EXTENSIONS, VideoSampling
+from clipengine.formats import DEFAULT_SAMPLING, VideoSampling, is_video_name
 from clipengine.images import Decoded, Skipped, header_metadata, megapixels, open_image
 from clipengine.metadata import NO_METADATA, MediaInfo, from_video
 from clipengine.sizes import DEFAULT_MAX_PIXELS
@@ -302,7 +302,7 @@ def still_of(path: str | os.PathLike, seconds: float | None = None, *, max_pixel
              draft_size: int | None = 512) -> Decoded | Skipped:
     """What a file looks like: an image decoded (`open_image`), or a video's frame at `seconds` (its first
     frame when None): the picture a thumbnail or a terminal preview of a search hit shows."""
-    if os.path.splitext(os.fspath(path))[1].lower() not in VIDEO_EXTENSIONS:
+    if not is_video_name(path):
         return open_image(path, max_pixels=max_pixels, draft_size=draft_size)
     return frame_at(path, seconds or 0.0, max_pixels=max_pixels, draft_size=draft_size)
 
@@ -343,7 +343,7 @@ def metadata_of(path: str | os.PathLike) -> tuple[MediaInfo, float | None]:
     """What a file's header says of it, without decoding a pixel: an image's EXIF, a video's tags and duration
     (for an index made before metadata was read: `clipengine.index.pipeline` fills it in)."""
     path = os.fspath(path)
-    if os.path.splitext(path)[1].lower() not in VIDEO_EXTENSIONS:
+    if not is_video_name(path):
         return header_metadata(path), None
     try:
         import av

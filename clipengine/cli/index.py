@@ -61,7 +61,7 @@ def index(
     video: Annotated[bool, typer.Option(
         "--video/--no-video", help="Index videos, each by the frames at its scene changes.")] = True,
     video_frames: Annotated[int, typer.Option(
-        help="Frames kept per video at most (spread over it when it has more scenes).")] = DEFAULT_SAMPLING.max_frames,
+        help="Frames kept per video at most (the biggest scene changes, when it has more).")] = DEFAULT_SAMPLING.max_frames,
     video_interval: Annotated[float, typer.Option(
         help="Seconds between the frames of a video looked at for scene changes (more in a video longer than "
              f"{DEFAULT_SAMPLING.max_looks} looks).")] = DEFAULT_SAMPLING.interval,

@@ -72,8 +72,6 @@ def search(
 ) -> None:
     """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
     `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
-    import dataclasses
-
     from clipengine.index.filters import make_filter
     from clipengine.index.hits import path_prefix
     from clipengine.index.query import count_matching, read_query, search_index
@@ -93,7 +91,7 @@ def search(
     elif paths_only:
         sys.stdout.write("".join(h.path + "\n" for h in hits))
     elif not hits and not kept.is_empty:  # not an error: say how many files the filter left to search
-        matched = count_matching(index_path, dataclasses.replace(kept, prefix=where))
+        matched = count_matching(index_path, kept.under(where))
         err.print(f"no results: the filter keeps {counted(matched, 'file')}", markup=False)
     elif not hits:
         err.print("no results" + (f" under {where}" if where else ""), markup=False)

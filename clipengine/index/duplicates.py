@@ -16,7 +16,6 @@ videos that share an intro, or one frame, are not duplicates; and no video is re
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -119,7 +118,7 @@ def find_duplicates(index_path: str | os.PathLike, threshold: float = 0.95, *, p
     if not -1 <= threshold <= 1:
         raise BadInput(f"--threshold {threshold} is outside [-1, 1]: it is a cosine similarity, e.g. 0.95")
     with IndexStore.open(Path(index_path)) as store:
-        files = store.file_hashes(where if prefix is None else dataclasses.replace(where, prefix=prefix))
+        files = store.file_hashes(where.under(prefix))
         if not files:
             return []
         hashes = sorted({h for _, _, h in files})

@@ -11,6 +11,7 @@ a photo taken at 23:30 local time on the 31st stays on the 31st.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class Filter:
     @property
     def is_empty(self) -> bool:
         return self == Filter()
+
+    def under(self, prefix: str | None) -> Filter:
+        """This filter with its prefix replaced by `prefix` (an API's separate prefix argument), if one is given."""
+        return self if prefix is None else dataclasses.replace(self, prefix=prefix)
 
     def sql(self) -> tuple[str, list]:
         """A condition on `files f` (and the media table), with its parameters."""

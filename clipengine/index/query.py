@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipengine.errors import BadInput
-from clipengine.formats import VIDEO_EXTENSIONS
+from clipengine.formats import is_video_name
 from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.terms import Term, parse_term, parse_terms
 from clipengine.models import ModelSpec
@@ -67,7 +67,7 @@ def search_index(index_path: Path, query: Query, k: int = 10, prefix: str | None
     """The `k` best hits for `query` (under the path `prefix`, among the files `keep` keeps), from a running
     service when it would give the same answer, else from the index itself. Naming a model, device, runtime or
     precision asks for a local search: the service answers with its own (and takes no filter but a prefix)."""
-    video = query.image is not None and query.image.suffix.lower() in VIDEO_EXTENSIONS  # a service takes images only
+    video = query.image is not None and is_video_name(query.image)  # a service takes images only
     if (query.terms is None and not video and keep.is_empty and spec.is_empty
             and (runtime, precision, device) == (None, None, None)):
         from clipengine.index.service import search_through_service

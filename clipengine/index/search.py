@@ -9,7 +9,6 @@ model. The model is always the index's own; naming another is refused before any
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,9 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clipengine.errors import BadInput, FallbackNotice
-from clipengine.formats import VIDEO_EXTENSIONS
+from clipengine.formats import is_video_name
 from clipengine.index.faiss_view import SearchStructure
-from clipengine.index.filters import Filter
+from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.hits import Hit
 from clipengine.index.query_encoders import EncodersUnavailable, QueryEncoders, check_runtime, fallback_advice
 from clipengine.index.store import IndexStore
@@ -150,7 +149,7 @@ class Searcher:
         stored = self.store.stored_vector(path, st.st_size, st.st_mtime_ns)
         if stored is not None:
             return stored
-        if _is_video(path):  # as indexing makes a video's own vector: the mean of its frames'
+        if is_video_name(path):  # as indexing makes a video's own vector: the mean of its frames'
             mean = self.video_vectors(image_path).mean(axis=0)
             return mean / np.linalg.norm(mean)
         return self._decoded_vector(path, str(image_path))
@@ -183,7 +182,7 @@ class Searcher:
         stored = self.store.vector_of_content(content_hash(bytes(data)))
         if stored is not None:
             return stored
-        if name and _is_video(name):  # PyAV reads a video from its file; an upload is held in memory
+        if name and is_video_name(name):  # PyAV reads a video from its file; an upload is held in memory
             raise BadInput(f"{os.path.basename(name)} is a video: search by a video with `clipengine search --image "
                            "FILE`, or by an indexed one's id")
         return self._decoded_vector(data, "the uploaded image", max_pixels, name)
@@ -236,9 +235,9 @@ class Searcher:
             raise BadInput("query vector is zero or not finite")
         q /= norms
         allowed = None
-        if prefix is not None or (where is not None and not where.is_empty):
-            allowed = self.store.ids_matching(dataclasses.replace(where or Filter(), prefix=prefix) if prefix is not None
-                                              else where or Filter())
+        kept = (where or KEEP_ALL).under(prefix)
+        if not kept.is_empty:
+            allowed = self.store.ids_matching(kept)
             if allowed.size == 0:
                 return []
         total = self.faiss.ntotal
@@ -273,13 +272,13 @@ class Searcher:
         return hits
 
     def search_text(self, text: str, k: int = 10, prefix: str | None = None, *,
-                      where: Filter | None = None) -> list[Hit]:
+                    where: Filter | None = None) -> list[Hit]:
         return self.search_vector(self.text_vector(text), k, prefix, where=where)
 
     def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None, *,
-                      where: Filter | None = None) -> list[Hit]:
+                     where: Filter | None = None) -> list[Hit]:
         """Files like an image; like any scene of a video (`video_vectors`)."""
-        if _is_video(os.fspath(image_path)):
+        if is_video_name(image_path):
             return self.search_vector(self.video_vectors(image_path), k, prefix, where=where)
         return self.search_vector(self.image_vector(image_path), k, prefix, where=where)
 
@@ -305,19 +304,15 @@ class Searcher:
         return (total / norm).astype(np.float32)
 
     def search_terms(self, terms: Sequence[Term], k: int = 10, prefix: str | None = None, *,
-                      where: Filter | None = None) -> list[Hit]:
+                     where: Filter | None = None) -> list[Hit]:
         """Images for a weighted sum of texts, image files and indexed images (see `terms_vector`)."""
         return self.search_vector(self.terms_vector(terms), k, prefix, where=where)
 
     def search_id(self, file_id: int, k: int = 10, prefix: str | None = None, *,
-                      where: Filter | None = None) -> list[Hit]:
+                  where: Filter | None = None) -> list[Hit]:
         """Files like an indexed one (itself first, at score 1); like any scene of a video."""
         frames = self.store.frames_of_file(file_id)
         return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix, where=where)
-
-
-def _is_video(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
 def _query_file(path: str | os.PathLike, what: str) -> tuple[str, os.stat_result]:

@@ -51,7 +51,7 @@ import numpy as np
 from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
-from clipengine.formats import VIDEO_EXTENSIONS
+from clipengine.formats import is_video_name
 from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 from clipengine.metadata import MediaInfo
@@ -110,7 +110,7 @@ def _media_row(digest: str, path: str, info: MediaInfo, duration: float | None) 
     if info.taken:
         moment = dt.datetime.fromisoformat(info.taken)
         taken_at = (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
-    kind = "video" if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS else "image"
+    kind = "video" if is_video_name(path) else "image"
     return (digest, kind, info.taken, taken_at, info.taken_source or "mtime", info.make, info.model, info.lens,
             info.latitude, info.longitude, info.altitude, duration)
 
@@ -558,16 +558,16 @@ class IndexStore:
 
     def frames_of_file(self, file_id: int) -> np.ndarray | None:
         """The frame vectors of an indexed video, in time order (None: no such video)."""
-        row = self._conn.execute("SELECT hash FROM files WHERE id = ? AND hash IS NOT NULL", (int(file_id),)).fetchone()
-        frames = self.frames_of_contents([row[0]]).get(row[0]) if row else None
-        return None if frames is None else frames[1]
+        return self._frames_of_row("id = ?", (int(file_id),))
 
     def stored_frames(self, path: str, size: int, mtime_ns: int) -> np.ndarray | None:
         """The frame vectors of the video at `path` if the index holds it and the file is unchanged, else None."""
-        blobs = [r[0] for r in self._conn.execute(
-            "SELECT fr.vector FROM files f JOIN frames fr ON fr.hash = f.hash "
-            "WHERE f.path = ? AND f.size = ? AND f.mtime_ns = ? ORDER BY fr.position", (path, size, mtime_ns))]
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32) if blobs else None
+        return self._frames_of_row("path = ? AND size = ? AND mtime_ns = ?", (path, size, mtime_ns))
+
+    def _frames_of_row(self, where: str, params: tuple) -> np.ndarray | None:
+        row = self._conn.execute(f"SELECT hash FROM files WHERE hash IS NOT NULL AND {where}", params).fetchone()
+        frames = self.frames_of_contents([row[0]]).get(row[0]) if row else None
+        return None if frames is None else frames[1]
 
     # ---- a caption set (clipengine.index.texts) -------------------------------------------------
 
