@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -59,7 +60,8 @@ def test_index_search_info_round_trip_by_name(indexed, tmp_path):
     assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert set(hits[0]) >= {"rank", "score", "path"}
     human = run("search", "--image", query, "--index", "photos", "-k", "2").stdout.splitlines()
-    assert human[0].split() == ["1", "+1.0000", str(query)]
+    taken = dt.datetime.fromtimestamp(query.stat().st_mtime, dt.timezone.utc).date().isoformat()  # no EXIF: its mtime
+    assert human[0].split() == ["1", "+1.0000", taken, str(query)]
     paths = run("search", "a photo", "--index", "photos", "-k", "5", "--paths-only").stdout.splitlines()
     assert len(paths) == 5 and all(os.path.isfile(p) for p in paths)
     by_path = json.loads(run("search", "--image", query, "--index", str(index_dir), "-k", "1", "--json").stdout)

@@ -220,7 +220,7 @@ def test_indexing_keeps_each_files_metadata_and_info_sums_it_up(tmp_path, tiny_m
     assert info["cameras"] == 2 and info["with_position"] == 2 and info["with_taken_time"] == 2 and info["files"] == 4
     assert info["first_taken"] == "2023-07-14"
     text = CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx")]).stdout
-    assert "taken     2023-07-14 .. " in text and "(2 by file time); 2 cameras; 50% with a position" in text
+    assert "taken     2023-07-14 .. " in text and "(2 by file time); 2 cameras; 2 places; 50% with a position" in text
 
 
 def test_an_index_from_before_metadata_is_filled_in_from_headers_without_embedding(tmp_path, tiny_model, monkeypatch):

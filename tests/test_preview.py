@@ -99,7 +99,7 @@ def test_search_with_previews(tmp_path, tiny_model):
     runner = CliRunner()
     shown = runner.invoke(app, ["search", "a photo", "--index", str(tmp_path / "idx"), "-k", "3", "--preview=blocks"])
     assert shown.exit_code == 0 and shown.stdout.count("▀") >= 3 * 8 and "\x1b[38;2;" in shown.stdout
-    assert len(re.findall(r"^\s+\d\s+[+-]\d\.\d{4}\s+/", shown.stdout, re.M)) == 3  # each hit's line follows its picture
+    assert len(re.findall(r"^\s+\d\s+[+-]\d\.\d{4}\s+\d{4}-\d\d-\d\d\s+/", shown.stdout, re.M)) == 3  # each hit's line follows its picture
     plain = runner.invoke(app, ["search", "a photo", "--index", str(tmp_path / "idx"), "-k", "3", "--preview=auto"])
     assert "\x1b" not in plain.stdout and len(plain.stdout.splitlines()) == 3  # detected only on a terminal
     bad = runner.invoke(app, ["search", "a photo", "--index", str(tmp_path / "idx"), "--preview=png"])

@@ -62,7 +62,7 @@ def test_text_search_answers_as_the_library_does(client, served):
         expected = [h.to_dict() for h in searcher.search_text("a photo of a lake", 5)]
     assert [h["path"] for h in hits] == [h["path"] for h in expected] and len(hits) == 5
     assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in expected], abs=1e-6)
-    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "id", "seconds"}  # the fields of `search --json`
+    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place"}  # the fields of `search --json`
     under_b = client.get("/api/search", params={"q": "a photo", "k": 20, "prefix": str(served / "photos" / "b")}).json()
     assert len(under_b) == 6 and all("/photos/b/" in h["path"] for h in under_b)
 
@@ -87,7 +87,7 @@ def test_the_api_documents_what_it_answers(client):
     route answers with a list of them."""
     spec = client.get("/openapi.json").json()
     hit = spec["components"]["schemas"]["HitOut"]
-    assert set(hit["properties"]) == {"rank", "score", "path", "width", "height", "id", "seconds"}
+    assert set(hit["properties"]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place"}
     for path in ("/api/search", "/api/similar/{file_id}", "/api/search/terms", "/api/search/image", "/api/search/vector"):
         (method,) = spec["paths"][path]
         answer = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
@@ -258,6 +258,8 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
     cli = [sys.executable, "-m", "clipengine"]
     query = ["search", "a photo of a lake", "--index", str(index), "-k", "5", "--json"]
     local = subprocess.run(cli + query, capture_output=True, text=True, check=True).stdout
+    filtered = [*query, "--prefix", str(served / "photos" / "b"), "--after", "2000", "--ext", "jpg", "--kind", "image"]
+    local_filtered = json.loads(subprocess.run(cli + filtered, capture_output=True, text=True, check=True).stdout)
 
     service, _ = start_service(index)
     try:
@@ -273,6 +275,8 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
         (index / DATABASE).rename(index / "away.sqlite")  # a search on its own would fail: only the service can answer
         try:
             remote = json.loads(subprocess.run(cli + query, capture_output=True, text=True, check=True).stdout)
+            remote_filtered = json.loads(subprocess.run(cli + filtered, capture_output=True, text=True,
+                                                        check=True).stdout)  # the filter goes to the service
             alone = subprocess.run(cli + [*query, "--runtime", "onnx"], capture_output=True, text=True)
         finally:
             (index / "away.sqlite").rename(index / DATABASE)
@@ -281,6 +285,8 @@ def test_search_finds_a_running_service_and_falls_back_without_one(served, tmp_p
         assert [{**h, "score": 0} for h in remote] == [{**h, "score": 0} for h in expected]  # same hits, same fields
         assert [h["score"] for h in remote] == pytest.approx([h["score"] for h in expected], abs=1e-5)
         assert [h.to_dict()["path"] for h in through] == [h["path"] for h in expected]
+        assert [h["path"] for h in remote_filtered] == [h["path"] for h in local_filtered]
+        assert local_filtered and all("/photos/b/" in h["path"] for h in local_filtered)
         image = subprocess.run(cli + ["search", "--image", str(photo_paths(served)[2]), "--index", str(index), "-k",
                                       "3", "--paths-only"], capture_output=True, text=True, check=True).stdout
         assert image.splitlines()[0].endswith(photo_paths(served)[2].name)

@@ -174,3 +174,10 @@ CameraArg = Annotated[list[str] | None, typer.Option(
     help="Only files from a camera whose make and model contain this, e.g. 'Pixel 7'. Repeatable (any of them).")]
 KindArg = Annotated[list[str] | None, typer.Option(help="Only images, or only videos. Repeatable.")]
 ExtArg = Annotated[list[str] | None, typer.Option(help="Only files with this extension, e.g. png. Repeatable.")]
+PlaceArg = Annotated[list[str] | None, typer.Option(
+    help="Only files taken at a place of this name: a town or city district, region or country (whole words, any "
+         "case or accents). Repeatable (any of them).")]
+NearArg = Annotated[str | None, typer.Option(
+    help="Only files taken within a distance of a position: LAT,LON,RADIUS with km, m or mi, e.g. 48.85,2.35,20km.")]
+MinSizeArg = Annotated[str | None, typer.Option(help="Only files of at least this many pixels: 12MP or 1920x1080.")]
+MaxSizeArg = Annotated[str | None, typer.Option(help="Only files of at most this many pixels (as --min-size).")]

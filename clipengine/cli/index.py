@@ -140,11 +140,12 @@ def index(
 
 
 def describe_media(media: dict) -> str:
-    """'2014-03-02 .. 2026-11-30; 7 cameras; 38% with a position' (a file without a taken time counts by its mtime)."""
+    """'2014-03-02 .. 2026-11-30; 7 cameras; 212 places; 38% with a position' (a file without a taken time counts
+    by its mtime)."""
     span = f"{media['first_taken']} .. {media['last_taken']}"
     dated = "" if media["with_taken_time"] == media["files"] else \
         f" ({media['files'] - media['with_taken_time']:,} by file time)"
-    return (f"{span}{dated}; {counted(media['cameras'], 'camera')}; "
+    return (f"{span}{dated}; {counted(media['cameras'], 'camera')}; {counted(media['places'], 'place')}; "
             f"{100 * media['with_position'] / media['files']:.0f}% with a position")
 
 

@@ -19,7 +19,11 @@ from clipengine.cli.common import (
     IndexDirArg,
     JsonArg,
     KindArg,
+    MaxSizeArg,
+    MinSizeArg,
     ModelArg,
+    NearArg,
+    PlaceArg,
     PreprocessFromArg,
     PretrainedArg,
     app,
@@ -54,6 +58,15 @@ def search(
     camera: CameraArg = None,
     kind: KindArg = None,
     ext: ExtArg = None,
+    place: PlaceArg = None,
+    near: NearArg = None,
+    min_size: MinSizeArg = None,
+    max_size: MaxSizeArg = None,
+    sort: Annotated[str, typer.Option(
+        help="Order of the top hits: score, date (oldest first) or -date (newest first). Only the top -k are "
+             "ordered: the search finds them by meaning.")] = "score",
+    group_by: Annotated[str | None, typer.Option(
+        "--group-by", help="Group the top hits under headings: day, month or place.")] = None,
     model: ModelArg = None,
     pretrained: PretrainedArg = None,
     checkpoint: CheckpointArg = None,
@@ -73,20 +86,25 @@ def search(
     """Search an index by text, by image, or by a raw embedding vector; or by a sum of terms:
     `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
     from clipengine.index.filters import make_filter
-    from clipengine.index.hits import path_prefix
+    from clipengine.index.hits import check_arrangement, group_hits, order_hits, path_prefix
     from clipengine.index.query import count_matching, read_query, search_index
     from clipengine.preview import PROTOCOLS
 
     if preview not in (None, "auto", *PROTOCOLS):
         raise typer.BadParameter(f"'{preview}': choose one of {', '.join(PROTOCOLS)} (or none, to detect)",
                                  param_hint="--preview")
+    check_arrangement(sort, group_by)
     asked = read_query(query, image, vector, add or (), subtract or ())
     where = path_prefix(prefix) if prefix else None
-    kept = make_filter(None, after, before, camera or (), kind or (), ext or ())
+    kept = make_filter(None, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size)
     index_path = resolve_index_path(index_name, index_dir)
     hits = search_index(index_path, asked, k, where, spec=model_spec(model, pretrained, checkpoint, None),
                         device=device, runtime=runtime, precision=precision, keep=kept)
-    if as_json:
+    hits = order_hits(hits, sort)
+    groups = group_hits(hits, group_by) if group_by else None
+    if as_json and groups is not None:
+        print_json([{"group": name, "hits": [h.to_dict() for h in members]} for name, members in groups])
+    elif as_json:
         print_json([h.to_dict() for h in hits])
     elif paths_only:
         sys.stdout.write("".join(h.path + "\n" for h in hits))
@@ -95,15 +113,22 @@ def search(
         err.print(f"no results: the filter keeps {counted(matched, 'file')}", markup=False)
     elif not hits:
         err.print("no results" + (f" under {where}" if where else ""), markup=False)
-    elif preview and (preview != "auto" or out.is_terminal):  # detected only on a terminal; a named one anywhere
-        _print_previews(hits, preview)
     else:
-        sys.stdout.write("".join(hit_line(h) + "\n" for h in hits))
+        for name, members in groups or [("", hits)]:
+            if name:
+                sys.stdout.write(f"{name} ({counted(len(members), 'hit')})\n")
+            if preview and (preview != "auto" or out.is_terminal):  # detected only on a terminal; a named one anywhere
+                _print_previews(members, preview)
+            else:
+                sys.stdout.write("".join(hit_line(h) + "\n" for h in members))
 
 
 def hit_line(hit) -> str:
-    """'   2  +0.2980  ~/Phone/2023/VID_0031.MOV  at 0:42': a video's hit says where in it."""
-    return f"{hit.rank:>4}  {hit.score:+.4f}  {hit.path}" + (f"  {hit.moment}" if hit.moment else "")
+    """'   2  +0.2980  2023-07-14  ~/Phone/2023/VID_0031.MOV  at 0:42  (Mitte, State of Berlin, Germany)': when
+    it was taken (the day where it was taken), a video's moment, and the place when the file has a position."""
+    day = f"  {hit.taken[:10]}" if hit.taken else ""
+    return (f"{hit.rank:>4}  {hit.score:+.4f}{day}  {hit.path}" + (f"  {hit.moment}" if hit.moment else "")
+            + (f"  ({hit.place})" if hit.place else ""))
 
 
 def _print_previews(hits: list, preview: str) -> None:
@@ -123,7 +148,7 @@ def _print_previews(hits: list, preview: str) -> None:
         if isinstance(decoded, Decoded):
             decoded.image.thumbnail((8 * width, 8 * width))
             show(console, decoded.image, protocol, width)
-        console.print(hit_line(h), markup=False, style=None)
+        console.print(hit_line(h), markup=False, style=None, soft_wrap=True)
 
 
 @app.command()
@@ -139,6 +164,10 @@ def duplicates(
     camera: CameraArg = None,
     kind: KindArg = None,
     ext: ExtArg = None,
+    place: PlaceArg = None,
+    near: NearArg = None,
+    min_size: MinSizeArg = None,
+    max_size: MaxSizeArg = None,
     paths_only: Annotated[bool, typer.Option(help="One group per line, its paths separated by tabs (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
@@ -146,7 +175,7 @@ def duplicates(
     from clipengine.index.duplicates import find_duplicates
     from clipengine.index.filters import make_filter
 
-    kept = make_filter(prefix, after, before, camera or (), kind or (), ext or ())
+    kept = make_filter(prefix, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size)
     stages, on_stage = stage_progress()
     with stages:
         groups = find_duplicates(resolve_index_path(index_name, index_dir), threshold, where=kept, progress=on_stage)

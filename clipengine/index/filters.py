@@ -1,5 +1,6 @@
-"""Which files a search may return: a path prefix, a taken-time range, cameras, kinds and extensions, all
-combined with AND (a repeated camera, kind or extension with OR). Plain data and SQL on the catalogue,
+"""Which files a search may return: a path prefix, a taken-time range, places, a distance from a position,
+cameras, kinds, extensions and pixel counts, all combined with AND (a repeated place, camera, kind or
+extension with OR). Plain data and SQL on the catalogue,
 free of numpy and faiss: a filter is turned into the ids the search structure may answer with
 (`IndexStore.ids_matching`).
 
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 
 from clipengine.errors import BadInput
 from clipengine.index.hits import path_prefix
+from clipengine.places import Near, parse_near, place_words
 
 _WHEN = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2})(?:[T ](\d{1,2}):(\d{2}))?)?)?")
 KINDS = ("image", "video")
+DISTANCE_FUNCTION = "clip_distance_km"  # the great-circle distance, which the store gives its connections
+_PIXELS = re.compile(r"\s*(?:(\d+(?:\.\d+)?)\s*mp|(\d+)\s*x\s*(\d+))\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ class Filter:
     cameras: tuple[str, ...] = ()  # any of these words in the camera's make and model, ignoring case
     kinds: tuple[str, ...] = ()  # "image", "video"
     extensions: tuple[str, ...] = ()  # ".png", ".heic"
+    places: tuple[str, ...] = ()  # names as `place_words` folds them: any of a file's place names, as whole words
+    near: Near | None = None  # taken within a distance of a position
+    min_pixels: int | None = None  # width x height at least
+    max_pixels: int | None = None  # at most
 
     @property
     def is_empty(self) -> bool:
@@ -41,6 +49,30 @@ class Filter:
     def under(self, prefix: str | None) -> Filter:
         """This filter with its prefix replaced by `prefix` (an API's separate prefix argument), if one is given."""
         return self if prefix is None else dataclasses.replace(self, prefix=prefix)
+
+    def to_params(self) -> dict[str, str | list[str]]:
+        """The query parameters that ask a service (`clipengine.serve`) for this filter: `make_filter` reads them
+        back to the same Filter."""
+        def when(seconds: float) -> str:
+            return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M")
+        params: dict[str, str | list[str]] = {}
+        if self.prefix is not None:
+            params["prefix"] = self.prefix
+        if self.after is not None:
+            params["after"] = when(self.after)
+        if self.before is not None:
+            params["before"] = when(self.before)
+        for name, values in (("camera", self.cameras), ("kind", self.kinds), ("ext", self.extensions),
+                             ("place", self.places)):
+            if values:
+                params[name] = list(values)
+        if self.near is not None:
+            params["near"] = f"{self.near.latitude!r},{self.near.longitude!r},{self.near.radius_km!r}km"
+        if self.min_pixels is not None:
+            params["min_size"] = f"{self.min_pixels}x1"
+        if self.max_pixels is not None:
+            params["max_size"] = f"{self.max_pixels}x1"
+        return params
 
     def sql(self) -> tuple[str, list]:
         """A condition on `files f` (and the media table), with its parameters."""
@@ -67,6 +99,23 @@ class Filter:
         if self.extensions:
             where.append("(" + " OR ".join("lower(f.path) LIKE ?" for _ in self.extensions) + ")")
             params += [f"%{e}" for e in self.extensions]
+        if self.places:
+            words = "(SELECT p.words FROM places p WHERE p.hash = f.hash)"
+            where.append("(" + " OR ".join(f"{words} LIKE ?" for _ in self.places) + ")")
+            params += [f"% {p} %" for p in self.places]
+        if self.near is not None:
+            near = self.near
+            where.append("EXISTS (SELECT 1 FROM media m WHERE m.hash = f.hash AND m.latitude BETWEEN ? AND ? "
+                         f"AND m.longitude BETWEEN ? AND ? AND {DISTANCE_FUNCTION}(m.latitude, m.longitude, ?, ?) <= ?)")
+            lat_lo, lat_hi, lon_lo, lon_hi = near.box()
+            params += [lat_lo, lat_hi, lon_lo, lon_hi, near.latitude, near.longitude, near.radius_km]
+        pixels = "(SELECT v.width * v.height FROM vectors v WHERE v.hash = f.hash)"
+        if self.min_pixels is not None:
+            where.append(f"{pixels} >= ?")
+            params.append(self.min_pixels)
+        if self.max_pixels is not None:
+            where.append(f"{pixels} <= ?")
+            params.append(self.max_pixels)
         return " AND ".join(where), params
 
 
@@ -91,10 +140,19 @@ def parse_when(text: str, option: str) -> float:
         raise BadInput(f"{option} {text!r}: {e}") from None
 
 
+def parse_pixels(text: str, option: str) -> int:
+    """'12MP' or '1920x1080' as a pixel count, or a one-line error."""
+    match = _PIXELS.fullmatch(text)
+    if match is None:
+        raise BadInput(f"{option} {text!r}: give megapixels such as 12MP, or a size such as 1920x1080")
+    return round(float(match[1]) * 1e6) if match[1] else int(match[2]) * int(match[3])
+
+
 def make_filter(prefix: str | None = None, after: str | None = None, before: str | None = None,
-                cameras=(), kinds=(), extensions=()) -> Filter:
+                cameras=(), kinds=(), extensions=(), places=(), near: str | None = None,
+                min_size: str | None = None, max_size: str | None = None) -> Filter:
     """A filter from options as a user types them (`--prefix`, `--after`, `--before`, `--camera`, `--kind`,
-    `--ext`), each checked with a one-line error."""
+    `--ext`, `--place`, `--near`, `--min-size`, `--max-size`), each checked with a one-line error."""
     for kind in kinds:
         if kind not in KINDS:
             raise BadInput(f"--kind {kind!r}: choose {' or '.join(KINDS)}")
@@ -102,6 +160,14 @@ def make_filter(prefix: str | None = None, after: str | None = None, before: str
     stop = parse_when(before, "--before") if before else None
     if start is not None and stop is not None and start >= stop:
         raise BadInput(f"--after {after} is not before --before {before}: nothing could match")
+    folded = tuple(place_words(p) for p in places)
+    if any(not p for p in folded):
+        raise BadInput("--place needs a name, such as Berlin, Bavaria or Germany")
+    low = parse_pixels(min_size, "--min-size") if min_size else None
+    high = parse_pixels(max_size, "--max-size") if max_size else None
+    if low is not None and high is not None and low > high:
+        raise BadInput(f"--min-size {min_size} is more than --max-size {max_size}: nothing could match")
     return Filter(path_prefix(prefix) if prefix is not None else None, start, stop,
                   tuple(c.strip() for c in cameras if c.strip()), tuple(kinds),
-                  tuple("." + e.lower().lstrip(".") for e in extensions))
+                  tuple("." + e.lower().lstrip(".") for e in extensions), folded,
+                  parse_near(near) if near else None, low, high)

@@ -81,6 +81,7 @@ class IndexReport:
     skips: list[dict] = field(default_factory=list)  # {path, reason} of this run's skips
     not_indexed: dict[str, int] = field(default_factory=dict)  # what the walk passed over, by kind (scan.kind_of)
     metadata_read: int = 0  # files indexed before metadata was, whose headers this run read
+    places_named: int = 0  # contents whose GPS position this run named (clipengine.places)
     faiss: FaissState | None = None  # the search structure after the run
     runtime: str = ""  # what embedded the images, and why (embedding_runtime); empty when nothing was embedded
     query_encoders: dict | None = None  # the exported towers' record, as `info` shows it (None: never exported)
@@ -332,6 +333,7 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     if changed:
         store.drop_unused_vectors()
     report.metadata_read = read_missing_metadata(store, root, progress)
+    report.places_named = name_missing_places(store, progress)
     structure = SearchStructure(store)
     if changed or policy_changed or not structure.current:
         structure.save(rebuild=policy_changed, progress=progress)
@@ -364,6 +366,26 @@ def read_missing_metadata(store: IndexStore, root: str, progress: StageProgress 
         store.add_metadata([(digest, path, *metadata_of(path)) for path, digest in missing[start:start + commit_every]])
     if progress:
         progress("reading metadata", len(missing), len(missing))
+    return len(missing)
+
+
+def name_missing_places(store: IndexStore, progress: StageProgress | None = None, commit_every: int = 4096) -> int:
+    """Name the places of the files with a GPS position not named yet: those this run found, and all of an
+    index made before places were (its migration). Offline, in commits of `commit_every`, so an interrupted
+    run keeps what it named. Returns how many contents were named."""
+    missing = store.unnamed_positions()
+    if not missing:
+        return 0
+    from clipengine.places import name_places
+
+    for start in range(0, len(missing), commit_every):
+        if progress:
+            progress("naming places", start, len(missing))
+        part = missing[start:start + commit_every]
+        store.add_places(list(zip((digest for digest, _, _ in part),
+                                  name_places([(lat, lon) for _, lat, lon in part]), strict=True)))
+    if progress:
+        progress("naming places", len(missing), len(missing))
     return len(missing)
 
 

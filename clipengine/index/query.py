@@ -66,14 +66,15 @@ def search_index(index_path: Path, query: Query, k: int = 10, prefix: str | None
                  precision: str | None = None, keep: Filter = KEEP_ALL) -> list[Hit]:
     """The `k` best hits for `query` (under the path `prefix`, among the files `keep` keeps), from a running
     service when it would give the same answer, else from the index itself. Naming a model, device, runtime or
-    precision asks for a local search: the service answers with its own (and takes no filter but a prefix)."""
+    precision asks for a local search: the service answers with its own. A filter goes to the service as the
+    query parameters its API takes (`Filter.to_params`)."""
     video = query.image is not None and is_video_name(query.image)  # a service takes images only
-    if (query.terms is None and not video and keep.is_empty and spec.is_empty
+    if (query.terms is None and not video and spec.is_empty
             and (runtime, precision, device) == (None, None, None)):
         from clipengine.index.service import search_through_service
 
         hits = search_through_service(index_path, text=query.text, image=query.image, vector=query.vector, k=k,
-                                      prefix=prefix)
+                                      where=keep.under(prefix))
         if hits is not None:
             return hits
     from clipengine.index.search import Searcher

@@ -266,7 +266,8 @@ class Searcher:
             if row is None or row.id in files:  # a row deleted since the view was read; a video already found
                 continue
             files.add(row.id)
-            hits.append(Hit(len(hits) + 1, score, row.path, row.width, row.height, row.id, row.seconds))
+            hits.append(Hit(len(hits) + 1, score, row.path, row.width, row.height, row.id, row.seconds, row.taken,
+                            row.taken_at, row.place))
             if len(hits) == k:
                 break
         return hits

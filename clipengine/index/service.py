@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipengine.durable import pid_alive, write_atomic
+from clipengine.index.filters import KEEP_ALL, Filter
 from clipengine.index.location import MANIFEST, SERVICE_FILE
 
 if TYPE_CHECKING:
@@ -89,16 +91,18 @@ def find_service(index_path: Path, model_identity: str | None = None) -> Service
 
 
 def search(service: Service, *, text: str | None = None, image: Path | None = None, vector: list[float] | None = None,
-           k: int = 10, prefix: str | None = None) -> list[dict]:
-    """Hits from the service, as `Hit.to_dict()` gives them. Raises OSError or ValueError when the service
-    does not answer as it should (the caller then searches locally)."""
+           k: int = 10, where: Mapping[str, str | list[str]] | None = None) -> list[dict]:
+    """Hits from the service, as `Hit.to_dict()` gives them, among the files a filter's query parameters keep
+    (`Filter.to_params`). Raises OSError or ValueError when the service does not answer as it should (the
+    caller then searches locally)."""
     import urllib.error
     import urllib.parse
 
-    query = {"k": str(k), "index": service.index, **({"prefix": prefix} if prefix else {})}
+    query = {"k": str(k), "index": service.index, **(where or {})}
     try:
         if text is not None:
-            hits = _request(service.url, "/api/search?" + urllib.parse.urlencode({"q": text, **query}), service.token)
+            hits = _request(service.url, "/api/search?" + urllib.parse.urlencode({"q": text, **query}, doseq=True),
+                            service.token)
         elif image is not None:
             boundary = uuid.uuid4().hex
             # its name goes with it: the extension is what tells a camera RAW file (clipengine.images.open_image)
@@ -106,10 +110,10 @@ def search(service: Service, *, text: str | None = None, image: Path | None = No
                     f"filename=\"{urllib.parse.quote(image.name)}\"\r\n"
                     f"Content-Type: application/octet-stream\r\n\r\n").encode() + image.read_bytes() + \
                 f"\r\n--{boundary}--\r\n".encode()
-            hits = _request(service.url, "/api/search/image?" + urllib.parse.urlencode(query), service.token, body,
-                            f"multipart/form-data; boundary={boundary}")
+            hits = _request(service.url, "/api/search/image?" + urllib.parse.urlencode(query, doseq=True),
+                            service.token, body, f"multipart/form-data; boundary={boundary}")
         else:
-            hits = _request(service.url, "/api/search/vector?" + urllib.parse.urlencode(query), service.token,
+            hits = _request(service.url, "/api/search/vector?" + urllib.parse.urlencode(query, doseq=True), service.token,
                             json.dumps({"vector": vector}).encode(), "application/json")
     except urllib.error.HTTPError as e:  # the service refused the query: say why, as a local search would
         try:
@@ -127,7 +131,7 @@ def search(service: Service, *, text: str | None = None, image: Path | None = No
 
 
 def search_through_service(index_path: Path, *, text: str | None = None, image: Path | None = None,
-                           vector: Any = None, k: int = 10, prefix: str | None = None) -> list[Hit] | None:
+                           vector: Any = None, k: int = 10, where: Filter = KEEP_ALL) -> list[Hit] | None:
     """The hits a running service gives for this query, or None when there is no service to ask (then the
     caller searches locally). Only what a local search would answer alike is sent: a k the service accepts,
     a readable image, the index's own model (read from its manifest on disk)."""
@@ -144,7 +148,8 @@ def search_through_service(index_path: Path, *, text: str | None = None, image: 
         return None
     try:
         hits = search(service, text=text, image=Path(image) if image is not None else None,
-                      vector=None if vector is None else [float(x) for x in vector.reshape(-1)], k=k, prefix=prefix)
+                      vector=None if vector is None else [float(x) for x in vector.reshape(-1)], k=k,
+                      where=where.to_params())
         return [Hit(**h) for h in hits]
     except (OSError, ValueError, TypeError):
         return None

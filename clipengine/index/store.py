@@ -52,9 +52,10 @@ from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.formats import is_video_name
-from clipengine.index.filters import KEEP_ALL, Filter
+from clipengine.index.filters import DISTANCE_FUNCTION, KEEP_ALL, Filter
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 from clipengine.metadata import MediaInfo
+from clipengine.places import Place, distance_km, place_words
 
 FORMAT = "clipengine-index"
 FORMAT_VERSION = 1
@@ -77,6 +78,10 @@ ADDED_TABLES = {
     # when the file gives one), `taken_at` the same in seconds since 1970 (a time without a zone read as UTC)
     "media": ("(hash TEXT PRIMARY KEY, kind TEXT NOT NULL, taken TEXT, taken_at REAL, taken_source TEXT NOT NULL, "
               "make TEXT, model TEXT, lens TEXT, latitude REAL, longitude REAL, altitude REAL, duration REAL)"),
+    # the names of where a file with a position was taken (clipengine.places), by content hash; `words` is what
+    # --place matches (`Place.words`)
+    "places": ("(hash TEXT PRIMARY KEY, city TEXT, district TEXT, region TEXT, country TEXT, country_code TEXT, "
+               "words TEXT NOT NULL)"),
 }
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -164,6 +169,19 @@ class FileRow:
     size: int = 0  # bytes and mtime when indexed (read by `file`): a file that differs now is not the one indexed
     mtime_ns: int = 0
     seconds: float | None = None  # for a video's frame (`rows` of a frame's faiss id): its moment
+    taken: str | None = None  # when it was taken (ISO 8601, as the file says it), or else modified (UTC)
+    taken_at: float | None = None  # the same in seconds since 1970 (a time without a zone read as UTC)
+    place: str | None = None  # where it was taken (`Place.label`), if it has a position
+
+
+def _file_row(file_id: int, path: str, width: int, height: int, mtime_ns: int, taken: str | None,
+              taken_at: float | None, *names: str | None) -> FileRow:
+    """A search result's row: a file that gives no taken time is dated by its modification time (as filters do)."""
+    if taken_at is None:
+        taken_at = mtime_ns / 1e9
+        taken = dt.datetime.fromtimestamp(taken_at, dt.timezone.utc).isoformat(timespec="seconds")
+    label = Place(*names).label if any(names) else None
+    return FileRow(file_id, path, width, height, taken=taken, taken_at=taken_at, place=label)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +195,7 @@ def _connect(db_path: Path, *, readonly: bool) -> sqlite3.Connection:
     # one at a time (clipengine.serve holds a lock per index)
     conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 30000")
+    conn.create_function(DISTANCE_FUNCTION, 4, distance_km, deterministic=True)  # --near (`Filter.sql`)
     if not readonly:
         conn.execute("PRAGMA synchronous = FULL")
     return conn
@@ -401,9 +420,10 @@ class IndexStore:
             return {}
         file_ids = sorted({i & _FILE_MASK for i in ids})
         marks = ",".join("?" * len(file_ids))
-        files = {r[0]: FileRow(*r) for r in self._conn.execute(
-            f"SELECT f.id, f.path, v.width, v.height FROM files f JOIN vectors v ON v.hash = f.hash "
-            f"WHERE f.id IN ({marks})", file_ids)}
+        files = {r[0]: _file_row(*r) for r in self._conn.execute(
+            "SELECT f.id, f.path, v.width, v.height, f.mtime_ns, m.taken, m.taken_at, p.city, p.district, p.region, "
+            "p.country FROM files f JOIN vectors v ON v.hash = f.hash LEFT JOIN media m ON m.hash = f.hash "
+            f"LEFT JOIN places p ON p.hash = f.hash WHERE f.id IN ({marks})", file_ids)}
         moments: dict[int, float] = {}
         videos = sorted({i & _FILE_MASK for i in ids if i >> FRAME_SHIFT})
         if videos:
@@ -430,9 +450,32 @@ class IndexStore:
         return self.ids_matching(Filter(prefix=prefix))
 
     def ids_matching(self, where: Filter) -> np.ndarray:
-        """Search structure ids of the searchable files that `where` keeps (a video: its frames')."""
+        """Search structure ids of the searchable files that `where` keeps (a video: its frames'). A place no
+        file of the index was taken at is a one-line error naming the nearest names it has (a typo, most
+        likely); a filter that keeps nothing otherwise is an empty answer."""
+        for place in where.places:
+            if self._conn.execute("SELECT 1 FROM places WHERE words LIKE ? LIMIT 1", (f"% {place} %",)).fetchone() is None:
+                raise BadInput(self._unknown_place(place))
         condition, params = where.sql()
         return self._faiss_ids(condition, params)
+
+    def _unknown_place(self, place: str) -> str:
+        import difflib
+
+        names: dict[str, str] = {}  # folded name or one of its words -> the name: "berlin" -> "State of Berlin"
+        for name in self.place_names():
+            folded = place_words(name)
+            names.setdefault(folded, name)
+            for word in folded.split():
+                if len(word) >= 3:
+                    names.setdefault(word, name)
+        if not names:
+            return f"--place {place!r}: no file in this index has a GPS position"
+        near = difflib.get_close_matches(place, list(names), n=3, cutoff=0.5)
+        suggested = list(dict.fromkeys(names[n] for n in near))
+        hint = f"; the nearest names here: {', '.join(suggested)}" if near else \
+            f"; its {len(set(names.values())):,} place names are none like it"
+        return f"--place {place!r}: no file in this index was taken there{hint}"
 
     def _faiss_ids(self, where: str = "1", params: Sequence = ()) -> np.ndarray:
         """Search structure ids of the searchable files that meet `where` (on f): an image's file id, a video's
@@ -675,20 +718,42 @@ class IndexStore:
         with self._transaction():
             self._conn.executemany(_ADD_MEDIA, (_media_row(*row) for row in rows))
 
+    def unnamed_positions(self) -> list[tuple[str, float, float]]:
+        """(content hash, latitude, longitude) of the files with a position whose place was never named."""
+        return list(self._conn.execute(
+            "SELECT m.hash, m.latitude, m.longitude FROM media m LEFT JOIN places p ON p.hash = m.hash "
+            "WHERE m.latitude IS NOT NULL AND m.longitude IS NOT NULL AND p.hash IS NULL"))
+
+    def add_places(self, rows: Sequence[tuple[str, Place]]) -> None:
+        """Store named places: (content hash, Place) each, in one transaction."""
+        self._require_writable()
+        with self._transaction():
+            self._conn.executemany("INSERT OR IGNORE INTO places VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   ((digest, p.city, p.district, p.region, p.country, p.country_code, p.words)
+                                    for digest, p in rows))
+
+    def place_names(self) -> list[str]:
+        """Every name of a place a searchable file was taken at (cities, districts, regions, countries)."""
+        return [name for (name,) in self._conn.execute(
+            "SELECT DISTINCT name FROM (SELECT city AS name FROM places UNION SELECT district FROM places "
+            "UNION SELECT region FROM places UNION SELECT country FROM places) WHERE name IS NOT NULL ORDER BY name")]
+
     def media_summary(self) -> dict:
         """What the searchable files say of themselves: the span of taken times (a file with none counts by its
-        modification time), how many cameras, how many with a position, how many have been read at all."""
-        files, read, dated, placed, first, last, cameras = self._conn.execute(
+        modification time), how many cameras, how many with a position, in how many places (towns or city
+        districts), how many have been read at all."""
+        files, read, dated, placed, first, last, cameras, places = self._conn.execute(
             "SELECT COUNT(*), COUNT(m.hash), COUNT(m.taken), COUNT(m.latitude), "
             "MIN(COALESCE(m.taken_at, f.mtime_ns / 1e9)), MAX(COALESCE(m.taken_at, f.mtime_ns / 1e9)), "
             "COUNT(DISTINCT COALESCE(m.make, '') || '|' || COALESCE(m.model, '')) "
-            "FILTER (WHERE m.make IS NOT NULL OR m.model IS NOT NULL) "
-            "FROM files f LEFT JOIN media m ON m.hash = f.hash WHERE f.hash IS NOT NULL").fetchone()
+            "FILTER (WHERE m.make IS NOT NULL OR m.model IS NOT NULL), COUNT(DISTINCT p.words) "
+            "FROM files f LEFT JOIN media m ON m.hash = f.hash LEFT JOIN places p ON p.hash = f.hash "
+            "WHERE f.hash IS NOT NULL").fetchone()
 
         def day(seconds: float | None) -> str | None:
             return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc).date().isoformat()
         return {"files": files, "read": read, "with_taken_time": dated, "with_position": placed,
-                "cameras": cameras, "first_taken": day(first), "last_taken": day(last)}
+                "cameras": cameras, "places": places, "first_taken": day(first), "last_taken": day(last)}
 
     def record_folder(self, folder: str, not_indexed: Mapping[str, int] | None = None) -> None:
         """Record a walk of `folder`, and what it passed over by kind (replacing the last walk's count)."""
@@ -707,6 +772,7 @@ class IndexStore:
                 "DELETE FROM vectors WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
             self._conn.execute("DELETE FROM frames WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
             self._conn.execute("DELETE FROM media WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
+            self._conn.execute("DELETE FROM places WHERE hash NOT IN (SELECT hash FROM files WHERE hash IS NOT NULL)")
         return cursor.rowcount
 
     @contextlib.contextmanager

@@ -54,10 +54,16 @@ def kept(prefix: PrefixQ = None,
          before: Annotated[str | None, Query(description="Only files taken before this.")] = None,
          camera: Annotated[list[str] | None, Query(description="A camera's make or model words (any of them).")] = None,
          kind: Annotated[list[str] | None, Query(description="image or video (any of them).")] = None,
-         ext: Annotated[list[str] | None, Query(description="A file extension, e.g. png (any of them).")] = None
+         ext: Annotated[list[str] | None, Query(description="A file extension, e.g. png (any of them).")] = None,
+         place: Annotated[list[str] | None, Query(description="A town, district, region or country name (any of "
+                                                              "them).")] = None,
+         near: Annotated[str | None, Query(description="LAT,LON,RADIUS with km, m or mi: 48.85,2.35,20km.")] = None,
+         min_size: Annotated[str | None, Query(description="At least this many pixels: 12MP or 1920x1080.")] = None,
+         max_size: Annotated[str | None, Query(description="At most this many pixels.")] = None,
          ) -> Filter:
     """What a search keeps, as `clipengine search` takes it (a bad date is a 400 with the one-line error)."""
-    return make_filter(prefix or None, after, before, camera or (), kind or (), ext or ())
+    return make_filter(prefix or None, after, before, camera or (), kind or (), ext or (), place or (), near or None,
+                       min_size or None, max_size or None)
 
 
 Served = Annotated[ServedIndex, Depends(served_index)]

@@ -16,6 +16,12 @@ class HitOut(BaseModel):
     id: int = Field(description="The indexed file's id: /api/file/ID, /api/thumbnail/ID, /api/similar/ID.")
     seconds: float | None = Field(None, description="A video's hit: the moment of its best-matching frame "
                                                     "(/api/thumbnail/ID?t=SECONDS, /api/view/ID#t=SECONDS).")
+    taken: str | None = Field(None, description="When it was taken, ISO 8601 as the file says it (with its offset "
+                                                "when it gives one), else its modification time in UTC.")
+    taken_at: float | None = Field(None, description="The same in seconds since 1970 (a time without a zone read "
+                                                     "as UTC), for ordering.")
+    place: str | None = Field(None, description="Where it was taken, from its GPS position: 'Mitte, State of Berlin, "
+                                                "Germany'.")
 
 
 class TermIn(BaseModel):
