@@ -235,3 +235,60 @@ def test_faiss_state_round_trips_and_reads_older_records():
     assert not state.advice(5000, False, "fix") and FaissState().advice(0, False, "fix") == []
     drifted = FaissState(drift=Drift(10, 0, ann.DRIFT_RATIO + 1))
     assert ["drifted" in a and a.endswith("fix to retrain") for a in drifted.advice(10, False, "fix")] == [True]
+
+
+# ---- filtered search: the planner ---------------------------------------------------------------
+
+
+def filtered_truth(queries: np.ndarray, vectors: np.ndarray, kept: np.ndarray, k: int = 10):
+    return ann.exact_top(queries, [(kept, vectors[kept])], k)
+
+
+def filtered_recall(found: np.ndarray, truth_ids: np.ndarray) -> float:
+    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth_ids, strict=True)]))
+
+
+@pytest.mark.parametrize("factory", ["IVF128,PQ8", "IDMap2,IVF128,PQ16x4fs,RFlat", "IDMap2,HNSW16"])
+def test_few_kept_vectors_are_scanned_exactly_from_the_index_or_the_catalogue(clustered, factory):
+    vectors, tune_truth, _ = clustered
+    index = ann.new_index(factory, DIM)
+    ann.train_index(index, vectors[ann.sample_ids(np.arange(len(vectors)), 128 * 40, seed=0)])
+    index.add_with_ids(vectors, np.arange(len(vectors)))
+    ann.tune(index, tune_truth)
+    read = []
+
+    def from_catalogue(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        read.append(ids.size)
+        return ids, vectors[ids]
+
+    searchable = ann.SearchableIndex(index, vectors_of=from_catalogue)
+    kept = ann.sample_ids(np.arange(len(vectors)), 300, seed=5)
+    scores, found = searchable.search(tune_truth.queries[:20], 10, kept)
+    assert searchable.last_plan == ann.FilterPlan("exact", 300, len(vectors))
+    truth_scores, truth_ids = filtered_truth(tune_truth.queries[:20], vectors, kept)
+    assert (found == truth_ids).all() and np.allclose(scores, truth_scores, atol=1e-5)  # exact, PQ codes or not
+    assert read == ([300] if factory == "IVF128,PQ8" else [])  # only codes: full vectors from the catalogue
+    assert "exact scan: 300 of" in searchable.last_plan.describe()
+
+
+def test_many_kept_vectors_search_the_index_at_a_depth_raised_for_the_fraction(clustered, monkeypatch):
+    vectors, tune_truth, test_truth = clustered
+    index = ann.new_index("IVF128,Flat", DIM)
+    ann.train_index(index, vectors[ann.sample_ids(np.arange(len(vectors)), 128 * 40, seed=0)])
+    index.add_with_ids(vectors, np.arange(len(vectors)))
+    tuning = ann.tune(index, tune_truth, 0.9)
+    monkeypatch.setattr(ann, "EXACT_MAX_KEPT", 0)  # this small index would be scanned exactly: ask the index
+    monkeypatch.setattr(ann, "EXACT_MAX_FRACTION", 0.0)
+    searchable = ann.SearchableIndex(index)
+    kept = ann.sample_ids(np.arange(len(vectors)), len(vectors) // 20, seed=6)  # 5%
+    queries = test_truth.queries
+    _, truth_ids = filtered_truth(queries, vectors, kept)
+    _, raised = searchable.search(queries, 10, kept)
+    plan = searchable.last_plan
+    assert plan.plan == "ann" and plan.depth == min(128, 20 * tuning.value)  # nprobe / 0.05
+    assert filtered_recall(raised, truth_ids) >= 0.9
+    _, tuned_only = searchable._search(queries, 10, kept)  # the filter at the unfiltered depth: the old way
+    assert filtered_recall(tuned_only, truth_ids) < filtered_recall(raised, truth_ids) - 0.1
+    _, everything = searchable.search(queries, 10, np.arange(len(vectors)))  # keeps all: as unfiltered
+    assert searchable.last_plan.depth == tuning.value and (everything == searchable.search(queries, 10)[1]).all()
+    assert searchable.plan(None) is None

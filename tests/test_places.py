@@ -168,6 +168,10 @@ def test_the_cli_shows_dates_places_and_groups(library):
                                              "--sort", "date", "--json"]).stdout)
     assert [g["group"] for g in as_json] == ["2022-01", "2023-05", "2023-07", "2024-03", "2024-12"]
     assert {h["place"] for h in as_json[1]["hits"]} >= {"Mitte, State of Berlin, Germany"}
+    assert all(h["plan"] is None for g in as_json for h in g["hits"])  # no filter: no plan to choose
+    planned = json.loads(runner.invoke(app, ["search", "a photo", "--index", str(index), "--place", "Berlin",
+                                             "--json"]).stdout)
+    assert [h["plan"] for h in planned] == ["exact scan: 3 of 9 kept (33.3%)"] * 3  # --json records the plan
     for args, fragment in ((["--near", "52.52,13.40,10"], "needs a unit"), (["--sort", "oldest"], "--sort 'oldest'"),
                            (["--group-by", "year"], "--group-by 'year'"), (["--place", "Atlantis"], "--place 'atlantis'"),
                            (["--min-size", "big"], "--min-size 'big'")):

@@ -62,7 +62,7 @@ def test_text_search_answers_as_the_library_does(client, served):
         expected = [h.to_dict() for h in searcher.search_text("a photo of a lake", 5)]
     assert [h["path"] for h in hits] == [h["path"] for h in expected] and len(hits) == 5
     assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in expected], abs=1e-6)
-    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place"}  # the fields of `search --json`
+    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place", "plan"}  # the fields of `search --json`
     under_b = client.get("/api/search", params={"q": "a photo", "k": 20, "prefix": str(served / "photos" / "b")}).json()
     assert len(under_b) == 6 and all("/photos/b/" in h["path"] for h in under_b)
 
@@ -87,7 +87,7 @@ def test_the_api_documents_what_it_answers(client):
     route answers with a list of them."""
     spec = client.get("/openapi.json").json()
     hit = spec["components"]["schemas"]["HitOut"]
-    assert set(hit["properties"]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place"}
+    assert set(hit["properties"]) == {"rank", "score", "path", "width", "height", "id", "seconds", "taken", "taken_at", "place", "plan"}
     for path in ("/api/search", "/api/similar/{file_id}", "/api/search/terms", "/api/search/image", "/api/search/vector"):
         (method,) = spec["paths"][path]
         answer = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]

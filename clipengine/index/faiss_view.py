@@ -197,11 +197,11 @@ class SearchStructure:
         index = self._read(mmap) if self.current else None
         if index is None:
             index = self._read() or ann.new_index("IDMap2,Flat", dim)
-            return ann.SearchableIndex(index, self._synced(index, self.store.live_ids()))
+            return ann.SearchableIndex(index, self._synced(index, self.store.live_ids()), self.store.gather)
         excluded = None  # the live ids are read only when needed: a million of them cost a third of a second
         if not ann.can_remove(index):
             excluded = np.setdiff1d(ann.index_ids(index), self.store.live_ids(), assume_unique=True)
-        return ann.SearchableIndex(index, excluded)
+        return ann.SearchableIndex(index, excluded, self.store.gather)
 
     def save(self, *, rebuild: bool = False, progress: StageProgress | None = None) -> bool:
         """Bring the file up to date with the catalogue, atomically. Returns False when it already was.

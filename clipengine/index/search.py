@@ -9,6 +9,7 @@ model. The model is always the index's own; naming another is refused before any
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -253,7 +254,8 @@ class Searcher:
             found = sorted(((s, i) for i, s in best.items()), key=lambda pair: -pair[0])
             hits = self._hits(found, k)
             if len(hits) >= k or len(found) < min(depth, total) or depth >= total:
-                return hits
+                plan = self.faiss.last_plan
+                return [dataclasses.replace(h, plan=plan.describe()) for h in hits] if plan is not None else hits
             depth *= 4
 
     def _hits(self, found: list[tuple[float, int]], k: int) -> list[Hit]:

@@ -22,6 +22,8 @@ class HitOut(BaseModel):
                                                      "as UTC), for ordering.")
     place: str | None = Field(None, description="Where it was taken, from its GPS position: 'Mitte, State of Berlin, "
                                                 "Germany'.")
+    plan: str | None = Field(None, description="A filtered search: how it ran, an exact scan of the kept vectors or "
+                                               "the index at a raised depth, and how many the filter kept.")
 
 
 class TermIn(BaseModel):
