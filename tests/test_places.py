@@ -61,6 +61,7 @@ def test_positions_are_named_offline_with_city_region_and_country():
     assert sydney.country == "Australia" and "Sydney" in sydney.label
     assert paris.label == "Paris, Île-de-France, France"
     assert name_places([]) == []
+    assert name_places([(48.8584, 2.2945)])[0].city == "Vanves"  # the Eiffel Tower: the nearest town centre (docs)
 
 
 def test_names_fold_case_accents_and_punctuation():

@@ -183,3 +183,45 @@ def test_a_video_hit_shows_its_matching_frame_and_opens_at_that_moment(browser, 
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
+
+
+def test_filter_by_place_see_dates_and_places_grouped_by_day(browser, tmp_path, tiny_model, _export_cache):
+    from test_metadata import exif_of
+
+    from clipengine.scenes import photo_like
+
+    folder = tmp_path / "trips"
+    folder.mkdir()
+    for i, (name, taken, gps) in enumerate([("b1.jpg", "2023:05:01 10:00:00", (52.52, 13.405)),
+                                            ("b2.jpg", "2023:05:02 09:00:00", (52.5163, 13.3777)),
+                                            ("b3.jpg", "2023:05:01 18:00:00", (52.5076, 13.3904)),
+                                            ("p1.jpg", "2023:07:14 18:00:00", (48.8566, 2.3522))]):
+        photo_like(160, 120, seed=i).save(folder / name, "JPEG", exif=exif_of(taken, "+02:00", gps=gps).tobytes())
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLIPENGINE_CACHE_DIR", str(_export_cache))
+        index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
+    process, url = start_service(tmp_path / "idx")
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(url + "/")
+        page.fill("#query", "a photo")
+        page.fill("#place", "berlin")
+        page.select_option("#sort", "-date")
+        page.select_option("#group", "day")
+        page.click("button[type=submit]")
+        page.wait_for_selector(".hit")
+        assert page.locator(".group").all_inner_texts() == ["2023-05-02", "2023-05-01"]  # newest first, by day
+        assert page.locator(".hit .taken").all_inner_texts() == ["2023-05-02", "2023-05-01", "2023-05-01"]
+        assert all("State of Berlin, Germany" in p for p in page.locator(".hit .place").all_inner_texts())
+        times = page.locator(".hit .path").all_inner_texts()
+        assert [Path(p).name for p in times] == ["b2.jpg", "b3.jpg", "b1.jpg"]  # 18:00 before 10:00 on the 1st
+        page.fill("#place", "")
+        page.fill("#near", "48.85,2.35,5")  # a radius without its unit: the error, as the CLI says it
+        page.click("button[type=submit]")
+        page.wait_for_selector("#status.error")
+        assert "needs a unit" in page.locator("#status").inner_text() and page.locator(".hit").count() == 0
+        context.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)

@@ -78,44 +78,38 @@ class Filter:
         """A condition on `files f` (and the media table), with its parameters."""
         where: list[str] = ["1"]
         params: list = []
+
+        def add(condition: str, *values) -> None:
+            where.append(condition)
+            params.extend(values)
+
+        def any_like(column: str, patterns: list[str]) -> None:  # a repeated option: any of them
+            if patterns:
+                add("(" + " OR ".join(f"{column} LIKE ?" for _ in patterns) + ")", *patterns)
+
+        def within(column: str, low, high, below: str) -> None:  # bounds: `below` is "<" (before) or "<=" (at most)
+            if low is not None:
+                add(f"{column} >= ?", low)
+            if high is not None:
+                add(f"{column} {below} ?", high)
+
         if self.prefix is not None:
-            where.append("f.path >= ? AND f.path < ?")
-            params += list(prefix_range(self.prefix))
-        taken = "COALESCE((SELECT m.taken_at FROM media m WHERE m.hash = f.hash), f.mtime_ns / 1e9)"
-        if self.after is not None:
-            where.append(f"{taken} >= ?")
-            params.append(self.after)
-        if self.before is not None:
-            where.append(f"{taken} < ?")
-            params.append(self.before)
-        if self.cameras:
-            camera = ("(SELECT lower(COALESCE(m.make, '') || ' ' || COALESCE(m.model, '')) FROM media m "
-                      "WHERE m.hash = f.hash)")
-            where.append("(" + " OR ".join(f"{camera} LIKE ?" for _ in self.cameras) + ")")
-            params += [f"%{c.lower()}%" for c in self.cameras]
+            add("f.path >= ? AND f.path < ?", *prefix_range(self.prefix))
+        within("COALESCE((SELECT m.taken_at FROM media m WHERE m.hash = f.hash), f.mtime_ns / 1e9)", self.after,
+               self.before, "<")
+        any_like("(SELECT lower(COALESCE(m.make, '') || ' ' || COALESCE(m.model, '')) FROM media m WHERE m.hash = f.hash)",
+                 [f"%{c.lower()}%" for c in self.cameras])
         if self.kinds:
-            where.append(f"(SELECT m.kind FROM media m WHERE m.hash = f.hash) IN ({','.join('?' * len(self.kinds))})")
-            params += list(self.kinds)
-        if self.extensions:
-            where.append("(" + " OR ".join("lower(f.path) LIKE ?" for _ in self.extensions) + ")")
-            params += [f"%{e}" for e in self.extensions]
-        if self.places:
-            words = "(SELECT p.words FROM places p WHERE p.hash = f.hash)"
-            where.append("(" + " OR ".join(f"{words} LIKE ?" for _ in self.places) + ")")
-            params += [f"% {p} %" for p in self.places]
+            add(f"(SELECT m.kind FROM media m WHERE m.hash = f.hash) IN ({','.join('?' * len(self.kinds))})", *self.kinds)
+        any_like("lower(f.path)", [f"%{e}" for e in self.extensions])
+        any_like("(SELECT p.words FROM places p WHERE p.hash = f.hash)", [f"% {p} %" for p in self.places])
         if self.near is not None:
             near = self.near
-            where.append("EXISTS (SELECT 1 FROM media m WHERE m.hash = f.hash AND m.latitude BETWEEN ? AND ? "
-                         f"AND m.longitude BETWEEN ? AND ? AND {DISTANCE_FUNCTION}(m.latitude, m.longitude, ?, ?) <= ?)")
-            lat_lo, lat_hi, lon_lo, lon_hi = near.box()
-            params += [lat_lo, lat_hi, lon_lo, lon_hi, near.latitude, near.longitude, near.radius_km]
-        pixels = "(SELECT v.width * v.height FROM vectors v WHERE v.hash = f.hash)"
-        if self.min_pixels is not None:
-            where.append(f"{pixels} >= ?")
-            params.append(self.min_pixels)
-        if self.max_pixels is not None:
-            where.append(f"{pixels} <= ?")
-            params.append(self.max_pixels)
+            add("EXISTS (SELECT 1 FROM media m WHERE m.hash = f.hash AND m.latitude BETWEEN ? AND ? AND m.longitude "
+                f"BETWEEN ? AND ? AND {DISTANCE_FUNCTION}(m.latitude, m.longitude, ?, ?) <= ?)", *near.box(),
+                near.latitude, near.longitude, near.radius_km)
+        within("(SELECT v.width * v.height FROM vectors v WHERE v.hash = f.hash)", self.min_pixels, self.max_pixels,
+               "<=")
         return " AND ".join(where), params
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from clipengine.index.filters import Filter, make_filter
+from clipengine.index.hits import check_arrangement
 from clipengine.index.service import MAX_K
 from clipengine.serve.errors import Refused
 from clipengine.serve.state import ServedIndex, Service
@@ -66,6 +67,14 @@ def kept(prefix: PrefixQ = None,
                        min_size or None, max_size or None)
 
 
+def sort_order(sort: Annotated[str, Query(description="score, date (oldest first) or -date: the order of the top "
+                                                      "hits, which the search still finds by meaning.")] = "score"
+               ) -> str:
+    check_arrangement(sort)
+    return sort
+
+
 Served = Annotated[ServedIndex, Depends(served_index)]
+SortBy = Annotated[str, Depends(sort_order)]
 Kept = Annotated[Filter, Depends(kept)]
 AUTHORISED = [Depends(authorised)]

@@ -7,7 +7,17 @@ function params(extra) {
   const p = new URLSearchParams({ k: $("k").value || "24", ...extra });
   if (state.index) p.set("index", state.index);
   if ($("prefix").value.trim()) p.set("prefix", $("prefix").value.trim());
+  for (const name of ["after", "before", "place", "near", "camera", "kind", "sort"]) {  // as `clipengine search` takes them
+    const value = $(name).value.trim();
+    if (value) p.set(name, value);
+  }
   return p;
+}
+
+function groupOf(hit, by) {  // as clipengine.index.hits.group_key: the day where it was taken, its month, its place
+  if (by === "place") return hit.place || "no place";
+  if (!hit.taken) return "no date";
+  return by === "day" ? hit.taken.slice(0, 10) : hit.taken.slice(0, 7);
 }
 
 async function call(url, options) {
@@ -30,7 +40,16 @@ function moment_text(seconds) {  // as Hit.moment says it: "at 0:42", "at 1:02:0
 function render(hits, what, started) {
   const results = $("results");
   results.replaceChildren();
+  const by = $("group").value;
+  let heading = null;
   for (const hit of hits) {
+    if (by && groupOf(hit, by) !== heading) {  // the hits come in order: a heading where the group changes
+      heading = groupOf(hit, by);
+      const h2 = document.createElement("h2");
+      h2.className = "group";
+      h2.textContent = heading;
+      results.append(h2);
+    }
     const card = document.createElement("button");
     card.type = "button";
     card.className = "hit";
@@ -51,8 +70,10 @@ function render(hits, what, started) {
       (at ? `<span class="moment">${moment_text(hit.seconds)}</span> ` : "") +
       `<a class="view" href="/api/view/${hit.id}?${which}${at}" target="_blank" rel="noopener" tabindex="-1">open</a> ` +
       `<a class="original" href="/api/file/${hit.id}?${which}" download tabindex="-1">original</a>` +
-      `<span class="path"></span>`;
+      `<span class="taken"></span><span class="place"></span><span class="path"></span>`;
     meta.querySelector(".path").textContent = hit.path;
+    meta.querySelector(".taken").textContent = hit.taken ? hit.taken.slice(0, 10) : "";
+    meta.querySelector(".place").textContent = hit.place || "";
     meta.querySelectorAll("a").forEach((a) => a.addEventListener("click", (e) => e.stopPropagation()));
     card.append(img, meta);
     card.addEventListener("click", () => similar(hit.id, hit.path));
