@@ -217,6 +217,11 @@ def test_filter_by_place_see_dates_and_places_grouped_by_day(browser, tmp_path, 
         times = page.locator(".hit .path").all_inner_texts()
         assert [Path(p).name for p in times] == ["b2.jpg", "b3.jpg", "b1.jpg"]  # 18:00 before 10:00 on the 1st
         page.fill("#place", "")
+        page.fill("#ext", "png")  # none are: an empty answer, not an error
+        page.click("button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('.hit').length === 0")
+        assert page.locator("#status").inner_text().startswith("no results")
+        page.fill("#ext", "")
         page.fill("#near", "48.85,2.35,5")  # a radius without its unit: the error, as the CLI says it
         page.click("button[type=submit]")
         page.wait_for_selector("#status.error")

@@ -7,7 +7,7 @@ function params(extra) {
   const p = new URLSearchParams({ k: $("k").value || "24", ...extra });
   if (state.index) p.set("index", state.index);
   if ($("prefix").value.trim()) p.set("prefix", $("prefix").value.trim());
-  for (const name of ["after", "before", "place", "near", "camera", "kind", "sort"]) {  // as `clipengine search` takes them
+  for (const name of ["after", "before", "place", "near", "camera", "ext", "min_size", "kind", "sort"]) {  // as `clipengine search` takes them
     const value = $(name).value.trim();
     if (value) p.set(name, value);
   }
