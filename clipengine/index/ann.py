@@ -537,6 +537,7 @@ def iter_array_chunks(ids: np.ndarray, vectors: np.ndarray, chunk: int = 65536) 
 # exact scan of the kept vectors took 166 ms.
 EXACT_MAX_KEPT = 30_000
 EXACT_MAX_FRACTION = 0.03
+HNSW_MAX_EF = 4096  # the deepest a filtered search raises an HNSW graph's efSearch
 
 
 @dataclass(frozen=True)
@@ -619,16 +620,16 @@ class SearchableIndex:
             return None
         total = max(self.ntotal, 1)
         kept = int(allowed.size)
+        tuned = _tuned_depth(self.index)
         if kept >= total:
-            return FilterPlan("ann", kept, total, _tuned_depth(self.index))
+            return FilterPlan("ann", kept, total, tuned)
         if kept <= EXACT_MAX_KEPT or kept <= EXACT_MAX_FRACTION * total:
             return FilterPlan("exact", kept, total)
-        ivf, hnsw = _ivf(self.index), _hnsw(self.index)
-        if ivf is not None:
-            return FilterPlan("ann", kept, total, raised_depth(ivf.nprobe, kept / total, ivf.nlist))
-        if hnsw is not None:
-            return FilterPlan("ann", kept, total, raised_depth(hnsw.hnsw.efSearch, kept / total, 4096))
-        return FilterPlan("ann", kept, total)
+        if tuned is None:  # an exact index: the filter costs it nothing in recall
+            return FilterPlan("ann", kept, total)
+        ivf = _ivf(self.index)
+        return FilterPlan("ann", kept, total, raised_depth(tuned, kept / total, ivf.nlist if ivf is not None else
+                                                           HNSW_MAX_EF))
 
     def _exact(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k among the allowed ids: their vectors from the index where it holds them in full (a flat

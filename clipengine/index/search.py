@@ -9,7 +9,6 @@ model. The model is always the index's own; naming another is refused before any
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -252,14 +251,15 @@ class Searcher:
                 if i >= 0 and score > best.get(i, -np.inf):
                     best[i] = score
             found = sorted(((s, i) for i, s in best.items()), key=lambda pair: -pair[0])
-            hits = self._hits(found, k)
+            plan = self.faiss.last_plan
+            hits = self._hits(found, k, plan.describe() if plan is not None else None)
             if len(hits) >= k or len(found) < min(depth, total) or depth >= total:
-                plan = self.faiss.last_plan
-                return [dataclasses.replace(h, plan=plan.describe()) for h in hits] if plan is not None else hits
+                return hits
             depth *= 4
 
-    def _hits(self, found: list[tuple[float, int]], k: int) -> list[Hit]:
-        """(score, search structure id), best first -> at most k hits, one per file: a video at its best frame."""
+    def _hits(self, found: list[tuple[float, int]], k: int, plan: str | None = None) -> list[Hit]:
+        """(score, search structure id), best first -> at most k hits, one per file: a video at its best frame;
+        `plan` says how a filtered search ran."""
         rows = self.store.rows(i for _, i in found)
         hits: list[Hit] = []
         files: set[int] = set()
@@ -269,7 +269,7 @@ class Searcher:
                 continue
             files.add(row.id)
             hits.append(Hit(len(hits) + 1, score, row.path, row.width, row.height, row.id, row.seconds, row.taken,
-                            row.taken_at, row.place))
+                            row.taken_at, row.place, plan))
             if len(hits) == k:
                 break
         return hits
