@@ -125,10 +125,14 @@ def test_user_mistakes_are_one_line_errors(read_only_index, args, message):
 def test_a_named_faiss_index_is_built_tuned_shown_and_reindexed(indexed):
     report = json.loads(run("index", indexed, "--index", "photos", "--faiss", "HNSW8", "--json").stdout)
     assert report["faiss"]["factory"] == "IDMap2,HNSW8" and report["faiss"]["tuning"]["param"] == "efSearch"
+    text = report["faiss"]["text_tuning"]  # tuned on the shipped prompts through the index's own text tower too
+    assert text["param"] == "efSearch" and text["queries"] == 500 and text["reached"]
     info = run("info", "--index", "photos").stdout
-    assert "search    hnsw (IDMap2,HNSW8), efSearch" in info and "recall@10" in info and "ms/query" in info
+    assert "search    hnsw (IDMap2,HNSW8), image queries efSearch" in info and "; text queries efSearch" in info
+    assert info.count("recall@10") == 2 and info.count("ms/query") == 2
     again = json.loads(run("reindex", "--index", "photos", "--target-recall", "0.99", "--json").stdout)
     assert again["faiss"]["tuning"]["target"] == 0.99 and again["faiss_policy"]["factory"] == "HNSW8"
+    assert again["faiss"]["text_tuning"]["target"] == 0.99
     hits = json.loads(run("search", "--image", sorted(indexed.rglob("*.jpg"))[0], "--index", "photos", "--json").stdout)
     assert hits[0]["path"] == str(sorted(indexed.rglob("*.jpg"))[0])
 

@@ -170,8 +170,8 @@ def reindex(
     as_json: JsonArg = False,
 ) -> None:
     """Retrain and re-tune the search structure from the stored vectors (no image is read again)."""
-    from clipengine.index.faiss_view import reindex as reindex_index
     from clipengine.index.info import index_info
+    from clipengine.index.pipeline import reindex as reindex_index
 
     path = resolve_index_path(index_name, index_dir)
     stages, on_stage = stage_progress()

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ GENERATION_KEY = "faiss_generation"
 RETUNE_AFTER = 0.2  # re-tune the depth once the count has moved by this fraction since the last tuning
 # the policy's settings where the index names none: half the RAM, the automatic choice, recall@10 0.95
 DEFAULT_POLICY = {"memory_budget": None, "factory": None, "target_recall": ann.TARGET_RECALL}
+TextQueries = Callable[[int], np.ndarray]  # count -> (count, dim) text query vectors (clipengine.index.text_queries)
 
 
 def _section(policy: dict) -> dict:
@@ -100,8 +100,9 @@ class FaissState:
     estimated_bytes: int | None = None
     lists: int | None = None  # inverted lists, for IVF kinds
     trained: Training | None = None
-    tuning: ann.Tuning | None = None
+    tuning: ann.Tuning | None = None  # on held-out images: the depth stored in the index, for image and id queries
     drift: Drift | None = None
+    text_tuning: ann.Tuning | None = None  # on text queries (text_queries.py): the depth of text and terms queries
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,20 +118,27 @@ class FaissState:
         return cls(kind=data["kind"], factory=data["factory"], reason=data.get("reason"),
                    estimated_bytes=data.get("estimated_bytes"), lists=data.get("lists"),
                    trained=part(Training, data.get("trained")), tuning=part(ann.Tuning, data.get("tuning")),
-                   drift=part(Drift, data.get("drift")))
+                   drift=part(Drift, data.get("drift")), text_tuning=part(ann.Tuning, data.get("text_tuning")))
+
+    def tunings(self) -> dict[str, ann.Tuning]:
+        """Each query kind's measured tuning ("image", "text"), for those measured."""
+        return {kind: t for kind, t in (("image", self.tuning), ("text", self.text_tuning)) if t is not None}
 
     def describe(self) -> str:
-        """One line: the kind, its tuned depth, and the recall and latency measured for it."""
+        """One line: the kind, and for each kind of query its tuned depth and the recall and latency measured."""
         text = f"{self.kind} ({self.factory})"
-        tuning = self.tuning
-        if tuning:
+        tunings = self.tunings()
+        for kind, tuning in tunings.items():
             depth = f"{tuning.param} {tuning.value}: " if tuning.param else ""
             if tuning.k_factor:
                 depth = f"{tuning.param} {tuning.value}, re-ranking {tuning.k_factor}x: "
-            text += (f", {depth}recall@10 {tuning.recall_at_10:.3f} vs exact, {tuning.p50_ms:.2f} ms/query p50 "
-                     f"({tuning.p99_ms:.2f} p99) at {tuning.at_count:,} vectors")
+            text += (f"{';' if kind == 'text' else ','} {kind + ' queries ' if len(tunings) > 1 else ''}{depth}"
+                     f"recall@10 {tuning.recall_at_10:.3f} vs exact, {tuning.p50_ms:.2f} ms/query p50 "
+                     f"({tuning.p99_ms:.2f} p99)")
             if not tuning.reached:
-                text += f"; target {tuning.target} not reached"
+                text += f", target {tuning.target} not reached"
+        if self.tuning:
+            text += f"; at {self.tuning.at_count:,} vectors"
         return text
 
     def advice(self, count: int, named_factory: bool, fix: str) -> list[str]:
@@ -145,9 +153,10 @@ class FaissState:
             advice.append(f"{count:,} vectors have outgrown {self.lists} inverted lists (searches slow down): {fix}")
         if drift.stale_in_index and drift.stale_in_index > 0.2 * max(count, 1):
             advice.append(f"{drift.stale_in_index:,} deleted vectors still take space in the index: {fix} to drop them")
-        if self.tuning and not self.tuning.reached:
-            advice.append(f"measured recall@10 is {self.tuning.recall_at_10:.3f}, under the target "
-                          f"{self.tuning.target}: {fix} with a larger --memory-budget or another --faiss")
+        for kind, tuning in self.tunings().items():
+            if not tuning.reached:
+                advice.append(f"measured recall@10 of {kind} queries is {tuning.recall_at_10:.3f}, under the target "
+                              f"{tuning.target}: {fix} with a larger --memory-budget or another --faiss")
         return advice
 
 
@@ -201,15 +210,19 @@ class SearchStructure:
         excluded = None  # the live ids are read only when needed: a million of them cost a third of a second
         if not ann.can_remove(index):
             excluded = np.setdiff1d(ann.index_ids(index), self.store.live_ids(), assume_unique=True)
-        return ann.SearchableIndex(index, excluded, self.store.gather)
+        text = self.state.text_tuning
+        return ann.SearchableIndex(index, excluded, self.store.gather, text.depth if text and text.value else None)
 
-    def save(self, *, rebuild: bool = False, progress: StageProgress | None = None) -> bool:
+    def save(self, *, rebuild: bool = False, progress: StageProgress | None = None,
+             text_queries: TextQueries | None = None) -> bool:
         """Bring the file up to date with the catalogue, atomically. Returns False when it already was.
 
         The structure follows the policy: while the chosen kind stays the same, new vectors are added to
         the trained index and deleted ones removed (no retraining), and the search depth is re-tuned once
         the count has moved by a fifth. When the count or the policy calls for another kind (or `rebuild`),
-        the index is trained afresh on a random sample and tuned on held-out vectors.
+        the index is trained afresh on a random sample and tuned on held-out vectors. An approximate index
+        is also tuned on `text_queries(count)`, text vectors from the index's own text tower (without them,
+        text queries keep the depth they had, or search at the image queries' depth).
         """
         import faiss
 
@@ -225,11 +238,11 @@ class SearchStructure:
         plan = ann.choose_index(live.size, store.dim, policy["memory_budget"], policy["factory"])
         same_kind = plan.kind == state.kind and (not policy["factory"] or plan.factory == state.factory)
         if on_disk is None or not same_kind:
-            index, state = self._build(plan, live, generation, progress)
+            index, state = self._build(plan, live, generation, progress, text_queries)
         else:
             index = on_disk
             stale = self._synced(index, live)
-            state = self._refreshed(index, state, live, stale, generation)
+            state = self._refreshed(index, state, live, stale, generation, text_queries)
         with replacing(self.file) as tmp:
             faiss.write_index(index, str(tmp))
         store.write_meta(**{STATE_KEY: json.dumps(state.to_dict()), GENERATION_KEY: str(generation)})
@@ -260,8 +273,8 @@ class SearchStructure:
 
     # ---- building, tuning, drift ---------------------------------------------------------------
 
-    def _build(self, plan: ann.IndexPlan, live: np.ndarray, seed: int,
-               progress: StageProgress | None) -> tuple[Any, FaissState]:
+    def _build(self, plan: ann.IndexPlan, live: np.ndarray, seed: int, progress: StageProgress | None,
+               text_queries: TextQueries | None) -> tuple[Any, FaissState]:
         store = self.store
         index = ann.new_index(plan.factory, store.dim)
         train_ids = ann.sample_ids(live, ann.training_size(plan.factory, live.size), seed)
@@ -274,9 +287,18 @@ class SearchStructure:
                            quantisation_error=sample.get("quantisation_error"))
         if progress:
             progress("tuning", 0, 1)
+        text_tuning = self._tune_text(index, live, text_queries)  # first: the image tuning's depth stays in the index
         return index, FaissState(kind=plan.kind, factory=plan.factory, reason=plan.reason, estimated_bytes=plan.bytes,
                                  lists=ann.list_count(index), trained=trained,
-                                 tuning=self._tune(index, live, train_ids, seed))
+                                 tuning=self._tune(index, live, train_ids, seed), text_tuning=text_tuning)
+
+    def _tune_text(self, index, live: np.ndarray, text_queries: TextQueries | None) -> ann.Tuning | None:
+        """Tune an approximate index on text queries (None for an exact one: every query is exact there)."""
+        if text_queries is None or ann.depth_name(index) is None or live.size < 2:
+            return None
+        vectors = np.ascontiguousarray(text_queries(ann.TUNING_QUERIES), dtype=np.float32)
+        truth = ann.GroundTruth.compute(vectors, np.full(len(vectors), -1), self.store.vectors_of(live))
+        return ann.tune(index, truth, self.policy["target_recall"])
 
     def _tune(self, index, live: np.ndarray, train_ids: np.ndarray, seed: int) -> ann.Tuning | None:
         """Tune the depth on vectors held out from training (all vectors, when training took them all)."""
@@ -288,11 +310,13 @@ class SearchStructure:
         truth = ann.GroundTruth.compute(self.store.gather(query_ids)[1], query_ids, self.store.vectors_of(live))
         return ann.tune(index, truth, self.policy["target_recall"])
 
-    def _refreshed(self, index, state: FaissState, live: np.ndarray, stale: np.ndarray, seed: int) -> FaissState:
+    def _refreshed(self, index, state: FaissState, live: np.ndarray, stale: np.ndarray, seed: int,
+                   text_queries: TextQueries | None) -> FaissState:
         """After an incremental sync: re-tune if the count has moved enough, and measure drift."""
-        tuning = state.tuning
+        tuning, text_tuning = state.tuning, state.text_tuning
         tuned_at = tuning.at_count if tuning else 0
         if abs(live.size - tuned_at) > RETUNE_AFTER * max(tuned_at, 1):
+            text_tuning = self._tune_text(index, live, text_queries) or text_tuning
             tuning = self._tune(index, live, np.empty(0, np.int64), seed)
         new = live[live > (state.trained.max_id if state.trained else 0)]
         drift = Drift(added_since_training=int(new.size), stale_in_index=int(stale.size))
@@ -301,15 +325,4 @@ class SearchStructure:
             sample = ann.sample_ids(new, 2000, seed)
             error = ann.quantisation_error(index, self.store.gather(sample)[1])
             drift = dataclasses.replace(drift, error_ratio=round(error / baseline, 3) if error is not None else None)
-        return dataclasses.replace(state, tuning=tuning, drift=drift)
-
-
-def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
-            progress: StageProgress | None = None) -> FaissState:
-    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
-    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall."""
-    with IndexStore.open(Path(index_path), writable=True) as store:
-        structure = SearchStructure(store)
-        structure.set_policy(faiss_policy)
-        structure.save(rebuild=True, progress=progress)
-        return structure.state
+        return dataclasses.replace(state, tuning=tuning, drift=drift, text_tuning=text_tuning)

@@ -27,11 +27,12 @@ from clipengine.errors import BadInput, ClipEngineError
 from clipengine.formats import DEFAULT_SAMPLING, VideoSampling
 from clipengine.images import DEFAULT_MAX_PIXELS
 from clipengine.index import sharded
-from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure
+from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure, TextQueries
 from clipengine.index.info import encoders_advice
 from clipengine.index.query_encoders import check_runtime
 from clipengine.index.scan import FoundFile, Plan, plan_update, scan_folder
 from clipengine.index.store import ENCODERS_PENDING, FileRecord, IndexStore, remove_index
+from clipengine.index.text_queries import for_store as text_queries_of
 from clipengine.models import ModelSpec, check_same_model, describe_source, require_same_source, resolve_source
 from clipengine.progress import FileProgress, StageProgress
 
@@ -336,7 +337,7 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     report.places_named = name_missing_places(store, progress)
     structure = SearchStructure(store)
     if changed or policy_changed or not structure.current:
-        structure.save(rebuild=policy_changed, progress=progress)
+        structure.save(rebuild=policy_changed, progress=progress, text_queries=text_queries_of(store, model))
     store.record_folder(root, report.not_indexed)
     if options.export or (options.export is None and store.query_encoders == ENCODERS_PENDING):
         from clipengine.index.export import export_query_encoders
@@ -348,6 +349,18 @@ def finish(store: IndexStore, report: IndexReport, root: str, model, options: In
     report.faiss = structure.state
     report.query_encoders = store.query_encoders
     report.advice = encoders_advice(store)
+
+
+def reindex(index_path: str | os.PathLike, faiss_policy: FaissPolicy = FaissPolicy(),
+            progress: StageProgress | None = None, text_queries: TextQueries | None = None) -> FaissState:
+    """Retrain and re-tune an index's search structure from its stored vectors (no image is read again),
+    under a new policy if one is given: after drift, growth, many deletions, or to trade memory for recall.
+    The text queries it is tuned on come from the index's own text tower unless `text_queries` gives them."""
+    with IndexStore.open(Path(index_path), writable=True) as store:
+        structure = SearchStructure(store)
+        structure.set_policy(faiss_policy)
+        structure.save(rebuild=True, progress=progress, text_queries=text_queries or text_queries_of(store))
+        return structure.state
 
 
 def read_missing_metadata(store: IndexStore, root: str, progress: StageProgress | None = None,

@@ -220,11 +220,13 @@ class Searcher:
     # ---- vectors -> hits ----------------------------------------------------------------------
 
     def search_vector(self, vector: np.ndarray, k: int = 10, prefix: str | None = None, *,
-                      where: Filter | None = None) -> list[Hit]:
+                      where: Filter | None = None, kind: str | None = None) -> list[Hit]:
         """Top-k files by cosine similarity to `vector` (normalised here), optionally under a path prefix. A video
         is one hit, at the moment of its best-matching frame (`Hit.seconds`). Several vectors (rows) search
         together, each file scored by its best match with any of them (a video's frames: `search_id`). `where`
-        keeps only the files a `Filter` matches (its prefix replaced by `prefix` when that is given)."""
+        keeps only the files a `Filter` matches (its prefix replaced by `prefix` when that is given). `kind`
+        ("text" or "image") picks the depth tuned for that kind of query; a vector of no known kind searches
+        at the deeper of the two."""
         if k < 1:
             raise BadInput("-k must be at least 1")
         q = np.array(vector, dtype=np.float32, ndmin=2)
@@ -245,7 +247,7 @@ class Searcher:
             return []
         depth = k
         while True:  # a video's frames may fill the top: look deeper until k files are found, or everything is seen
-            scores, ids = self.faiss.search(q, min(depth, total), allowed)
+            scores, ids = self.faiss.search(q, min(depth, total), allowed, kind)
             best: dict[int, float] = {}
             for score, i in zip(scores.ravel().tolist(), ids.ravel().tolist(), strict=True):
                 if i >= 0 and score > best.get(i, -np.inf):
@@ -276,14 +278,14 @@ class Searcher:
 
     def search_text(self, text: str, k: int = 10, prefix: str | None = None, *,
                     where: Filter | None = None) -> list[Hit]:
-        return self.search_vector(self.text_vector(text), k, prefix, where=where)
+        return self.search_vector(self.text_vector(text), k, prefix, where=where, kind="text")
 
     def search_image(self, image_path: str | os.PathLike, k: int = 10, prefix: str | None = None, *,
                      where: Filter | None = None) -> list[Hit]:
         """Files like an image; like any scene of a video (`video_vectors`)."""
         if is_video_name(image_path):
-            return self.search_vector(self.video_vectors(image_path), k, prefix, where=where)
-        return self.search_vector(self.image_vector(image_path), k, prefix, where=where)
+            return self.search_vector(self.video_vectors(image_path), k, prefix, where=where, kind="image")
+        return self.search_vector(self.image_vector(image_path), k, prefix, where=where, kind="image")
 
     def terms_vector(self, terms: Sequence[Term]) -> np.ndarray:
         """Query arithmetic (`clipengine.index.terms`): the normalised sum of each term's normalised vector
@@ -308,14 +310,17 @@ class Searcher:
 
     def search_terms(self, terms: Sequence[Term], k: int = 10, prefix: str | None = None, *,
                      where: Filter | None = None) -> list[Hit]:
-        """Images for a weighted sum of texts, image files and indexed images (see `terms_vector`)."""
-        return self.search_vector(self.terms_vector(terms), k, prefix, where=where)
+        """Images for a weighted sum of texts, image files and indexed images (see `terms_vector`): at the text
+        queries' depth when any term is a text."""
+        kind = "text" if any(term.text is not None for term in terms) else "image"
+        return self.search_vector(self.terms_vector(terms), k, prefix, where=where, kind=kind)
 
     def search_id(self, file_id: int, k: int = 10, prefix: str | None = None, *,
                   where: Filter | None = None) -> list[Hit]:
         """Files like an indexed one (itself first, at score 1); like any scene of a video."""
         frames = self.store.frames_of_file(file_id)
-        return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix, where=where)
+        return self.search_vector(frames if frames is not None else self.id_vector(file_id), k, prefix, where=where,
+                                  kind="image")
 
 
 def _query_file(path: str | os.PathLike, what: str) -> tuple[str, os.stat_result]:
