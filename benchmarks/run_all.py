@@ -169,7 +169,8 @@ def markdown(results: dict) -> str:
                           f"{ours['text']['recall_at_10']:.3f} at {ours['text']['p50_ms']:.2f} ms (images "
                           f"{ours['image']['recall_at_10']:.3f} at {ours['image']['p50_ms']:.2f} ms)",
                           f"tuned on images only: {before['text']['recall_at_10']:.3f} at {before['text']['p50_ms']:.2f} ms",
-                          f"{1 - before['text']['recall_at_10']:.3f} -> {1 - ours['text']['recall_at_10']:.3f} missed"))
+                          f"{(1 - before['text']['recall_at_10']) / max(1 - ours['text']['recall_at_10'], 1e-3):.1f}x "
+                          "fewer neighbours missed"))
     if "ann" in results:
         a = results["ann"]
         auto, flat = a["auto"], a["flat"]
@@ -327,6 +328,17 @@ def _detail(name: str, data: dict) -> list[str]:
                 r = k[name_]
                 lines.append(f"| {k['kind']} | {k['build_s']:.0f} s | {label} | {r['text']['recall_at_10']:.3f} | "
                              f"{r['text']['p50_ms']:.2f} ms | {r['image']['recall_at_10']:.3f} | {r['image']['p50_ms']:.2f} ms |")
+        if data.get("trained"):
+            t = data["trained"]
+            lines += ["", f"Bed (a), the tiny model trained here on the built-in scenes: {t['n']:,} scenes it never saw "
+                      f"indexed with `{t['factory']}`, {t['captions']:,} of their captions as queries (text LID10 "
+                      f"{t['hardness']['text']['lid']:.1f}, RC10 {t['hardness']['text']['rc']:.2f}; image "
+                      f"{t['hardness']['image']['lid']:.1f}, {t['hardness']['image']['rc']:.2f}). Captions get "
+                      f"recall@10 {t['captions_at_image_depth']['recall_at_10']:.3f} at the depth tuned on images "
+                      f"(nprobe {t['image_tuning']['value']}) and {t['captions_at_prompt_depth']['recall_at_10']:.3f} "
+                      f"at the depth the build tuned on the shipped prompts (nprobe {t['prompt_tuning']['value']}, "
+                      f"which predicted {t['prompt_tuning']['recall_at_10']:.3f}); tuned on the captions themselves, "
+                      f"nprobe {t['caption_tuning']['value']}."]
     if name == "embed_runtime" and data.get("recall"):
         lines += ["", "Held-out recall through each runtime (percent), T->I R@1/5/10 · I->T R@1/5/10:", "",
                   "| runtime | recall |", "|---|---|"]
