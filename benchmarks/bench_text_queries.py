@@ -7,7 +7,8 @@ CLIP ViT-B/32 embeddings; its hardness (`query_hardness`: LID10, RC10) is printe
 Jääsaari et al. 2025). 500 queries of each kind tune, 500 others measure.
 
 For each index kind (the automatic choice, or --kinds), built once, three tunings side by side:
-  - image-only: `ann.tune` on held-out images, the one depth for every query (clipengine before issue 24);
+  - image-only: `ann.tune` on held-out images, that one depth for every query (how clipengine tuned before
+    issue 24, with today's `ann.tune`);
   - autofaiss-style: the deepest nprobe/efSearch whose single-query p50 on indexed vectors stays within
     autofaiss's default max_query_time_ms (10 ms): tuned for speed, recall never measured;
   - ours: `ann.tune` on the image sample and, separately, on the text sample (text_queries.py), each kind of

@@ -11,6 +11,7 @@ from clipengine.index import ann
 from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure
 from clipengine.index.search import Searcher
 from clipengine.index.store import FileRecord, IndexStore
+from clipengine.index.terms import Term
 from clipengine.index.text_queries import for_store, tuning_prompts
 
 DIM = 128
@@ -64,7 +65,7 @@ def recall_of(searcher: Searcher, queries: np.ndarray, truth_ids: np.ndarray, ki
 
 
 @pytest.mark.parametrize("factory", ["IVF128,Flat", "IVF128,PQ32x4fs,RFlat"])
-def test_text_queries_search_at_their_own_depth_and_get_the_recall_reported(tmp_path, bed, factory):
+def test_text_queries_search_at_their_own_depth_and_get_the_recall_reported(tmp_path, bed, factory, monkeypatch):
     source = {"source": "random", "arch": "tiny", "seed": 0, "identity": "random:tiny:seed0", "embed_dim": DIM,
               "preprocess": {}}
     asked = []
@@ -89,7 +90,19 @@ def test_text_queries_search_at_their_own_depth_and_get_the_recall_reported(tmp_
         assert searcher.faiss.depth("text") == text.depth and searcher.faiss.depth("image").value == image.value
         at_text, at_image = recall_of(searcher, held_out, truth, "text"), recall_of(searcher, held_out, truth, "image")
         at_unknown = recall_of(searcher, held_out, truth, None)  # a raw vector: the deeper of both
+        monkeypatch.setattr(searcher, "text_vector", lambda text: held_out[int(text)])  # a tower giving the captions
+        kinds, search = [], searcher.faiss.search
+
+        def spy(*args):  # which kind of query each search said it was
+            kinds.append(args[3])
+            return search(*args)
+        monkeypatch.setattr(searcher.faiss, "search", spy)
+        searcher.search_text("0", 10)
+        searcher.search_terms([Term(text="1")], 10)
+        searcher.search_terms([Term(id=1)], 10)
+        searcher.search_id(2, 10)
     assert at_text >= 0.94 and at_image < at_text - 0.08 and at_unknown >= at_text, (at_text, at_image, at_unknown)
+    assert kinds == ["text", "text", "image", "image"]  # text and terms with a text at the text depth, others not
 
 
 def test_the_prompt_set_and_stored_captions_make_the_text_sample(tmp_path):

@@ -622,9 +622,6 @@ def _tuned_depth(index) -> int | None:
     return int(ivf.nprobe) if ivf is not None else int(hnsw.hnsw.efSearch) if hnsw is not None else None
 
 
-QUERY_KINDS = ("image", "text")  # image: an image file, an indexed id; text: a text, or terms with a text in them
-
-
 def raised_depth(tuned: int, fraction: float, limit: int) -> int:
     """The depth that finds as many kept candidates as the tuned depth finds in all: a filter keeping a
     tenth leaves a tenth of each probed list (or graph neighbourhood), so ten times as deep, up to `limit`."""
@@ -656,7 +653,8 @@ class SearchableIndex:
         return int(self.index.ntotal) - (0 if self.excluded is None else int(self.excluded.size))
 
     def depth(self, kind: str | None) -> Depth:
-        """The depth a query of `kind` (QUERY_KINDS; None: not known, the deeper of both) searches at."""
+        """The depth a query of `kind` searches at: "image" (an image file, an indexed id), "text" (a text, or
+        terms with a text among them), or None (a raw vector: the deeper of both)."""
         stored = Depth(_tuned_depth(self.index), int(_refine(self.index).k_factor) if _refine(self.index) else None)
         if kind == "text":
             return self.text_depth or stored

@@ -640,6 +640,14 @@ class IndexStore:
         while batch := cursor.fetchmany(_READ_CHUNK):
             yield self._unpack(batch)
 
+    def text_ids(self) -> np.ndarray:
+        return np.fromiter((i for (i,) in self._conn.execute("SELECT id FROM texts ORDER BY id")), dtype=np.int64)
+
+    def text_vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of these caption-set rows, in chunks: a sample is read without reading every vector."""
+        yield from self._chunks(np.asarray(ids, dtype=np.int64), "SELECT id, vector FROM texts", "id IN ({marks})",
+                                lambda chunk: chunk)
+
     def texts_of(self, ids: Sequence[int]) -> dict[int, str]:
         marks = ",".join("?" * len(ids))
         return dict(self._conn.execute(f"SELECT id, text FROM texts WHERE id IN ({marks})", [int(i) for i in ids]))

@@ -70,17 +70,11 @@ def tuning_text_vectors(store: IndexStore, embed: Callable[[Sequence[str]], np.n
 
 
 def _stored_caption_sample(store: IndexStore, count: int, seed: int) -> np.ndarray:
-    total = store.text_count()
-    if total == 0 or count == 0:
+    ids = store.text_ids()
+    if ids.size == 0 or count == 0:
         return np.empty((0, store.dim), np.float32)
-    wanted = set(np.random.default_rng(seed).choice(total, size=min(count, total), replace=False).tolist())
-    picked, position = [], 0
-    for _, vectors in store.text_vectors():
-        for row in vectors:
-            if position in wanted:
-                picked.append(row)
-            position += 1
-    return np.asarray(picked, dtype=np.float32)
+    picked = np.random.default_rng(seed).choice(ids, size=min(count, ids.size), replace=False)
+    return np.concatenate([vectors for _, vectors in store.text_vectors_of(picked)])
 
 
 def for_store(store: IndexStore, model: Any = None) -> TextQueries:
