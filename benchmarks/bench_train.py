@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from results_file import save_result  # benchmarks/ is on sys.path when a script runs
+from scene_model import emoji_data
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "bench-train"
@@ -113,13 +114,6 @@ def _as_camera_photos(folder: Path, size: int, grain: int = 12) -> None:
         pixels = np.asarray(Image.open(path).resize((size, size), Image.Resampling.BICUBIC), dtype=np.int16)
         pixels += rng.integers(-grain, grain + 1, (size, size, 1), dtype=np.int16)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
-
-
-def emoji_data() -> tuple[Path, Path]:
-    folder = ROOT / "data" / "emoji"
-    if not (folder / "train.csv").is_file():
-        raise SystemExit("error: the emoji set is not built: run `make emoji-set`")
-    return folder / "train.csv", folder / "val.csv"
 
 
 def data_for(regime: str, quick: bool) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@ import this file too (they put tests/ on sys.path).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,31 @@ class CrossModalSet:
     text_queries: np.ndarray  # one caption of each image query: text->image search, across the modality gap
 
 
-def cross_modal_set(n: int, dim: int = 512, *, queries: int = 1000, seed: int = 0, rank: int = 20,
-                    spread: float = 0.5, cluster_spread: float = 0.4, gap: float = 2.0, offset: float = 10.0,
-                    text_noise: float = 0.5, text_detail: float = 0.5, noise: float = 0.05,
-                    chunk: int = 65536) -> CrossModalSet:
+@dataclass
+class CrossModalStream:
+    """A cross-modal set whose gallery is drawn chunk by chunk, each time it is read: 10M x 512 is 20 GB."""
+
+    n: int
+    image_queries: np.ndarray
+    text_queries: np.ndarray
+    image_chunks: Callable[[], Iterator[np.ndarray]]  # a fresh pass over the same gallery each call
+
+
+def cross_modal_set(n: int, dim: int = 512, **shape) -> CrossModalSet:
+    """`cross_modal_stream`'s set with its gallery in memory."""
+    stream = cross_modal_stream(n, dim, **shape)
+    images = np.empty((n, dim), dtype=np.float32)
+    start = 0
+    for chunk in stream.image_chunks():
+        images[start:start + len(chunk)] = chunk
+        start += len(chunk)
+    return CrossModalSet(images, stream.image_queries, stream.text_queries)
+
+
+def cross_modal_stream(n: int, dim: int = 512, *, queries: int = 1000, seed: int = 0, rank: int = 20,
+                       spread: float = 0.5, cluster_spread: float = 0.4, gap: float = 2.0, offset: float = 10.0,
+                       text_noise: float = 0.5, text_detail: float = 0.5, noise: float = 0.05,
+                       chunk: int = 65536) -> CrossModalStream:
     """Vectors shaped like a CLIP model's images and captions, as hard to search as real ones.
 
     Why: the queries users type are texts, and CLIP's text embeddings sit away from its image embeddings
@@ -108,31 +130,64 @@ def cross_modal_set(n: int, dim: int = 512, *, queries: int = 1000, seed: int = 
         x += rng.standard_normal(x.shape) * (noise / np.sqrt(dim))
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    rng = np.random.default_rng([seed, 1])
-    images = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, chunk):
-        which, detail = draw(min(chunk, n - start), rng)
-        images[start:start + len(which)] = embedded(centres[which] + detail, rng)
+    def image_chunks() -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([seed, 1])
+        for start in range(0, n, chunk):
+            which, detail = draw(min(chunk, n - start), rng)
+            yield embedded(centres[which] + detail, rng)
+
     rng = np.random.default_rng([seed, 2])
     which, detail = draw(queries, rng)
     image_queries = embedded(centres[which] + detail, rng)
     caption = centres[which] + text_detail * detail + text_noise * rng.standard_normal((queries, rank)) + shift
-    return CrossModalSet(images, image_queries, embedded(caption, rng, gap))
+    return CrossModalStream(n, image_queries, embedded(caption, rng, gap), image_chunks)
+
+
+@dataclass
+class Neighbours:
+    """Each query's k nearest in a gallery, and its mean distance to the whole gallery."""
+
+    distances: np.ndarray  # (queries, k) Euclidean distances between unit vectors, nearest first
+    vectors: np.ndarray | None  # (queries, k, dim) the neighbours themselves, when asked for
+    mean_distance: np.ndarray  # (queries,)
+
+    def rows(self, which: slice) -> Neighbours:
+        return Neighbours(self.distances[which], None if self.vectors is None else self.vectors[which],
+                          self.mean_distance[which])
+
+    def hardness(self, k: int = 10) -> dict[str, float]:
+        """Median local intrinsic dimensionality (LID_k) and relative contrast (RC_k), as VIBE measures them:
+        LID_k is the maximum-likelihood estimate -1 / mean(log(d_i / d_k)) over the k nearest, RC_k the mean
+        distance to the gallery over the k-th nearest's. A high LID and an RC near 1 make a query hard for
+        any ANN index."""
+        nearest = self.distances[:, :k]
+        with np.errstate(divide="ignore"):  # k equidistant neighbours: an infinite dimension, as it should read
+            lids = -1 / np.mean(np.log(nearest / nearest[:, -1:]), axis=1)
+        return {"lid": float(np.median(lids)), "rc": float(np.median(self.mean_distance / nearest[:, -1]))}
+
+
+def nearest_in(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, keep_vectors: bool = False) -> Neighbours:
+    """Exact k nearest of `queries` in a gallery read chunk by chunk (a 10M gallery never held whole)."""
+    distances = np.full((len(queries), k), np.inf, dtype=np.float32)
+    vectors = np.zeros((len(queries), k, queries.shape[1]), dtype=np.float32) if keep_vectors else None
+    total, count = np.zeros(len(queries)), 0
+    for chunk in chunks:
+        dist = np.sqrt(np.maximum(2 - 2 * (queries @ chunk.T), 1e-12))
+        total += dist.sum(axis=1)
+        count += len(chunk)
+        top = np.argpartition(dist, min(k, dist.shape[1]) - 1, axis=1)[:, :k]
+        merged = np.concatenate([distances, np.take_along_axis(dist, top, axis=1)], axis=1)
+        order = np.argsort(merged, axis=1)[:, :k]
+        distances = np.take_along_axis(merged, order, axis=1)
+        if vectors is not None:
+            both = np.concatenate([vectors, chunk[top]], axis=1)
+            vectors = np.take_along_axis(both, order[:, :, None], axis=1)
+    return Neighbours(distances, vectors, total / count)
 
 
 def query_hardness(queries: np.ndarray, gallery: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Median local intrinsic dimensionality (LID_k) and relative contrast (RC_k) of `queries` against
-    `gallery`, as VIBE measures them on Euclidean distances between unit vectors: LID_k is the maximum-
-    likelihood estimate -1 / mean(log(d_i / d_k)) over the k nearest, RC_k the mean distance to the gallery
-    over the k-th nearest's. A high LID and an RC near 1 make a query hard for any ANN index."""
-    lids, contrasts = [], []
-    for start in range(0, len(queries), 64):
-        dist = np.sqrt(np.maximum(2 - 2 * (queries[start:start + 64] @ gallery.T), 1e-12))
-        nearest = np.sort(np.partition(dist, k - 1, axis=1)[:, :k], axis=1)
-        with np.errstate(divide="ignore"):  # k equidistant neighbours: an infinite dimension, as it should read
-            lids.extend(-1 / np.mean(np.log(nearest / nearest[:, -1:]), axis=1))
-        contrasts.extend(dist.mean(axis=1) / nearest[:, -1])
-    return {"lid": float(np.median(lids)), "rc": float(np.median(contrasts))}
+    """`Neighbours.hardness` of `queries` against an in-memory `gallery`."""
+    return nearest_in(queries, (gallery[i:i + 65536] for i in range(0, len(gallery), 65536)), k).hardness(k)
 
 
 def write_dng(path, width: int = 256, height: int = 192, orientation: int = 1) -> np.ndarray:

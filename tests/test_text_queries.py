@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from synthetic import cross_modal_set, query_hardness
+from synthetic import cross_modal_set, cross_modal_stream, nearest_in, query_hardness
 
 from clipengine.index import ann
 from clipengine.index.faiss_view import FaissPolicy, FaissState, SearchStructure
@@ -32,6 +32,19 @@ def test_hardness_reads_the_dimension_of_the_data_and_the_contrast_of_a_far_quer
     far = np.zeros((1, DIM), np.float32)
     far[0, DIM - 1] = 1  # orthogonal to the whole blob: every point is as far as the nearest
     assert query_hardness(far, cloud(4, 5000))["rc"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_streamed_gallery_gives_the_exact_neighbours_and_the_set_in_memory():
+    stream = cross_modal_stream(5000, DIM, queries=50, seed=3, chunk=700)  # chunks smaller than k's merges
+    images = cross_modal_set(5000, DIM, queries=50, seed=3, chunk=700).images
+    assert np.array_equal(np.concatenate(list(stream.image_chunks())), images)  # each pass draws the same gallery
+    found = nearest_in(stream.text_queries, stream.image_chunks(), 20, keep_vectors=True)
+    scores = stream.text_queries @ images.T
+    best = np.argsort(-scores, axis=1)[:, :20]
+    assert found.vectors is not None and np.allclose(found.vectors, images[best])
+    assert np.allclose(found.distances, np.sqrt(np.maximum(2 - 2 * np.take_along_axis(scores, best, 1), 1e-12)),
+                       atol=1e-5)
+    assert np.allclose(found.mean_distance, np.sqrt(np.maximum(2 - 2 * scores, 1e-12)).mean(axis=1), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
