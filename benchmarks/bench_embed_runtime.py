@@ -29,7 +29,7 @@ from results_file import save_result  # benchmarks/ is on sys.path when a script
 from synthetic import write_photo_folder
 
 from clipengine.embed import embed_images
-from clipengine.index.pipeline import embedding_runtime, index_folder
+from clipengine.index.pipeline import IndexOptions, embedding_runtime, index_folder
 from clipengine.index.query_encoders import QueryEncoders
 from clipengine.index.store import IndexStore
 from clipengine.models import ModelSpec, load_model
@@ -54,7 +54,7 @@ def speed(root: Path, n: int, rounds: int) -> dict:
     with IndexStore.open(index) as store:
         record = store.query_encoders
         torch_model = load_model(store.manifest["model"], device="cpu")
-        _, chosen = embedding_runtime(store, torch_model, None, None)
+        _, chosen = embedding_runtime(store, torch_model, IndexOptions())
     models = {"torch": torch_model}
     for precision in ("fp32", "int8"):
         models[f"onnx {precision}"] = dataclasses.replace(

@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from synthetic import write_photo_folder
 
+import clipengine.cores as cores_module
+import clipengine.decode as decode_module
 import clipengine.embed as embed_module
 from clipengine.embed import ImageEmbedding, embed_images, embed_pil_images, split_transform
 from clipengine.images import content_hash
@@ -70,7 +72,7 @@ def test_known_hashes_are_not_decoded(tiny_model, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("a file with a known hash was decoded")
 
-    monkeypatch.setattr(embed_module, "open_image", no_decoding)
+    monkeypatch.setattr(decode_module, "open_image", no_decoding)
     outcomes = [e for b in embed_images(tiny_model, paths, workers=0, known_hashes=known) for e in b]
     assert all(e.reused for e in outcomes)
 
@@ -108,6 +110,59 @@ def test_reused_property():
 @pytest.mark.parametrize("cores,device_type,workers,batch", [
     (2, "cpu", 2, 32), (2, "cuda", 1, 256), (16, "cpu", 4, 32), (16, "cuda", 15, 256), (1, "cpu", 1, 32)])
 def test_defaults_by_device_and_cores(cores, device_type, workers, batch, monkeypatch):
-    monkeypatch.setattr(embed_module.os, "sched_getaffinity", lambda _: set(range(cores)))
+    monkeypatch.setattr(cores_module.os, "sched_getaffinity", lambda _: set(range(cores)))
     assert embed_module.default_workers(torch.device(device_type)) == workers
     assert embed_module.default_batch_size(torch.device(device_type)) == batch
+
+
+class DyingReader:
+    """A reader whose third file takes its worker down, as the kernel's OOM killer would."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        if i == 2:
+            import os
+
+            os._exit(9)
+        return ImageEmbedding(str(i), hash=str(i)), None
+
+
+def test_the_torch_free_decode_pool_keeps_order_skips_and_bounds_and_reports_a_dead_worker(tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from clipengine.decode import FileReader, decoded_batches
+
+    paths = [str(p) for p in write_photo_folder(tmp_path, 9, (120, 90))]
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 broken")
+    paths.insert(4, str(tmp_path / "bad.jpg"))
+    known = content_hash(open(paths[0], "rb").read())
+
+    def reader():
+        return FileReader(paths, lambda im: np.asarray(im.resize((32, 32))).transpose(2, 0, 1), np.stack,
+                          known_hashes={known})
+
+    inline = list(decoded_batches(reader(), 4, workers=0))
+    pooled = list(decoded_batches(reader(), 4, workers=2))
+    assert [len(metas) for metas, _ in pooled] == [4, 4, 2]
+    for (a, pa), (b, pb) in zip(inline, pooled, strict=True):
+        assert a == b
+        np.testing.assert_array_equal(pa, pb)
+    metas = [m for batch, _ in pooled for m in batch]
+    assert [m.path for m in metas] == paths and metas[0].reused and "not a recognised image" in metas[4].skip_reason
+    assert pooled[0][1].shape == (3, 3, 32, 32) and pooled[0][1].dtype == np.uint8  # the reused file: no pixels
+    asked: list[tuple] = []
+    original = decode_module.ProcessPoolExecutor.submit
+
+    def submit(self, fn, *args):
+        asked.append(args)
+        return original(self, fn, *args)
+
+    monkeypatch.setattr(decode_module.ProcessPoolExecutor, "submit", submit)
+    batches = decoded_batches(FileReader(paths * 20, reader().pixel_transform, np.stack), 4, workers=2)
+    next(batches)
+    assert len(asked) <= 2 * 2 * 2 + 2  # two batches ahead per worker, each split over both: never the whole folder
+    del batches  # closes the generator, and its pool
+    with pytest.raises(BrokenProcessPool):
+        list(decoded_batches(DyingReader(), 2, workers=2))

@@ -130,4 +130,4 @@ def test_the_command_line_starts_without_anything_heavy():
             "if m in sys.modules)); print(len(app.registered_commands), len(app.registered_groups))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"
-    assert out[1] == "12 1"  # every command registered on the one app, and bench as its group
+    assert out[1] == "13 1"  # every command registered on the one app, and bench as its group

@@ -236,7 +236,7 @@ def test_an_index_from_before_metadata_is_filled_in_from_headers_without_embeddi
     index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
     with sqlite3.connect(tmp_path / "idx" / DATABASE) as conn:  # as an older clipengine left it
         conn.execute("DROP TABLE media")
-    monkeypatch.setattr("clipengine.embed.open_image", lambda *a, **k: pytest.fail("decoded again"))
+    monkeypatch.setattr("clipengine.decode.open_image", lambda *a, **k: pytest.fail("decoded again"))
     report = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
     assert (report.embedded, report.unchanged, report.metadata_read) == (0, 5, 5)
     rows = media_rows(tmp_path / "idx")

@@ -245,7 +245,7 @@ def test_videos_are_incremental_moved_by_hash_and_left_out_with_no_video(tmp_pat
         opened.append(args)
         return Skipped("decoded again")
 
-    monkeypatch.setattr("clipengine.embed.open_video", never)
+    monkeypatch.setattr("clipengine.decode.open_video", never)
     again = index_folder(folder, tmp_path / "idx", model=tiny_model, workers=0)
     assert again.unchanged == 6 and again.embedded == 0 and opened == []
     shutil.move(folder / "VID_0002.webm", folder / "moved.webm")

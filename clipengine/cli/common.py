@@ -181,3 +181,5 @@ NearArg = Annotated[str | None, typer.Option(
     help="Only files taken within a distance of a position: LAT,LON,RADIUS with km, m or mi, e.g. 48.85,2.35,20km.")]
 MinSizeArg = Annotated[str | None, typer.Option(help="Only files of at least this many pixels: 12MP or 1920x1080.")]
 MaxSizeArg = Annotated[str | None, typer.Option(help="Only files of at most this many pixels (as --min-size).")]
+OfflineArg = Annotated[bool, typer.Option("--include-offline", help="Also the files of folders whose drive is away "
+                                          "(`info` lists them), which are left out otherwise.")]

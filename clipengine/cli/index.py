@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,7 @@ from clipengine.cli.common import (
     TargetRecallArg,
     app,
     counted,
+    err,
     list_skipped,
     model_spec,
     out,
@@ -78,6 +80,15 @@ def index(
              "whichever measured faster on this machine; on a GPU, torch.")] = None,
     precision: Annotated[str | None, typer.Option(
         help="With --runtime onnx: fp32 (default) or int8 (exported with --quantize int8).")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="After the run, keep watching FOLDER and index what changes (new, changed, moved, deleted "
+                        "files) until Ctrl-C.")] = False,
+    poll: Annotated[bool, typer.Option(
+        help="With --watch: look for changes every 2 s instead of waiting for events (chosen by itself on "
+             "network and FUSE filesystems, and at the OS watch limit).")] = False,
+    new_device: Annotated[bool, typer.Option(
+        help="FOLDER is on another drive than at its last scan because the library moved there: index it as it "
+             "is (without this, its files are kept offline, as for a drive that is not mounted).")] = False,
     paths_only: Annotated[bool, typer.Option(
         help="Print only the paths of the files this run skipped, one per line (for piping).")] = False,
     as_json: JsonArg = False,
@@ -102,7 +113,8 @@ def index(
                            max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
                            retry_skipped=retry_skipped, rebuild=rebuild,
                            faiss_policy=policy_from_options(memory_budget, faiss_factory, target_recall),
-                           export=export, quantize=quantize, runtime=runtime, precision=precision, video=sampling)
+                           export=export, quantize=quantize, runtime=runtime, precision=precision, video=sampling,
+                           new_device=new_device)
     progress = progress_bar("embedding", rate_column())
     task = progress.add_task("embedding", total=None)
 
@@ -117,7 +129,12 @@ def index(
     if report is None:  # a torchrun process other than rank 0: rank 0 reports for the job
         return
     if as_json:
-        print_json(report.to_dict())
+        if watch:  # JSON lines: this run's report, then one for each update
+            sys.stdout.write(json.dumps(report.to_dict(), default=str) + "\n")
+            sys.stdout.flush()
+            watch_folder(folder, resolve_index_path(index_name, index_dir), options, poll, as_json)
+        else:
+            print_json(report.to_dict())
         return
     if paths_only:
         sys.stdout.write("".join(skip["path"] + "\n" for skip in report.skips))
@@ -130,6 +147,10 @@ def index(
         from clipengine.index.scan import describe_not_indexed
 
         out.print(f"  not indexed: {describe_not_indexed(report.not_indexed)}", markup=False)
+    for away in report.offline:
+        out.print(f"  offline: {describe_offline(away)}; kept, and left out of searches until it is back "
+                  f"(`--include-offline` searches them; `clipengine forget {away['folder']}` removes them)",
+                  markup=False)
     out.print(f"  {report.count} files searchable ({report.seconds:.1f} s)", markup=False)
     if report.faiss:
         out.print(f"  search: {report.faiss.describe()}", markup=False)
@@ -137,6 +158,39 @@ def index(
         out.print(f"  queries: {describe_encoders(report.query_encoders)}", markup=False)
     for advice in report.advice:
         out.print(f"  advice: {advice}", markup=False)
+    if watch:
+        watch_folder(folder, resolve_index_path(index_name, index_dir), options, poll, as_json)
+
+
+def watch_folder(folder: Path, index_path: Path, options, poll: bool, as_json: bool) -> None:
+    """`index --watch`: a line (or a JSON object) for each update until Ctrl-C."""
+    import datetime as dt
+
+    from clipengine.index.watch import watch_index
+
+    err.print(f"watching {folder} ({'polling' if poll else 'events'}; Ctrl-C stops)", markup=False)
+
+    def on_update(report) -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(report.to_dict(), default=str) + "\n")
+            sys.stdout.flush()
+            return
+        if not (report.embedded or report.removed or report.reused or report.skipped or report.offline):
+            return
+        line = (f"{dt.datetime.now():%H:%M:%S}  embedded {report.embedded}, reused {report.reused}, skipped "
+                f"{report.skipped}, removed {report.removed}: {report.count:,} files searchable")
+        out.print(line + "".join(f"; offline: {describe_offline(away)}" for away in report.offline), markup=False)
+
+    watch_index(index_path, [folder], options, poll=poll, on_update=on_update)
+    err.print("stopped watching", markup=False)
+
+
+def describe_offline(away: dict) -> str:
+    """'/media/usb/photos (20 files: the folder is empty, since 2026-12-03 09:40)'."""
+    import datetime as dt
+
+    since = f", since {dt.datetime.fromtimestamp(away['since']):%Y-%m-%d %H:%M}" if away.get("since") else ""
+    return f"{away['folder']} ({counted(away['files'], 'file')}: {away['reason']}{since})"
 
 
 def describe_media(media: dict) -> str:
@@ -157,6 +211,27 @@ def describe_embedded(report) -> str:
     videos = f", of them {counted(report.videos, 'video')} ({counted(report.frames, 'frame')})" if report.videos else ""
     return (f"embedded {report.embedded:,} ({formats}) at {report.images_per_second:.1f} files/s with "
             f"{report.runtime}{videos}")
+
+
+@app.command()
+@user_errors
+def forget(
+    folder: Annotated[Path, typer.Argument(help="An indexed folder (it need not exist any more).")],
+    index_name: IndexArg = "default",
+    index_dir: IndexDirArg = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Remove a folder and its files from the index on purpose: a drive that will not come back, or a library
+    that moved for good. (A folder that is only away keeps its files offline without this.)"""
+    from clipengine.index.pipeline import forget_folder
+
+    stages, on_stage = stage_progress()
+    with stages:
+        removed = forget_folder(resolve_index_path(index_name, index_dir), folder, progress=on_stage)
+    if as_json:
+        print_json({"folder": str(folder), "removed": removed})
+        return
+    out.print(f"forgot {folder}: {counted(removed, 'file')} removed from the index", markup=False)
 
 
 @app.command()
@@ -212,6 +287,7 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {describe_encoders(report.query_encoders)}",
         f"folders   {', '.join(report.folders) or '-'}",
+        *[f"offline   {describe_offline(away)}" for away in report.offline],
         *([f"others    not indexed: {describe_not_indexed(report.not_indexed)}"] if report.not_indexed else []),
         f"size      {report.size_bytes / 2**20:.1f} MiB on disk, created {report.created_at}",
     ]

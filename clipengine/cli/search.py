@@ -23,6 +23,7 @@ from clipengine.cli.common import (
     MinSizeArg,
     ModelArg,
     NearArg,
+    OfflineArg,
     PlaceArg,
     PreprocessFromArg,
     PretrainedArg,
@@ -62,6 +63,7 @@ def search(
     near: NearArg = None,
     min_size: MinSizeArg = None,
     max_size: MaxSizeArg = None,
+    include_offline: OfflineArg = False,
     sort: Annotated[str, typer.Option(
         help="Order of the top hits: score, date (oldest first) or -date (newest first). Only the top -k are "
              "ordered: the search finds them by meaning.")] = "score",
@@ -96,7 +98,8 @@ def search(
     check_arrangement(sort, group_by)
     asked = read_query(query, image, vector, add or (), subtract or ())
     where = path_prefix(prefix) if prefix else None
-    kept = make_filter(None, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size)
+    kept = make_filter(None, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size,
+                       include_offline)
     index_path = resolve_index_path(index_name, index_dir)
     hits = search_index(index_path, asked, k, where, spec=model_spec(model, pretrained, checkpoint, None),
                         device=device, runtime=runtime, precision=precision, keep=kept)
@@ -168,6 +171,7 @@ def duplicates(
     near: NearArg = None,
     min_size: MinSizeArg = None,
     max_size: MaxSizeArg = None,
+    include_offline: OfflineArg = False,
     paths_only: Annotated[bool, typer.Option(help="One group per line, its paths separated by tabs (for piping).")] = False,
     as_json: JsonArg = False,
 ) -> None:
@@ -175,7 +179,8 @@ def duplicates(
     from clipengine.index.duplicates import find_duplicates
     from clipengine.index.filters import make_filter
 
-    kept = make_filter(prefix, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size)
+    kept = make_filter(prefix, after, before, camera or (), kind or (), ext or (), place or (), near, min_size, max_size,
+                       include_offline)
     stages, on_stage = stage_progress()
     with stages:
         groups = find_duplicates(resolve_index_path(index_name, index_dir), threshold, where=kept, progress=on_stage)

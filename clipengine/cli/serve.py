@@ -27,6 +27,8 @@ def serve(
         envvar="CLIPENGINE_TOKEN", help="Require this bearer token on every request (open the page as /?token=...).")] = None,
     max_upload: Annotated[str, typer.Option(help="Largest image a search may upload.")] = "64MiB",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Keep every served index up to date with its folders as files change.")] = False,
 ) -> None:
     """Keep indexes open behind an HTTP API and a web page: search them in a browser, or from other programs.
 
@@ -39,12 +41,13 @@ def serve(
     for name in index_names:
         path = resolve_index_path(name, index_dir)
         names[path.name if path.name not in names else str(path)] = path
-    config = ServiceConfig(names, token=token, max_upload=parse_size(max_upload, "--max-upload"))
+    config = ServiceConfig(names, token=token, max_upload=parse_size(max_upload, "--max-upload"), watch=watch)
 
     def ready(url: str, warnings: list[str]) -> None:
         for warning in warnings:
             err.print(f"warning: {warning}", markup=False)
-        err.print(f"serving {', '.join(names)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", markup=False)
+        err.print(f"serving {', '.join(names)} at {url}  (API docs: {url}/docs; Ctrl-C stops)"
+                  + ("; watching their folders" if watch else ""), markup=False)
         if open_browser:
             import webbrowser
 

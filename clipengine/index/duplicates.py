@@ -118,7 +118,7 @@ def find_duplicates(index_path: str | os.PathLike, threshold: float = 0.95, *, p
     if not -1 <= threshold <= 1:
         raise BadInput(f"--threshold {threshold} is outside [-1, 1]: it is a cosine similarity, e.g. 0.95")
     with IndexStore.open(Path(index_path)) as store:
-        files = store.file_hashes(where.under(prefix))
+        files = store.file_hashes(store.visible(where.under(prefix)))
         if not files:
             return []
         hashes = sorted({h for _, _, h in files})

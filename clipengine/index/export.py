@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from clipengine.cache import cache_dir
+from clipengine.cores import available_cores
 from clipengine.durable import replace_durably, replacing, temporary_name
 from clipengine.errors import BadInput, first_line
 from clipengine.index import ann
@@ -303,7 +304,7 @@ def _image_speed(model, directory: Path, record: dict) -> dict:
             run()
             times.append(time.perf_counter() - started)
         speed[name] = round(min(times) * 1e3 / len(pixels), 3)
-    return {"ms_per_image": speed, "cores": qe.usable_cores(), "batch": len(pixels)}
+    return {"ms_per_image": speed, "cores": available_cores(), "batch": len(pixels)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass
 
@@ -41,10 +42,13 @@ class Filter:
     near: Near | None = None  # taken within a distance of a position
     min_pixels: int | None = None  # width x height at least
     max_pixels: int | None = None  # at most
+    include_offline: bool = False  # also the files of folders whose drive is away (`--include-offline`)
+    outside: tuple[str, ...] = ()  # folders whose files are left out: an index's offline ones (`IndexStore.visible`)
 
     @property
     def is_empty(self) -> bool:
-        return self == Filter()
+        """Whether it keeps every file (of the folders that are online)."""
+        return dataclasses.replace(self, include_offline=False) == Filter()
 
     def under(self, prefix: str | None) -> Filter:
         """This filter with its prefix replaced by `prefix` (an API's separate prefix argument), if one is given."""
@@ -72,6 +76,8 @@ class Filter:
             params["min_size"] = f"{self.min_pixels}x1"
         if self.max_pixels is not None:
             params["max_size"] = f"{self.max_pixels}x1"
+        if self.include_offline:
+            params["include_offline"] = "true"
         return params
 
     def sql(self) -> tuple[str, list]:
@@ -95,6 +101,8 @@ class Filter:
 
         if self.prefix is not None:
             add("f.path >= ? AND f.path < ?", *prefix_range(self.prefix))
+        for folder in self.outside:
+            add("NOT (f.path >= ? AND f.path < ?)", *prefix_range(folder.rstrip(os.sep) + os.sep))
         within("COALESCE((SELECT m.taken_at FROM media m WHERE m.hash = f.hash), f.mtime_ns / 1e9)", self.after,
                self.before, "<")
         any_like("(SELECT lower(COALESCE(m.make, '') || ' ' || COALESCE(m.model, '')) FROM media m WHERE m.hash = f.hash)",
@@ -144,9 +152,10 @@ def parse_pixels(text: str, option: str) -> int:
 
 def make_filter(prefix: str | None = None, after: str | None = None, before: str | None = None,
                 cameras=(), kinds=(), extensions=(), places=(), near: str | None = None,
-                min_size: str | None = None, max_size: str | None = None) -> Filter:
+                min_size: str | None = None, max_size: str | None = None, include_offline: bool = False) -> Filter:
     """A filter from options as a user types them (`--prefix`, `--after`, `--before`, `--camera`, `--kind`,
-    `--ext`, `--place`, `--near`, `--min-size`, `--max-size`), each checked with a one-line error."""
+    `--ext`, `--place`, `--near`, `--min-size`, `--max-size`, `--include-offline`), each checked with a
+    one-line error."""
     for kind in kinds:
         if kind not in KINDS:
             raise BadInput(f"--kind {kind!r}: choose {' or '.join(KINDS)}")
@@ -164,4 +173,4 @@ def make_filter(prefix: str | None = None, after: str | None = None, before: str
     return Filter(path_prefix(prefix) if prefix is not None else None, start, stop,
                   tuple(c.strip() for c in cameras if c.strip()), tuple(kinds),
                   tuple("." + e.lower().lstrip(".") for e in extensions), folded,
-                  parse_near(near) if near else None, low, high)
+                  parse_near(near) if near else None, low, high, include_offline)

@@ -26,6 +26,7 @@ class IndexInfo:
     faiss: FaissState
     faiss_policy: dict
     folders: list[str]
+    offline: list[dict]  # {folder, files, since, reason}: folders whose drive is away, kept but out of searches
     created_at: str
     size_bytes: int
     faiss_current: bool
@@ -58,6 +59,8 @@ def index_info(index_path: str | os.PathLike) -> IndexInfo:
             faiss=state,
             faiss_policy=policy,
             folders=[p for p, _ in store.folders()],
+            offline=[{"folder": r.path, "files": r.files, "since": r.offline_since, "reason": r.offline_reason}
+                     for r in store.roots() if r.offline],
             created_at=store.manifest["created_at"],
             size_bytes=sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
             faiss_current=structure.current,

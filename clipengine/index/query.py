@@ -95,4 +95,4 @@ def count_matching(index_path: Path, keep: Filter) -> int:
     from clipengine.index.store import IndexStore, file_id_of
 
     with IndexStore.open(index_path) as store:
-        return len(set(file_id_of(store.ids_matching(keep)).tolist()))
+        return len(set(file_id_of(store.ids_matching(store.visible(keep))).tolist()))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipengine.cores import available_cores
 from clipengine.errors import BadInput, first_line
 from clipengine.index.store import ENCODERS_PENDING
 from clipengine.tokenizer import load_tokenizer
@@ -121,10 +122,6 @@ def fallback_advice(record: dict | None, error: EncodersUnavailable, index_path:
     return f"searches load torch because {error}: {fix} writes the query encoders again"
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def create_session(path: str | os.PathLike, *, one_shot: bool, threads: int | None = None):
     """An onnxruntime CPU session of an exported (already optimised) graph. `one_shot` skips weight
     pre-packing: creation is ~4x faster and each run ~2x slower, the right trade for a process that runs
@@ -133,7 +130,7 @@ def create_session(path: str | os.PathLike, *, one_shot: bool, threads: int | No
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done once, at export
-    options.intra_op_num_threads = threads or usable_cores()
+    options.intra_op_num_threads = threads or available_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if one_shot:
@@ -306,6 +303,10 @@ class QueryEncoders:
             except Exception as e:  # onnxruntime's own errors for a file it cannot parse or run
                 raise EncodersUnavailable(f"{self.directory / file} cannot be loaded ({first_line(e)[:200]})") from None
         return self._towers[tower]
+
+    def prepare(self, tower: str) -> None:
+        """Create the tower's session now (it is otherwise created by its first use)."""
+        self._tower(tower)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self._tower("text")(texts)

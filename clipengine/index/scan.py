@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from clipengine.formats import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
@@ -119,20 +119,36 @@ def scan_folder(root: str | os.PathLike, *, include_hidden: bool = False, videos
             if kind not in wanted:
                 passed[kind] += 1
                 continue
-            try:
-                st = entry.stat(follow_symlinks=True)
-            except OSError as e:
-                try:
-                    lst = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # deleted while we looked: nothing to record
-                yield FoundFile(entry.path, lst.st_size, lst.st_mtime_ns, _problem(e))
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield FoundFile(entry.path, st.st_size, st.st_mtime_ns)
-            else:
+            found = _found(entry.path, entry.stat)
+            if found == NOT_A_FILE:
                 passed[NOT_A_FILE] += 1
+            elif isinstance(found, FoundFile):
+                yield found
         stack.extend(reversed(subdirs))
+
+
+def found_file(path: str, *, videos: bool = True) -> FoundFile | None:
+    """The one file at `path` as `scan_folder` would find it (a watcher's changed path), or None when there is
+    none to index there: gone, a folder, or not a file of a wanted kind."""
+    wanted = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS if videos else IMAGE_EXTENSIONS
+    if kind_of(path) not in wanted or os.path.isdir(path):
+        return None
+    found = _found(path, lambda follow_symlinks: os.stat(path, follow_symlinks=follow_symlinks))
+    return found if isinstance(found, FoundFile) else None
+
+
+def _found(path: str, stat_of: Callable[..., os.stat_result]) -> FoundFile | str | None:
+    """A file of a wanted kind: found (with its problem, if it cannot be read), NOT_A_FILE, or None when it was
+    deleted while we looked (nothing to record)."""
+    try:
+        st = stat_of(follow_symlinks=True)
+    except OSError as e:
+        try:
+            lst = stat_of(follow_symlinks=False)
+        except OSError:
+            return None
+        return FoundFile(path, lst.st_size, lst.st_mtime_ns, _problem(e))
+    return FoundFile(path, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else NOT_A_FILE
 
 
 def plan_update(

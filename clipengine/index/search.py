@@ -237,7 +237,7 @@ class Searcher:
             raise BadInput("query vector is zero or not finite")
         q /= norms
         allowed = None
-        kept = (where or KEEP_ALL).under(prefix)
+        kept = self.store.visible((where or KEEP_ALL).under(prefix))
         if not kept.is_empty:
             allowed = self.store.ids_matching(kept)
             if allowed.size == 0:

@@ -82,6 +82,9 @@ ADDED_TABLES = {
     # --place matches (`Place.words`)
     "places": ("(hash TEXT PRIMARY KEY, city TEXT, district TEXT, region TEXT, country TEXT, country_code TEXT, "
                "words TEXT NOT NULL)"),
+    # each folder indexed: the device it was on at its last scan, and since when (and why) it is offline, its
+    # files kept but out of searches (clipengine.index.pipeline: a drive that is away)
+    "roots": "(path TEXT PRIMARY KEY, device INTEGER, offline_since REAL, offline_reason TEXT)",
 }
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -147,6 +150,21 @@ class FileRecord:
     frame_vectors: np.ndarray | None = None
     metadata: MediaInfo | None = None  # what the file says of itself, when read (a video: with its duration)
     duration: float | None = None
+
+
+@dataclass(frozen=True)
+class Root:
+    """A folder indexed, as `clipengine info` lists it."""
+
+    path: str
+    device: int | None  # st_dev at its last scan (None: indexed before devices were recorded)
+    offline_since: float | None  # seconds since 1970; None: online
+    offline_reason: str | None  # "the folder is empty", ...
+    files: int  # searchable files recorded under it
+
+    @property
+    def offline(self) -> bool:
+        return self.offline_since is not None
 
 
 @dataclass(frozen=True)
@@ -381,13 +399,21 @@ class IndexStore:
 
     def recorded_under(self, folder: str) -> dict[str, Recorded]:
         """What the index holds for paths under `folder` (a directory path, absolute)."""
-        lo = folder.rstrip(os.sep) + os.sep
-        hi = lo[:-1] + chr(ord(os.sep) + 1)
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, skip_reason IS NOT NULL FROM files WHERE path >= ? AND path < ?",
-            (lo, hi),
-        )
+            _inside(folder))
         return {path: Recorded(i, size, mtime, bool(skipped)) for i, path, size, mtime, skipped in rows}
+
+    def recorded_at(self, paths: Iterable[str]) -> dict[str, Recorded]:
+        """What the index holds for exactly these paths (those it has)."""
+        found: dict[str, Recorded] = {}
+        paths = list(paths)
+        for start in range(0, len(paths), 500):
+            part = paths[start:start + 500]
+            rows = self._conn.execute("SELECT id, path, size, mtime_ns, skip_reason IS NOT NULL FROM files WHERE path "
+                                      f"IN ({','.join('?' * len(part))})", part)
+            found.update({path: Recorded(i, size, mtime, bool(skipped)) for i, path, size, mtime, skipped in rows})
+        return found
 
     def known_hashes(self) -> set[str]:
         return {h for (h,) in self._conn.execute("SELECT hash FROM vectors")}
@@ -412,6 +438,25 @@ class IndexStore:
 
     def folders(self) -> list[tuple[str, float]]:
         return list(self._conn.execute("SELECT path, indexed_at FROM folders ORDER BY path"))
+
+    def roots(self) -> list[Root]:
+        """Every folder indexed, with the device it was last scanned on and whether it is offline."""
+        rows = list(self._conn.execute(
+            "SELECT f.path, r.device, r.offline_since, r.offline_reason FROM folders f LEFT JOIN roots r ON r.path = f.path "
+            "ORDER BY f.path"))
+        return [Root(path, device, since, reason, self._conn.execute(
+            "SELECT COUNT(hash) FROM files WHERE path >= ? AND path < ?", _inside(path)).fetchone()[0])
+            for path, device, since, reason in rows]
+
+    def visible(self, where: Filter) -> Filter:
+        """`where`, leaving out the files of offline folders unless it includes them."""
+        offline = () if where.include_offline else tuple(self.offline_roots())
+        return dataclasses.replace(where, outside=offline) if offline else where
+
+    def offline_roots(self) -> list[str]:
+        """The folders whose files are kept but left out of searches: their drive is away."""
+        return [path for (path,) in self._conn.execute(
+            "SELECT path FROM roots WHERE offline_since IS NOT NULL ORDER BY path")]
 
     def rows(self, ids: Iterable[int]) -> dict[int, FileRow]:
         """The files of search structure ids, by those ids: a video's frame gives its video with the moment."""
@@ -709,7 +754,7 @@ class IndexStore:
             )
             self._conn.executemany(_ADD_MEDIA, (_media_row(r.hash, r.path, r.metadata, r.duration)
                                                 for r in records if r.hash and r.metadata is not None))
-            self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            self._bump_generation()
 
     def without_metadata(self, folder: str) -> list[tuple[str, str]]:
         """(path, content hash) of one file per searchable content under `folder` whose metadata was never read
@@ -763,14 +808,44 @@ class IndexStore:
         return {"files": files, "read": read, "with_taken_time": dated, "with_position": placed,
                 "cameras": cameras, "places": places, "first_taken": day(first), "last_taken": day(last)}
 
-    def record_folder(self, folder: str, not_indexed: Mapping[str, int] | None = None) -> None:
-        """Record a walk of `folder`, and what it passed over by kind (replacing the last walk's count)."""
+    def record_folder(self, folder: str, not_indexed: Mapping[str, int] | None = None, device: int | None = None) -> None:
+        """Record a walk of `folder` on `device`, and what it passed over by kind (replacing the last walk's
+        count). An offline folder's files come back into searches (which read `offline_roots` each time)."""
         self._require_writable()
         with self._transaction():
             self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?)", (folder, time.time()))
+            self._conn.execute("INSERT OR REPLACE INTO roots VALUES (?, ?, NULL, NULL)", (folder, device))
             self._conn.execute("DELETE FROM not_indexed WHERE folder = ?", (folder,))
             self._conn.executemany("INSERT INTO not_indexed VALUES (?, ?, ?)",
                                    ((folder, kind, n) for kind, n in (not_indexed or {}).items()))
+
+    def mark_offline(self, folder: str, reason: str) -> None:
+        """Keep the files under `folder`, vectors and all, but leave them out of searches until a scan finds
+        the folder again (its drive is away): an unplugged drive must not cost its library. The search
+        structure keeps their vectors; searches leave them out by path (`visible`)."""
+        self._require_writable()
+        with self._transaction():
+            self._conn.execute("INSERT OR IGNORE INTO folders VALUES (?, ?)", (folder, time.time()))
+            self._conn.execute(
+                "INSERT INTO roots VALUES (?, NULL, ?, ?) ON CONFLICT (path) DO UPDATE SET offline_reason = "
+                "excluded.offline_reason, offline_since = excluded.offline_since WHERE offline_since IS NULL",
+                (folder, time.time(), reason))
+
+    def forget(self, folder: str) -> int:
+        """Remove `folder` and every file under it, on purpose (`clipengine forget`); their vectors go with
+        the next `drop_unused_vectors`. Returns the files removed."""
+        self._require_writable()
+        inside = _inside(folder)
+        with self._transaction():
+            removed = self._conn.execute("DELETE FROM files WHERE path >= ? AND path < ?", inside).rowcount
+            for table, column in (("folders", "path"), ("roots", "path"), ("not_indexed", "folder")):
+                self._conn.execute(f"DELETE FROM {table} WHERE {column} = ? OR ({column} >= ? AND {column} < ?)",
+                                   (folder, *inside))
+            self._bump_generation()
+        return removed
+
+    def _bump_generation(self) -> None:
+        self._conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
     def drop_unused_vectors(self) -> int:
         """Delete embeddings no file refers to any more (kept until now so moved files could reuse them)."""
@@ -792,6 +867,12 @@ class IndexStore:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+
+def _inside(folder: str) -> tuple[str, str]:
+    """The [lo, hi) range of the paths inside the directory `folder`."""
+    lo = folder.rstrip(os.sep) + os.sep
+    return lo, lo[:-1] + chr(ord(os.sep) + 1)
 
 
 def remove_index(path: Path) -> None:

@@ -61,10 +61,11 @@ def kept(prefix: PrefixQ = None,
          near: Annotated[str | None, Query(description="LAT,LON,RADIUS with km, m or mi: 48.85,2.35,20km.")] = None,
          min_size: Annotated[str | None, Query(description="At least this many pixels: 12MP or 1920x1080.")] = None,
          max_size: Annotated[str | None, Query(description="At most this many pixels.")] = None,
+         include_offline: Annotated[bool, Query(description="Also the files of folders whose drive is away.")] = False,
          ) -> Filter:
     """What a search keeps, as `clipengine search` takes it (a bad date is a 400 with the one-line error)."""
     return make_filter(prefix or None, after, before, camera or (), kind or (), ext or (), place or (), near or None,
-                       min_size or None, max_size or None)
+                       min_size or None, max_size or None, include_offline)
 
 
 def sort_order(sort: Annotated[str, Query(description="score, date (oldest first) or -date: the order of the top "

@@ -28,6 +28,7 @@ class ServiceConfig:
     token: str | None = None  # required on every request when set
     max_upload: int = DEFAULT_MAX_UPLOAD
     max_pixels: int = DEFAULT_MAX_PIXELS
+    watch: bool = False  # keep each index up to date with its folders as they change (clipengine.index.watch)
 
 
 @dataclass
@@ -66,13 +67,28 @@ class Service:
             raise BadInput("name at least one index to serve: --index NAME")
         self.config = config
         self.indexes: dict[str, ServedIndex] = {}
+        self.watchers: list = []
         try:
             for name, path in config.indexes.items():
                 self.indexes[name] = ServedIndex(name, path, Searcher(path))
+            if config.watch:
+                self._watch()
         except BaseException:
             self.close()
             raise
 
+    def _watch(self) -> None:
+        """A watcher for every folder of every index, each catching up first; the searchers follow their
+        commits as they follow any `index` run's."""
+        from clipengine.index.watch import Watcher
+
+        for served in self.indexes.values():
+            folders = [path for path, _ in served.searcher.store.folders()]
+            if folders:
+                self.watchers.append(Watcher(served.path, folders).start())
+
     def close(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
         for served in self.indexes.values():
             served.searcher.close()

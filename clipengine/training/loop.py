@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from clipengine.causal_text import TrainingForward
-from clipengine.embed import PixelNormalizer, available_cores, split_transform
+from clipengine.cores import available_cores
+from clipengine.embed import PixelNormalizer, split_transform
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.images import DEFAULT_MAX_PIXELS, WHITE
 from clipengine.metrics import chance_recall, retrieval_recall
