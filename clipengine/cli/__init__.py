@@ -18,9 +18,10 @@ from clipengine.cli.common import app
 __all__ = ["app", "main"]
 
 
-# Read-only commands leave with os._exit once their output is flushed: Python's orderly shutdown of faiss,
-# onnxruntime and numpy takes ~75 ms (measured), a quarter of a cold `search`, and they have nothing to clean up.
-FAST_EXIT_COMMANDS = ("search", "info")
+# These commands leave with os._exit once their output is flushed: Python's orderly shutdown of faiss,
+# onnxruntime and numpy takes ~75 ms (measured), a quarter of a cold `search`, and they have nothing to clean up
+# (`index` has committed and closed everything it wrote, its decode pool included, before it prints).
+FAST_EXIT_COMMANDS = ("search", "info", "index")
 
 
 def _bare_preview(argv: list[str]) -> list[str]:

@@ -22,7 +22,6 @@ page see them through the generation they already follow. What decides the shape
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -33,8 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipengine.index.pipeline import IndexOptions, IndexReport, index_changes, index_folder
-
-log = logging.getLogger(__name__)
 
 WHOLE = "<whole folder>"  # a watcher's message: scan the folder whole (it came back, or its events were lost)
 NO_EVENT_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "davfs",
@@ -125,34 +122,36 @@ class Watcher:
         for folder in self.folders:
             self._update(folder, {WHOLE})
         self._ready.set()
-        pending: dict[str, tuple[str, tuple | None]] = {}  # path -> (its folder, its state at the last look)
+        pending: dict[tuple[str, str], tuple | None] = {}  # (folder, path) -> the path's state at the last look
         looked = time.monotonic()
         while not self._stop.is_set():
             try:
                 folder, paths = self._events.get(timeout=min(1.0, self.settle / 2))
                 for path in paths:
                     if path != folder:  # the folder itself: its thread sees it go and come back
-                        pending[path] = (folder, None)
+                        pending[folder, path] = None
             except queue.Empty:
                 pass
             if time.monotonic() - looked < min(1.0, self.settle / 2):
                 continue  # a stream of events: still look at least twice per settle time
             looked = time.monotonic()
             ready = self._settled(pending)
-            for folder in sorted({f for f, _ in ready.values()}):
-                self._update(folder, {p for p, (f, _) in ready.items() if f == folder})
+            for folder in sorted({f for f, _ in ready}):
+                self._update(folder, {p for f, p in ready if f == folder})
 
-    def _settled(self, pending: dict[str, tuple[str, tuple | None]]) -> dict[str, tuple[str, tuple | None]]:
-        """Take from `pending` the paths that have held still for `settle` seconds: gone, or a file (a folder:
-        everything in it) whose sizes and modification times are as at the last look and older than `settle`."""
-        ready = {}
+    def _settled(self, pending: dict[tuple[str, str], tuple | None]) -> list[tuple[str, str]]:
+        """Take from `pending` the (folder, path)s that have held still for `settle` seconds: gone, or a file
+        (a folder: everything in it) whose sizes and modification times are as at the last look and older than
+        `settle`."""
+        ready = []
         now = time.time()
-        for path, (folder, seen) in list(pending.items()):
-            state = None if path == WHOLE else _state(path)
+        for key, seen in list(pending.items()):
+            state = None if key[1] == WHOLE else _state(key[1])
             if state is None or (seen == state and now - state[-1] / 1e9 >= self.settle):
-                ready[path] = pending.pop(path)
+                del pending[key]
+                ready.append(key)
             else:
-                pending[path] = (folder, state)
+                pending[key] = state
         return ready
 
     def _update(self, folder: str, paths: set[str]) -> None:
@@ -164,7 +163,8 @@ class Watcher:
             else:
                 report, self._embedder = index_changes(self.index_path, folder, paths, self.options, self._embedder)
         except Exception as e:  # a bad moment (the folder vanished mid-walk): the next event or catch-up retries
-            log.warning("watch: updating %s failed (%s); it is retried on the next change", folder, e)
+            warnings.warn(f"watching {folder}: an update failed ({str(e).splitlines()[0][:200]}); the next change "
+                          "retries it", RuntimeWarning, stacklevel=1)
             return
         self.stats.updates += 1
         self.stats.embedded += report.embedded
