@@ -26,6 +26,7 @@ from clipengine.index.info import index_info
 from clipengine.index.location import SERVICE_FILE
 from clipengine.index.pipeline import index_folder
 from clipengine.scenes import photo_like
+from clipengine.serve.state import REFRESH_EVERY
 
 pytestmark = pytest.mark.slow
 RUNS = 2  # `clipengine index` runs while the clients query; the service is killed after the first
@@ -144,7 +145,12 @@ def test_clients_while_indexing_with_a_kill_9_and_a_restart(tmp_path, tiny_model
         deadline = time.monotonic() + 60
         while min(tally.right_after_restart) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
-        status, body = upload(url, newest.read_bytes(), 3)  # added after the restart: the service followed
+        deadline = time.monotonic() + 5 * REFRESH_EVERY  # it follows a commit within REFRESH_EVERY of its last look
+        while True:  # added after the restart: the service followed
+            status, body = upload(url, newest.read_bytes(), 3)
+            if status != 200 or json.loads(body)[0]["path"] == str(newest) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         stop.set()
         for t in threads:
