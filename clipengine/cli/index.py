@@ -151,7 +151,9 @@ def index(
         out.print(f"  offline: {describe_offline(away)}; kept, and left out of searches until it is back "
                   f"(`--include-offline` searches them; `clipengine forget {away['folder']}` removes them)",
                   markup=False)
-    out.print(f"  {report.count} files searchable ({report.seconds:.1f} s)", markup=False)
+    away = sum(o["files"] for o in report.offline)
+    out.print(f"  {report.count} files searchable ({report.seconds:.1f} s)" if not away else
+              f"  {report.count} files indexed, {away} of them offline ({report.seconds:.1f} s)", markup=False)
     if report.faiss:
         out.print(f"  search: {report.faiss.describe()}", markup=False)
     if report.query_encoders:
@@ -282,7 +284,8 @@ def info(index_name: IndexArg = "default", index_dir: IndexDirArg = None, as_jso
         f"index     {report.path}",
         f"model     {describe_source(report.model)}  [dim {report.dim}, {report.metric}]",
         f"files     {report.count} searchable, {len(report.skipped_files)} skipped, {report.unique_vectors} distinct"
-        + (f"; {counted(report.videos, 'video')} among them ({counted(report.frames, 'frame')})" if report.videos else ""),
+        + (f"; {counted(report.videos, 'video')} among them ({counted(report.frames, 'frame')})" if report.videos else "")
+        + (f"; {sum(o['files'] for o in report.offline)} of them offline" if report.offline else ""),
         *([f"taken     {describe_media(report.media)}"] if report.media["files"] else []),
         f"search    {report.faiss.describe()}{'' if report.faiss_current else '; behind: rebuilt on load'}",
         f"queries   {describe_encoders(report.query_encoders)}",

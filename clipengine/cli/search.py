@@ -89,7 +89,7 @@ def search(
     `search "a cat" --add "in the snow" --subtract indoors`, `search "2:a red car" --add ./query.jpg`."""
     from clipengine.index.filters import make_filter
     from clipengine.index.hits import check_arrangement, group_hits, order_hits, path_prefix
-    from clipengine.index.query import count_matching, read_query, search_index
+    from clipengine.index.query import count_matching, offline_files, read_query, search_index
     from clipengine.preview import PROTOCOLS
 
     if preview not in (None, "auto", *PROTOCOLS):
@@ -115,7 +115,10 @@ def search(
         matched = count_matching(index_path, kept.under(where))
         err.print(f"no results: the filter keeps {counted(matched, 'file')}", markup=False)
     elif not hits:
-        err.print("no results" + (f" under {where}" if where else ""), markup=False)
+        away = 0 if include_offline else offline_files(index_path)
+        err.print("no results" + (f" under {where}" if where else "")
+                  + (f" ({counted(away, 'file')} offline: --include-offline searches them)" if away else ""),
+                  markup=False)
     else:
         for name, members in groups or [("", hits)]:
             if name:

@@ -96,3 +96,11 @@ def count_matching(index_path: Path, keep: Filter) -> int:
 
     with IndexStore.open(index_path) as store:
         return len(set(file_id_of(store.ids_matching(store.visible(keep))).tolist()))
+
+
+def offline_files(index_path: Path) -> int:
+    """How many searchable files of the index are in folders whose drive is away (left out of searches)."""
+    from clipengine.index.store import IndexStore
+
+    with IndexStore.open(index_path) as store:
+        return sum(root.files for root in store.roots() if root.offline)
