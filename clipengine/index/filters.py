@@ -102,7 +102,7 @@ class Filter:
         if self.prefix is not None:
             add("f.path >= ? AND f.path < ?", *prefix_range(self.prefix))
         for folder in self.outside:
-            add("NOT (f.path >= ? AND f.path < ?)", *prefix_range(folder.rstrip(os.sep) + os.sep))
+            add("NOT (f.path >= ? AND f.path < ?)", *folder_range(folder))
         within("COALESCE((SELECT m.taken_at FROM media m WHERE m.hash = f.hash), f.mtime_ns / 1e9)", self.after,
                self.before, "<")
         any_like("(SELECT lower(COALESCE(m.make, '') || ' ' || COALESCE(m.model, '')) FROM media m WHERE m.hash = f.hash)",
@@ -127,6 +127,11 @@ KEEP_ALL = Filter()
 def prefix_range(prefix: str) -> tuple[str, str]:
     """The [lo, hi) range of paths that start with `prefix`, for an indexed range query."""
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+
+
+def folder_range(folder: str) -> tuple[str, str]:
+    """The [lo, hi) range of the paths inside the directory `folder`."""
+    return prefix_range(folder.rstrip(os.sep) + os.sep)
 
 
 def parse_when(text: str, option: str) -> float:

@@ -237,7 +237,7 @@ def is_indexed_folder(index_path: Path, root: str) -> bool:
     if not IndexStore.exists(index_path):
         return False
     with IndexStore.open(index_path) as store:
-        return any(path == root for path, _ in store.folders())
+        return store.is_folder(root)
 
 
 def offline_reason(store: IndexStore, root: str, new_device: bool = False) -> str | None:
@@ -245,8 +245,7 @@ def offline_reason(store: IndexStore, root: str, new_device: bool = False) -> st
     there to scan: it is missing; it is empty though files were indexed from it; or it is on another device
     than at its last scan (a mount point with its drive unplugged), unless `new_device` says the library
     moved. A folder the index never had is never away: there is nothing to lose."""
-    known = next((r for r in store.roots() if r.path == root), None)
-    if known is None:
+    if not store.is_folder(root):
         return None
     try:
         st = os.stat(root)
@@ -258,9 +257,10 @@ def offline_reason(store: IndexStore, root: str, new_device: bool = False) -> st
         return "it is no longer a folder"
     except OSError as e:
         return f"the folder cannot be read ({e.strerror or e})"
-    if known.device is not None and st.st_dev != known.device and not new_device:
+    device = store.folder_device(root)
+    if device is not None and st.st_dev != device and not new_device:
         return "it is on another device than at its last scan (a drive not mounted?)"
-    if empty and known.files:
+    if empty and store.has_files_under(root):
         return "the folder is empty"
     return None
 
@@ -351,7 +351,7 @@ def plan_and_drop(store: IndexStore, root: str, report: IndexReport, commit: Sto
     and return the plan of what is left to embed. A folder that is away (`offline_reason`), or an indexed
     folder inside it that is, has its files marked offline instead: nothing of it is removed."""
     recorded = store.recorded_under(root)
-    for folder in [r.path for r in store.roots() if r.path == root or r.path.startswith(root.rstrip(os.sep) + os.sep)]:
+    for folder in [path for path, _ in store.folders() if path == root or path.startswith(root.rstrip(os.sep) + os.sep)]:
         reason = offline_reason(store, folder, options.new_device and folder == root)
         if reason is None:
             continue
@@ -416,17 +416,17 @@ def _changed_files(store: IndexStore, root: str, paths: Collection[str], options
     recorded: dict[str, Recorded] = {}
     inside = root.rstrip(os.sep) + os.sep
     videos = options.video is not None
-    for path in sorted(set(paths)):
-        relative = os.path.relpath(path, root)
-        if not path.startswith(inside) or (not options.include_hidden
-                                           and any(part.startswith(".") for part in relative.split(os.sep))):
-            continue  # outside the folder, or hidden: what a walk of the folder passes over
+    kept = [path for path in sorted(set(paths)) if path.startswith(inside) and (options.include_hidden or not any(
+        part.startswith(".") for part in os.path.relpath(path, root).split(os.sep)))]  # what a walk would see
+    for path in kept:
         if os.path.isdir(path):
             found.update((f.path, f) for f in scan_folder(path, include_hidden=options.include_hidden, videos=videos))
+            recorded.update(store.recorded_under(path))  # a folder made (or made again)
         elif (f := found_file(path, videos=videos)) is not None:
             found[f.path] = f
-        recorded.update(store.recorded_under(path))  # a folder's (one deleted, or made again)
-        recorded.update(store.recorded_at([path]))
+        else:  # gone, or not a file to index any more: perhaps a folder was, with everything in it
+            recorded.update(store.recorded_under(path))
+    recorded.update(store.recorded_at(kept))
     return list(found.values()), recorded
 
 
@@ -501,8 +501,7 @@ def forget_folder(index_path: str | os.PathLike, folder: str | os.PathLike,
     a one-line error."""
     root = os.path.abspath(os.path.expanduser(os.fspath(folder)))
     with IndexStore.open(Path(index_path), writable=True) as store:
-        known = any(path == root for path, _ in store.folders()) or store.recorded_under(root)
-        if not known:
+        if not (store.is_folder(root) or store.recorded_under(root)):
             raise BadInput(f"the index has no folder or file under {root}: `clipengine info` lists its folders")
         removed = store.forget(root)
         store.drop_unused_vectors()

@@ -52,7 +52,7 @@ from clipengine import __version__
 from clipengine.durable import remove_abandoned, replace_durably, temporary_name, write_json_atomic
 from clipengine.errors import BadInput, IndexCorrupt, IndexLocked, IndexNotFound
 from clipengine.formats import is_video_name
-from clipengine.index.filters import DISTANCE_FUNCTION, KEEP_ALL, Filter
+from clipengine.index.filters import DISTANCE_FUNCTION, KEEP_ALL, Filter, folder_range
 from clipengine.index.location import DATABASE, ENCODERS_PREFIX, LOCK_FILE, MANIFEST
 from clipengine.metadata import MediaInfo
 from clipengine.places import Place, distance_km, place_words
@@ -401,7 +401,7 @@ class IndexStore:
         """What the index holds for paths under `folder` (a directory path, absolute)."""
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, skip_reason IS NOT NULL FROM files WHERE path >= ? AND path < ?",
-            _inside(folder))
+            folder_range(folder))
         return {path: Recorded(i, size, mtime, bool(skipped)) for i, path, size, mtime, skipped in rows}
 
     def recorded_at(self, paths: Iterable[str]) -> dict[str, Recorded]:
@@ -445,8 +445,22 @@ class IndexStore:
             "SELECT f.path, r.device, r.offline_since, r.offline_reason FROM folders f LEFT JOIN roots r ON r.path = f.path "
             "ORDER BY f.path"))
         return [Root(path, device, since, reason, self._conn.execute(
-            "SELECT COUNT(hash) FROM files WHERE path >= ? AND path < ?", _inside(path)).fetchone()[0])
+            "SELECT COUNT(hash) FROM files WHERE path >= ? AND path < ?", folder_range(path)).fetchone()[0])
             for path, device, since, reason in rows]
+
+    def is_folder(self, path: str) -> bool:
+        """Whether `path` is a folder the index was built from (its drive may be away now)."""
+        return self._conn.execute("SELECT 1 FROM folders WHERE path = ?", (path,)).fetchone() is not None
+
+    def folder_device(self, path: str) -> int | None:
+        """The device an indexed folder was on at its last scan (None: not recorded, or indexed before that was)."""
+        row = self._conn.execute("SELECT device FROM roots WHERE path = ?", (path,)).fetchone()
+        return None if row is None else row[0]
+
+    def has_files_under(self, folder: str) -> bool:
+        """Whether any searchable file lies inside `folder` (one index read, however many there are)."""
+        return self._conn.execute("SELECT 1 FROM files WHERE path >= ? AND path < ? AND hash IS NOT NULL LIMIT 1",
+                                  folder_range(folder)).fetchone() is not None
 
     def visible(self, where: Filter) -> Filter:
         """`where`, leaving out the files of offline folders unless it includes them."""
@@ -835,7 +849,7 @@ class IndexStore:
         """Remove `folder` and every file under it, on purpose (`clipengine forget`); their vectors go with
         the next `drop_unused_vectors`. Returns the files removed."""
         self._require_writable()
-        inside = _inside(folder)
+        inside = folder_range(folder)
         with self._transaction():
             removed = self._conn.execute("DELETE FROM files WHERE path >= ? AND path < ?", inside).rowcount
             for table, column in (("folders", "path"), ("roots", "path"), ("not_indexed", "folder")):
@@ -867,12 +881,6 @@ class IndexStore:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
-
-
-def _inside(folder: str) -> tuple[str, str]:
-    """The [lo, hi) range of the paths inside the directory `folder`."""
-    lo = folder.rstrip(os.sep) + os.sep
-    return lo, lo[:-1] + chr(ord(os.sep) + 1)
 
 
 def remove_index(path: Path) -> None:
