@@ -68,14 +68,15 @@ class PairSet:
         return PairSet([self.images[i] for i in indices], [self.captions[i] for i in indices], [], self.layout)
 
 
-def _clean(captions: Sequence[str]) -> list[str]:
+def clean_captions(captions: Sequence[str]) -> list[str]:
+    """The captions that say something, stripped."""
     return [c.strip() for c in captions if c and c.strip()]
 
 
 def _add_checked(pairs: PairSet, path: Path, captions: Sequence[str], where: str) -> None:
     """Add one image with its captions, or record why the row is dropped (cheap checks only:
     decoding happens in the loader, which skips and counts what fails there)."""
-    captions = _clean(captions)
+    captions = clean_captions(captions)
     if not captions:
         pairs.dropped.append((where, "empty caption"))
     elif not path.is_file():
@@ -217,11 +218,21 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
-def _split_key(name: str) -> tuple[str, str]:
+def split_key(name: str) -> tuple[str, str]:
     """WebDataset's grouping rule: the key is the path up to the first dot of the file name."""
     directory, base = os.path.split(name)
     stem, _, ext = base.partition(".")
     return os.path.join(directory, stem), ext.lower()
+
+
+def member_captions(ext: str, data: bytes) -> list[str]:
+    """A caption member's captions: a ``.txt``'s lines, or a ``.json``'s ``caption`` (a string or a list).
+    Raises ValueError for a ``.json`` that is not JSON."""
+    if ext == "txt":
+        return data.decode("utf-8", "replace").splitlines()
+    meta = json.loads(data or b"{}")
+    caption = meta.get("caption") if isinstance(meta, dict) else None
+    return caption if isinstance(caption, list) else [str(caption or "")]
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -241,23 +252,19 @@ def _read_shards(pattern: str) -> PairSet:
             with tarfile.open(shard, "r:") as tar:  # reads headers only, seeking over the data
                 for member in tar:
                     if member.isfile():
-                        key, ext = _split_key(member.name)
+                        key, ext = split_key(member.name)
                         samples.setdefault(key, {})[ext] = member
                 caption_of: dict[str, list[str]] = {}
                 for key, parts in samples.items():
-                    if "txt" in parts:
-                        raw = _member_bytes(tar, parts["txt"]).decode("utf-8", "replace")
-                        caption_of[key] = raw.splitlines()
-                    elif "json" in parts:
-                        meta = json.loads(_member_bytes(tar, parts["json"]) or b"{}")
-                        caption = meta.get("caption") if isinstance(meta, dict) else None
-                        caption_of[key] = caption if isinstance(caption, list) else [str(caption or "")]
+                    caption_ext = "txt" if "txt" in parts else "json" if "json" in parts else None
+                    if caption_ext is not None:
+                        caption_of[key] = member_captions(caption_ext, _member_bytes(tar, parts[caption_ext]))
         except (tarfile.TarError, OSError, ValueError) as e:
             raise BadInput(f"cannot read shard {shard}: {e}") from None
         for key, parts in samples.items():
             image = next((parts[e] for e in parts if "." + e in IMAGE_EXTENSIONS), None)
             where = f"{shard}:{key}"
-            captions = _clean(caption_of.get(key, []))
+            captions = clean_captions(caption_of.get(key, []))
             if image is None:
                 pairs.dropped.append((where, "no image member"))
             elif not captions:
@@ -349,7 +356,7 @@ def read_labelled(folder: str | os.PathLike, classes: Sequence[str] | None = Non
             text = sidecar.read_text(encoding="utf-8", errors="replace").splitlines() if sidecar.is_file() else []
             images.append(str(image))
             labels.append(label)
-            captions.append(_clean(text))
+            captions.append(clean_captions(text))
     if not images:
         raise BadInput(f"no images under the class folders of {folder}")
     return LabelledSet(images, labels, classes, captions)

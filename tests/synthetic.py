@@ -284,3 +284,42 @@ def write_video(path, segments, *, fps: int = 10, size: tuple[int, int] = (160, 
     if truncate is not None:
         os.truncate(path, truncate)
     return starts
+
+
+def write_shards(pairs_csv, folder, per_shard: int, *, sizes: str = "sizes.json") -> list[Path]:
+    """The images of a caption CSV (each with all its captions) as img2dataset writes them: ``00000.tar`` ... holding ``000000000.jpg`` +
+    ``.txt`` + ``.json``, and the sample counts as open_clip's ``sizes.json`` (`sizes` "sizes.json"),
+    img2dataset's ``00000_stats.json`` ("stats") or not at all ("")."""
+    import csv
+    import io
+    import json
+    import tarfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    grouped: dict[str, list[str]] = {}
+    with open(pairs_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            grouped.setdefault(row["filepath"], []).append(row["caption"])
+    rows = [{"filepath": path, "captions": captions} for path, captions in grouped.items()]
+    base = Path(pairs_csv).parent
+    shards, counts = [], {}
+    for number, start in enumerate(range(0, len(rows), per_shard)):
+        shard = folder / f"{number:05d}.tar"
+        chunk = rows[start:start + per_shard]
+        with tarfile.open(shard, "w") as tar:
+            for i, row in enumerate(chunk):
+                key = f"{number:05d}{i:04d}"
+                image = (base / row["filepath"]).read_bytes()
+                for ext, data in (("jpg", image), ("txt", "\n".join(row["captions"]).encode()),
+                                  ("json", json.dumps({"caption": row["captions"][0], "key": key}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        counts[shard.name] = len(chunk)
+        if sizes == "stats":
+            (folder / f"{number:05d}_stats.json").write_text(json.dumps({"successes": len(chunk), "count": len(chunk)}))
+        shards.append(shard)
+    if sizes == "sizes.json":
+        (folder / "sizes.json").write_text(json.dumps(counts))
+    return shards

@@ -10,7 +10,7 @@ import torch
 from clipengine.errors import BadInput
 from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
-from clipengine.training.data import PairDataset, StepBatches, collate_pairs, sample_seed, split_validation
+from clipengine.training.data import PairDataset, SampleMaker, StepBatches, collate_pairs, sample_seed, split_validation
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_an_image_gets_a_new_crop_every_epoch(scene_csv, tiny_model):
     from clipengine.embed import split_transform
 
     pixel_transform, _ = split_transform(tiny_model.image_transform(train=True))
-    dataset = PairDataset(read_pairs(scene_csv), pixel_transform, tiny_model.tokenizer, image_size=64)
+    dataset = PairDataset(read_pairs(scene_csv), SampleMaker(pixel_transform, tiny_model.tokenizer, image_size=64))
     crops = [dataset[(3, sample_seed(0, epoch, 3))][0] for epoch in range(3)] + [dataset[(3, sample_seed(2**32, 0, 3))][0]]
     assert all(not torch.equal(a, b) for k, a in enumerate(crops) for b in crops[k + 1:])
     torch.testing.assert_close(dataset[(3, sample_seed(0, 1, 3))][0], crops[1])
@@ -86,9 +86,10 @@ def test_undecodable_images_are_replaced_and_reported(scene_csv, tiny_model):
     from clipengine.embed import split_transform
 
     pixel_transform, _ = split_transform(tiny_model.image_transform(train=True))
-    dataset = PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64)
-    pixels, texts, owners, bad = collate_pairs([dataset[(i, i)] for i in range(4)])
+    dataset = PairDataset(pairs, SampleMaker(pixel_transform, tiny_model.tokenizer, image_size=64))
+    pixels, texts, owners, bad, ids = collate_pairs([dataset[(i, i)] for i in range(4)])
     assert pixels.shape == (4, 3, 64, 64) and pixels.dtype == torch.uint8 and texts.shape == (4, 32) and owners == [0, 1, 2, 3]
+    assert ids == [0, 1, 3, 3]  # the bad image is replaced by the next decodable one
     assert len(bad) == 1 and bad[0][0] == pairs.images[2] and "truncated" in bad[0][1]
     again = dataset[(1, 7)]
     torch.testing.assert_close(again[0], dataset[(1, 7)][0])  # augmentation is seeded by the sample

@@ -20,7 +20,7 @@ from clipengine.pairs import read_pairs
 from clipengine.scenes import write_scene_set
 from clipengine.sizes import parse_size
 from clipengine.training import data as train_data
-from clipengine.training.data import PairDataset
+from clipengine.training.data import PairDataset, SampleMaker
 from clipengine.training.decode_cache import DecodedCache, TrainingShrink, crop_headroom
 
 
@@ -89,7 +89,7 @@ def test_a_second_epoch_decodes_nothing_and_crops_the_same(tmp_path, tiny_model,
     shrink = TrainingShrink(64, crop_headroom(tiny_model.image_transform(train=True)))
 
     def dataset(cache):
-        return PairDataset(pairs, pixel_transform, tiny_model.tokenizer, image_size=64, shrink=shrink, cache=cache)
+        return PairDataset(pairs, SampleMaker(pixel_transform, tiny_model.tokenizer, image_size=64, shrink=shrink, cache=cache))
 
     decodes = spy(monkeypatch, train_data, "open_image")
     cache = DecodedCache(tmp_path / "c.sqlite", "side78:white")
@@ -124,8 +124,9 @@ def test_awkward_images_decode_and_crop_without_warnings(tmp_path, tiny_model):
     transform = tiny_model.image_transform(train=True)
     pixel_transform, _ = split_transform(transform)
     for transparency in (WHITE, DROP):
-        dataset = PairDataset(read_pairs(folder / "captions.csv"), pixel_transform, tiny_model.tokenizer, image_size=64,
-                              transparency=transparency, shrink=TrainingShrink(64, crop_headroom(transform)))
+        dataset = PairDataset(read_pairs(folder / "captions.csv"), SampleMaker(
+            pixel_transform, tiny_model.tokenizer, image_size=64, transparency=transparency,
+            shrink=TrainingShrink(64, crop_headroom(transform))))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             items = [dataset[(i, seed)] for i in range(3) for seed in range(4)]

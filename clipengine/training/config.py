@@ -19,7 +19,7 @@ from clipengine.sizes import DEFAULT_MAX_PIXELS
 
 # settings a resumed run must share with the run it continues (others, like --epochs, may change)
 RUN_IDENTITY = ("data", "model", "pretrained", "checkpoint", "batch_size", "seed", "loss", "val_size",
-                "val_data", "lock_image", "lock_text")
+                "val_data", "lock_image", "lock_text", "stream", "resampled", "samples_per_epoch", "shuffle_buffer")
 
 
 def knob(default: Any, help: str, *, flag: bool = False, short: str | None = None, cli: bool = True) -> Any:
@@ -33,7 +33,8 @@ class TrainConfig:
     """Every knob of a run. `batch_size` is global: split over processes, then over `accum_steps`."""
 
     data: str = field(metadata=knob(None, "Captions: CSV/TSV (filepath,caption), a folder with .txt sidecars, "
-                                          "COCO JSON, or 'shards/{000..009}.tar'.").metadata)  # required
+                                          "COCO JSON, or shards: 'shards/{000..009}.tar', "
+                                          "'s3://bucket/{00000..41455}.tar', 'https://...', 'pipe:CMD'.").metadata)
     out: str = knob("runs/clip", "Run directory; it becomes a checkpoint for --checkpoint.")
     model: str = knob("tiny", "Architecture: a shipped config such as tiny, or an open_clip name.", short="-m")
     pretrained: str | None = knob(None, "Pretrained tag of the architecture, or a local weights file; "
@@ -70,6 +71,16 @@ class TrainConfig:
                                      "off, or a file.")
     decode_cache_size: str = knob("4GiB", "Largest size of the decode cache.")
     resume: bool = knob(False, "Continue the run in --out where it stopped.", flag=True)
+    stream: bool = knob(False, "Stream the shards front to back (always for s3://, gs://, https:// and pipe: data), "
+                               "instead of indexing their members.", flag=True)
+    resampled: bool = knob(False, "Streamed shards drawn with replacement; --samples-per-epoch sets an epoch.",
+                           flag=True)
+    samples_per_epoch: int | None = knob(None, "Samples in a resampled epoch.")
+    shuffle_buffer: int = knob(2000, "Streamed samples each data worker shuffles at a time.")
+    shard_retries: int = knob(3, "Retries of a streamed shard that fails (with backoff), before it is skipped.")
+    shard_timeout: float = knob(60.0, "Seconds without data before a streamed shard counts as failed.")
+    shard_backoff: float = knob(1.0, "Seconds before a failed shard's first retry, doubling each retry.", cli=False)
+    log_samples: bool = knob(False, "Write the samples of every step to OUT/samples-rankN.jsonl.", flag=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -68,8 +68,8 @@ def default_val_size(n: int) -> int:
 PERMUTATION = -1  # the `index` of an epoch's permutation in `sample_seed`
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 32-bit seed drawn from (run seed, epoch, sample) by hashing.
+def sample_seed(seed: int, epoch: int, index: int | str) -> int:
+    """A 32-bit seed drawn from (run seed, epoch, sample) by hashing; a streamed sample is named by a string.
 
     32 bits because torch's CPU generator keeps only the low 32 bits of a seed: packing the three
     numbers into one wide integer (as this once did) gave every epoch and every --seed the same
@@ -79,24 +79,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-class PairDataset(Dataset):
-    """Decodes, augments and tokenizes one pair. Keys are (index, seed) from `StepBatches`.
+class SampleMaker:
+    """One training sample from an image's bytes and its captions: decoded, augmented and tokenized.
 
     `pixel_transform` is the PIL half of open_clip's transform, ending in a uint8 tensor: normalising
     happens batched on the device, and a quarter of the bytes cross from the worker (see
     `clipengine.embed.split_transform`). With `shrink`, a decoded image is first reduced to what the
     random crop needs, and kept in `cache` for later epochs and runs (`clipengine.training.decode_cache`).
-    A sample whose image cannot be decoded is replaced by the next decodable one, deterministically, so
-    batches keep their size on every rank; the bad image is reported with the batch.
+    The crop and the caption choice are drawn from the sample's seed alone. Shared by the files and tar
+    members of `PairDataset` and the streamed shards of `clipengine.training.stream`.
     """
 
     TOKEN_CACHE = 500_000  # captions whose tokens a worker keeps: each epoch after the first re-uses them
 
-    def __init__(self, pairs: PairSet, pixel_transform: Callable, tokenizer: Callable, *,
-                 image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, all_captions: bool = False,
-                 transparency: str = WHITE, shrink: TrainingShrink | None = None,
-                 cache: DecodedCache | None = None) -> None:
-        self.pairs = pairs
+    def __init__(self, pixel_transform: Callable, tokenizer: Callable, *, image_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, all_captions: bool = False, transparency: str = WHITE,
+                 shrink: TrainingShrink | None = None, cache: DecodedCache | None = None) -> None:
         self.pixel_transform = pixel_transform
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -107,19 +105,13 @@ class PairDataset(Dataset):
         self.cache = cache if shrink is not None else None  # the cache holds shrunk images only
         self._tokens: dict[str, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def _decode(self, ref: ImageRef) -> Decoded | Skipped:
-        data = read_image_bytes(ref)
-        if isinstance(data, Skipped):
-            return data
+    def decode(self, data: bytes, name: str) -> Decoded | Skipped:
         cache = self.cache
         key = cache.key(data) if cache else b""
         if cache and (image := cache.get(key)) is not None:
             return Decoded(image, image.width, image.height)
         decoded = open_image(data, max_pixels=self.max_pixels, transparency=self.transparency,
-                             draft_size=self.shrink.side if self.shrink else self.image_size, name=describe_ref(ref))
+                             draft_size=self.shrink.side if self.shrink else self.image_size, name=name)
         if isinstance(decoded, Decoded) and self.shrink:
             decoded = Decoded(self.shrink(decoded.image), decoded.width, decoded.height)
             if cache:
@@ -134,6 +126,37 @@ class PairDataset(Dataset):
                 self._tokens[caption] = tokens
         return tokens
 
+    def make(self, decoded: Decoded, captions: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 pixels, tokens): the crop and the caption drawn from `seed`."""
+        # a worker's RNG is its own; in the main process, leave the caller's RNG as it was. Only the CPU
+        # generator is seeded: torch.manual_seed would also queue a CUDA seeding, with a stack trace, per call
+        isolate = torch.random.fork_rng(devices=[]) if get_worker_info() is None else contextlib.nullcontext()
+        with isolate:
+            torch.default_generator.manual_seed(seed)
+            pixels = self.pixel_transform(decoded.image)
+        if self.all_captions:
+            return pixels, self.tokenizer(captions)
+        return pixels, self._tokenize(random.Random(seed).choice(captions))
+
+
+class PairDataset(Dataset):
+    """Decodes, augments and tokenizes one pair (`SampleMaker`). Keys are (index, seed) from `StepBatches`.
+
+    A sample whose image cannot be decoded is replaced by the next decodable one, deterministically, so
+    batches keep their size on every rank; the bad image is reported with the batch.
+    """
+
+    def __init__(self, pairs: PairSet, maker: SampleMaker) -> None:
+        self.pairs = pairs
+        self.maker = maker
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _decode(self, ref: ImageRef) -> Decoded | Skipped:
+        data = read_image_bytes(ref)
+        return data if isinstance(data, Skipped) else self.maker.decode(data, describe_ref(ref))
+
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, seed = key
         bad: list[tuple[str, str]] = []
@@ -145,28 +168,22 @@ class PairDataset(Dataset):
             bad.append((describe_ref(self.pairs.images[i]), decoded.reason))
         else:
             raise BadInput("no image in the training data can be decoded")
-        # a worker's RNG is its own; in the main process, leave the caller's RNG as it was. Only the CPU
-        # generator is seeded: torch.manual_seed would also queue a CUDA seeding, with a stack trace, per call
-        isolate = torch.random.fork_rng(devices=[]) if get_worker_info() is None else contextlib.nullcontext()
-        with isolate:
-            torch.default_generator.manual_seed(seed)
-            pixels = self.pixel_transform(decoded.image)
-        captions = self.pairs.captions[i]
-        if self.all_captions:
-            tokens = self.tokenizer(captions)
-        else:
-            tokens = self._tokenize(random.Random(seed).choice(captions))
+        pixels, tokens = self.maker.make(decoded, self.pairs.captions[i], seed)
         return pixels, tokens, i, bad
 
 
-def collate_pairs(items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Stack a batch; with several captions per image the texts are concatenated and `owners`
-    (one image index per text) says whose each is."""
+Batch = tuple[torch.Tensor, torch.Tensor, list[int], list[tuple[str, str]], list]
+
+
+def collate_pairs(items: list[tuple]) -> Batch:
+    """Stack a batch: (pixels, texts, owners, bad, ids). With several captions per image the texts are
+    concatenated and `owners` (one image index per text) says whose each is; `ids` names each sample
+    (an index into the pairs, or a streamed sample's key)."""
     pixels = torch.stack([it[0] for it in items])
     texts = torch.cat([it[1] for it in items])
     owners = [k for k, it in enumerate(items) for _ in range(len(it[1]))]
     bad = [b for it in items for b in it[3]]
-    return pixels, texts, owners, bad
+    return pixels, texts, owners, bad, [it[2] for it in items]
 
 
 class StepBatches(Sampler):

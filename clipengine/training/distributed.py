@@ -7,12 +7,16 @@ initialised. gloo is used on the CPU, nccl on CUDA GPUs (one GPU per local rank)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from clipengine.errors import BadInput
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,31 @@ def mean_over_world(value: torch.Tensor, world: World) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value / world.world_size
+
+
+def on_main(compute: Callable[[], T], world: World) -> T:
+    """`compute()` run on the main process only and its result given to every process; a `BadInput` it raises
+    is raised on every process (so that none waits for the others at the next collective)."""
+    result: list[Any] = [None, None]
+    if world.is_main:
+        try:
+            result = [compute(), None]
+        except BadInput as e:
+            result = [None, str(e)]
+    if world.distributed:
+        dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise BadInput(result[1])
+    return result[0]
+
+
+def gathered(value: Any, world: World) -> list[Any]:
+    """Every process's `value` (picklable), in rank order."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier(world: World) -> None:

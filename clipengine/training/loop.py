@@ -31,16 +31,18 @@ from clipengine.causal_text import TrainingForward
 from clipengine.cores import available_cores
 from clipengine.embed import PixelNormalizer, split_transform
 from clipengine.errors import BadInput, ClipEngineError
-from clipengine.images import DEFAULT_MAX_PIXELS, WHITE
+from clipengine.images import DEFAULT_MAX_PIXELS, WHITE, describe_ref
 from clipengine.metrics import chance_recall, retrieval_recall
 from clipengine.models import LoadedModel, ModelSpec, load_model, model_config, pick_device, resolve_source
 from clipengine.pairs import MOSTLY_BAD, PairSet, read_pairs
+from clipengine.shards import check_readable, is_streamed, read_sizes, shard_names
 from clipengine.sizes import parse_size
 from clipengine.training import checkpoint as ckpt
 from clipengine.training.config import RUN_IDENTITY, TrainConfig, adam_defaults
 from clipengine.training.cpu_plan import CpuPlanner, Plan
 from clipengine.training.data import (
     PairDataset,
+    SampleMaker,
     Sequential,
     StepBatches,
     collate_pairs,
@@ -48,8 +50,23 @@ from clipengine.training.data import (
     split_validation,
 )
 from clipengine.training.decode_cache import DecodedCache, TrainingShrink, crop_headroom
-from clipengine.training.distributed import World, barrier, mean_over_world, setup_world, teardown_world
+from clipengine.training.distributed import (
+    World,
+    barrier,
+    gathered,
+    mean_over_world,
+    on_main,
+    setup_world,
+    teardown_world,
+)
 from clipengine.training.loss import LOSSES, MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from clipengine.training.stream import (
+    FaultPolicy,
+    StreamedBatches,
+    StreamedPairs,
+    StreamLayout,
+    lanes_from_checkpoint,
+)
 
 LOG_FILE = "log.jsonl"
 
@@ -74,6 +91,7 @@ class TrainReport:
     dropped_rows: int = 0
     bad_images: list[dict] = field(default_factory=list)
     decode_cache: dict = field(default_factory=dict)
+    skipped_shards: list[dict] = field(default_factory=list)  # streamed shards given up on, and why
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,12 +293,12 @@ def evaluate(loaded: LoadedModel, pairs: PairSet, *, batch_size: int = 256, work
     model, was_training = loaded.model, loaded.model.training
     model.eval()
     pixel_transform, normalizer = _split(loaded.image_transform(), loaded.device)
-    dataset = PairDataset(pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
-                          max_pixels=max_pixels, all_captions=True, transparency=transparency)
+    dataset = PairDataset(pairs, SampleMaker(pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
+                                             max_pixels=max_pixels, all_captions=True, transparency=transparency))
     images: list[torch.Tensor] = []
     texts: list[torch.Tensor] = []
     owners: list[int] = []
-    for pixels, tokens, owner, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
+    for pixels, tokens, owner, _, _ in _loader(dataset, Sequential(len(pairs), batch_size), workers, loaded.device):
         owners.extend(o + sum(map(len, images)) for o in owner)  # batch rows -> rows of the whole set
         with loaded.autocast():
             images.append(model.encode_image(normalizer(pixels), normalize=True).float().cpu())
@@ -432,11 +450,17 @@ class Run:
     opt: Optimisation
     journal: Journal
     val_pairs: PairSet
+    stream: StreamedBatches | None
 
     def save(self, tally: Tally, epoch: int) -> None:
-        """A checkpoint of this step: the weights, plus what --resume needs (optimiser, scaler, RNG, config)."""
+        """A checkpoint of this step: the weights, plus what --resume needs (optimiser, scaler, RNG, config,
+        and where every data lane stands when the data is streamed)."""
+        lanes = gathered(self.stream.lane_states(), self.world) if self.stream else []
         if self.world.is_main:
             state = {"step": tally.step, "epoch": epoch, **self.opt.state(), "rng": ckpt.rng_state()}
+            if self.stream:
+                state["stream"] = {"lanes_total": self.stream.dataset.layout.lanes,
+                                   "lanes": {k: v for here in lanes for k, v in here.items()}}
             ckpt.write_checkpoint(self.out, tally.step, self.opt.model, self.model_cfg, self.loaded.preprocess_cfg,
                                   self.arch, state, self.config.to_dict())
         barrier(self.world)
@@ -451,26 +475,55 @@ class Run:
         return result
 
 
+def streams(config: TrainConfig) -> bool:
+    """Whether the run streams its shards (`clipengine.training.stream`) rather than indexing its data."""
+    return config.stream or config.resampled or is_streamed(config.data)
+
+
 def _read_data(config: TrainConfig, world: World) -> tuple[PairSet, PairSet, PairSet]:
-    """(everything read, the training pairs, the validation pairs)."""
+    """(everything read, the training pairs, the validation pairs); for streamed data, only the last."""
+    local_batch = config.batch_size // world.world_size
+    if local_batch % config.accum_steps:
+        raise BadInput(f"the batch of each process ({local_batch}) must be divisible by --accum-steps {config.accum_steps}")
+    if streams(config):
+        if config.val_size:
+            raise BadInput("streamed data holds nothing out for validation: name a validation set with --val-data")
+        val_pairs = read_pairs(config.val_data, config.image_root) if config.val_data else PairSet()
+        return PairSet(), PairSet(), val_pairs
     pairs = read_pairs(config.data, config.image_root)
     if config.val_data:
         train_pairs, val_pairs = pairs, read_pairs(config.val_data, config.image_root)
     else:
         val_size = default_val_size(len(pairs)) if config.val_size is None else config.val_size
         train_pairs, val_pairs = split_validation(pairs, val_size)
-    local_batch = config.batch_size // world.world_size
-    if local_batch % config.accum_steps:
-        raise BadInput(f"the batch of each process ({local_batch}) must be divisible by --accum-steps {config.accum_steps}")
     return pairs, train_pairs, val_pairs
+
+
+def _stream_layout(config: TrainConfig, world: World, lanes_here: int) -> tuple[StreamLayout, FaultPolicy]:
+    """The lanes of a streamed run, after checking (on every process, before step 1) that the data can be read."""
+    shards = shard_names(config.data)
+    policy = FaultPolicy(config.shard_retries, config.shard_backoff, config.shard_timeout)
+    check_readable(shards, policy.timeout)
+    sizes = None if config.resampled else on_main(lambda: read_sizes(shards, policy.timeout), world)
+    layout = StreamLayout(tuple(shards), None if sizes is None else tuple(sizes), config.seed, config.batch_size,
+                          world.world_size * lanes_here, config.resampled, config.samples_per_epoch,
+                          config.shuffle_buffer)
+    return layout, policy
 
 
 def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World, device: torch.device,
          progress: Callable[[dict], None] | None) -> TrainReport:
-    # ---- data
+    # ---- data: indexed pairs (batches by step) or streamed shards (lanes), checked before the model loads
     pairs, train_pairs, val_pairs = _read_data(config, world)
-    sampler = StepBatches(len(train_pairs), config.batch_size, seed=config.seed, rank=world.rank,
-                          world_size=world.world_size)
+    streamed = streams(config)
+    if streamed:  # the data's lanes are its workers: the plan is fixed
+        planner = _cpu_planner(config, device, world, 0, fixed=True)
+        layout, policy = _stream_layout(config, world, max(1, planner.current.workers))
+        steps_per_epoch = layout.steps_per_epoch
+    else:
+        sampler = StepBatches(len(train_pairs), config.batch_size, seed=config.seed, rank=world.rank,
+                              world_size=world.world_size)
+        steps_per_epoch = sampler.steps_per_epoch
 
     # ---- model and optimiser; the AdamW settings that ran are what checkpoints record
     loaded, model_cfg, arch = _build_model(config, device, resume_from)
@@ -481,8 +534,9 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     opt = Optimisation(loaded, config, config.beta2, config.eps, world, device)
 
     # ---- the schedule, and where this run starts in it
-    schedule = Schedule.for_run(config, sampler.steps_per_epoch)
+    schedule = Schedule.for_run(config, steps_per_epoch)
     tally = Tally(step=0)
+    state: dict = {}
     if resume_from is not None:
         state = ckpt.read_checkpoint_state(resume_from)
         opt.restore(state)
@@ -490,26 +544,42 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         tally.step = int(state["step"])
 
     # ---- loading: workers and threads (measured on a CPU), the decode cache, the loader
-    planner = _cpu_planner(config, device, world, schedule.last - tally.step)
+    if not streamed:
+        planner = _cpu_planner(config, device, world, schedule.last - tally.step)
     plan = planner.current
     torch.set_num_threads(plan.threads)
     transform = loaded.image_transform(train=True)
     shrink = TrainingShrink(loaded.image_size, crop_headroom(transform))
     cache = _decode_cache(config, shrink)
     pixel_transform, normalizer = _split(transform, device)
-    dataset = PairDataset(train_pairs, pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
-                          max_pixels=config.max_pixels, shrink=shrink, cache=cache)
-    loader = _loader(dataset, sampler, plan.workers, device)
-    run = Run(config, out, world, loaded, model_cfg, arch, opt, Journal(out, world, progress), val_pairs)
+    maker = SampleMaker(pixel_transform, loaded.tokenizer, image_size=loaded.image_size,
+                        max_pixels=config.max_pixels, shrink=shrink, cache=cache)
+    stream: StreamedBatches | None = None
+    if streamed:
+        stream = StreamedBatches(StreamedPairs(layout, maker, rank=world.rank, lanes_here=max(1, plan.workers),
+                                               policy=policy), plan.workers, device.type == "cuda")
+        if "stream" in state:
+            stream.restore(tally.step // steps_per_epoch,
+                           lanes_from_checkpoint(state["stream"], layout, tally.step % steps_per_epoch))
+    else:
+        dataset = PairDataset(train_pairs, maker)
+        loader = _loader(dataset, sampler, plan.workers, device)
+    run = Run(config, out, world, loaded, model_cfg, arch, opt, Journal(out, world, progress), val_pairs, stream)
+    samples_log = out / f"samples-rank{world.rank}.jsonl" if config.log_samples else None
 
     # ---- the loop: an epoch at a time, from wherever the run stands
     val: dict[str, float] = {}
     epoch = tally.step // schedule.steps_per_epoch
     while tally.step < schedule.last:
-        sampler.set_position(epoch, tally.step - epoch * schedule.steps_per_epoch)
+        start = tally.step - epoch * schedule.steps_per_epoch
+        if stream is not None:
+            batches: Any = stream.epoch(epoch, start)
+        else:
+            sampler.set_position(epoch, start)
+            batches = loader
         switch_to: Plan | None = None
         tick = time.perf_counter()
-        for pixels, texts, _, bad_here in loader:
+        for pixels, texts, _, bad_here, ids in batches:
             waited = time.perf_counter() - tick
             lr = schedule.lr(tally.step, config.lr)
             loss = opt.forward_backward(normalizer(pixels), texts.to(device, non_blocking=True), config.accum_steps)
@@ -522,6 +592,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             opt.update(lr, config.grad_clip)
             step_seconds = time.perf_counter() - tick
             tally.finish_step(config.batch_size, step_seconds)
+            if samples_log is not None:
+                _log_samples(samples_log, tally.step, ids if streamed else [describe_ref(train_pairs.images[i]) for i in ids])
             run.journal({"kind": "step", "step": tally.step, "total": schedule.last, "epoch": epoch,
                          "loss": tally.loss, "lr": lr, "logit_scale": opt.temperature_scale,
                          "samples_per_second": tally.samples_per_second, "seconds": tally.seconds},
@@ -547,6 +619,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
             val = run.validate(tally, epoch, plan.workers)
             run.save(tally, epoch)
         epoch += 1
+    skipped = {k: v for here in gathered(stream.faults if stream else {}, world) for k, v in here.items()}
     if tally.step >= schedule.last and not val and resume_from is not None and world.is_main and len(val_pairs):
         val = evaluate(loaded, val_pairs, workers=plan.workers, max_pixels=config.max_pixels)  # resumed a finished run
 
@@ -557,10 +630,18 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         chance={f"text_to_image_R@{k}": chance_recall(len(val_pairs), k) for k in (1, 5, 10)} if len(val_pairs) else {},
         dropped_rows=len(pairs.dropped), bad_images=[{"path": r, "reason": why} for r, why in tally.bad.items()],
         decode_cache=cache.stats() if cache and world.is_main else {},
+        skipped_shards=[{"shard": shard, "reason": why} for shard, why in sorted(skipped.items())],
     )
 
 
-def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_left: int) -> CpuPlanner:
+def _log_samples(path: Path, step: int, names: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "samples": names}) + "\n")
+
+
+def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_left: int, *,
+                 fixed: bool = False) -> CpuPlanner:
     """Data workers and torch threads: the user's, else (on a CPU) measured over this run's first steps.
 
     Oversubscribing the cores is the costliest mistake on a CPU when decoding is heavy (an OpenMP thread
@@ -573,7 +654,7 @@ def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_
         return CpuPlanner.fixed(Plan(workers, config.threads or torch.get_num_threads()))
     omp = os.environ.get("OMP_NUM_THREADS", "")
     threads = config.threads or (int(omp) if omp.isdigit() else None)
-    if config.workers is not None or threads or world.distributed:  # ranks would have to agree on trials
+    if config.workers is not None or threads or world.distributed or fixed:  # ranks would have to agree on trials
         workers = config.workers if config.workers is not None else max(1, per_process // 4)
         return CpuPlanner.fixed(Plan(workers, threads or max(1, per_process - workers)))
     return CpuPlanner.for_run(per_process, steps_left)
