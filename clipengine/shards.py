@@ -40,6 +40,7 @@ BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": 
             "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
 CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
                      "DefaultCredentialsError", "RefreshError", "NoAuthTokenError"}
+TIMEOUT_ERRORS = {"ReadTimeoutError", "ConnectTimeoutError", "ServerTimeoutError"}  # botocore's, aiohttp's
 HOW_TO_SIGN_IN = {"s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (`aws configure`)",
                   "gs": "set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"}
 
@@ -88,7 +89,8 @@ def _open_fsspec(shard: str, timeout: float) -> IO[bytes]:
 
     protocol = _protocol(shard)
     try:
-        fs, path = fsspec.core.url_to_fs(shard, **_storage_options(protocol, timeout))
+        # a file system of its own: fsspec's cached one would keep credentials found missing by an earlier call
+        fs, path = fsspec.core.url_to_fs(shard, skip_instance_cache=True, **_storage_options(protocol, timeout))
     except ImportError as e:
         package = BACKENDS.get(protocol, "the fsspec backend")
         raise BadInput(f"{protocol}:// needs {package}: pip install {package} ({e})") from None
@@ -189,6 +191,8 @@ class ShardStream:
                     self._done = True
                     if isinstance(item, BadInput | ShardFault):
                         raise item
+                    if isinstance(item, TimeoutError) or type(item).__name__ in TIMEOUT_ERRORS:
+                        raise ShardFault(f"no data for {self.timeout:g} s") from item
                     raise ShardFault(_describe(item)) from item
                 if not item:
                     self._done = True

@@ -99,6 +99,9 @@ def _train(as_json: bool = False, **given: Any) -> None:
     if report.dropped_rows or report.bad_images:
         out.print(f"skipped {report.dropped_rows} unusable rows and {len(report.bad_images)} undecodable images", markup=False)
         list_skipped([(bad["path"], bad["reason"]) for bad in report.bad_images], 10, "(listed in --json)")
+    if report.skipped_shards:
+        out.print(f"skipped {len(report.skipped_shards)} shards that failed after retries", markup=False)
+        list_skipped([(bad["shard"], bad["reason"]) for bad in report.skipped_shards], 10, "(listed in --json)")
     out.print(f"checkpoint: {report.out}  (use it with --checkpoint {report.out})", markup=False)
 
 
