@@ -151,11 +151,12 @@ def run_ours(r: Regime, seed: int, train_csv: Path, out: Path, extra: list[str],
             "checkpoint": str(out), "plan": plan and plan["chosen"], "transparency": "white"}
 
 
-def run_open_clip(r: Regime, seed: int, train_csv: Path, out: Path, env: dict) -> dict:
+def run_open_clip(r: Regime, seed: int, train_csv: Path, out: Path, env: dict, data_args: list[str] | None = None) -> dict:
+    """open_clip_train on `train_csv`, or on the data `data_args` name (its --train-data and dataset options)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, str(ROOT / "clipengine" / "model_configs"),
-           "--train-data", str(train_csv), "--dataset-type", "csv", "--csv-separator", ",",
-           "--csv-img-key", "filepath", "--csv-caption-key", "caption", "--model", r.model,
+    data_args = data_args or ["--train-data", str(train_csv), "--dataset-type", "csv", "--csv-separator", ",",
+                              "--csv-img-key", "filepath", "--csv-caption-key", "caption"]
+    cmd = [sys.executable, "-c", OPEN_CLIP_MAIN, str(ROOT / "clipengine" / "model_configs"), *data_args, "--model", r.model,
            "--batch-size", str(r.batch), "--epochs", str(r.epochs), "--lr", str(r.lr), "--wd", str(r.wd),
            "--warmup", str(r.warmup), "--precision", "fp32", "--device", "cpu", "--workers", "2",
            "--logs", str(out.parent), "--name", out.name, "--save-frequency", str(r.epochs), "--report-to", "",

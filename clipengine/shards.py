@@ -20,7 +20,6 @@ import posixpath
 import queue
 import shlex
 import subprocess
-import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -220,28 +219,88 @@ class ShardStream:
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes})
 
 
+BLOCK = 512
+_END_OF_ARCHIVE = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files; links, folders and devices are passed over
+
+
+def _read_exact(stream: IO[bytes] | ShardStream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:  # a pipe or socket may give less than asked before its end
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _header_number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256, for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b" \0") or b"0", 8)
+
+
+def _pax_path(records: bytes) -> str | None:
+    """The ``path`` of a pax extended header ("<length> path=<name>\n" records)."""
+    for record in records.split(b"\n"):
+        _, _, field = record.partition(b" ")
+        if field.startswith(b"path="):
+            return field[5:].decode("utf-8", "replace")
+    return None
+
+
+def tar_members(stream: IO[bytes] | ShardStream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of a tar stream, in order; a `ShardFault` when it stops early.
+
+    Written here rather than taken from `tarfile`, whose stream mode parsed each header in Python at 86 us,
+    18% of a data worker's time on 128-px images: this reads ustar, GNU long names and pax paths, as
+    Python's tarfile, GNU tar and img2dataset write them.
+    """
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, BLOCK)
+        if not header or header == _END_OF_ARCHIVE:
+            return
+        if len(header) < BLOCK:
+            raise ShardFault("the stream ended inside a tar header")
+        try:
+            checksum = _header_number(header[148:156])
+            size = _header_number(header[124:136])
+        except ValueError:
+            checksum = size = -1
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardFault("not a readable tar stream (a header's checksum is wrong)")
+        kind = header[156:157]
+        name = long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if not long_name and header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise ShardFault(f"the stream ended inside {name}")
+        _read_exact(stream, -size % BLOCK)  # padding to the next header
+        if kind == b"L":  # GNU long name: the next member's
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == b"x":  # pax: the next member's path, maybe
+            long_name = _pax_path(data)
+        elif kind != b"g":
+            long_name = None
+            if kind in _REGULAR:
+                yield name, data
+
+
 def tar_samples(stream: IO[bytes] | ShardStream) -> Iterator[Sample]:
     """The samples of a tar stream, in order: consecutive members sharing a key (the path up to the first
     dot of the file name, WebDataset's rule) form one sample. A sample is given only once complete, so a
     stream that stops mid-sample never gives a partial one."""
     key: str | None = None
     parts: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name_key, ext = split_key(member.name)
-                if name_key != key:
-                    if key is not None:
-                        yield key, parts
-                    key, parts = name_key, {}
-                f = tar.extractfile(member)
-                parts[ext] = f.read() if f is not None else b""
-                if len(parts[ext]) != member.size:
-                    raise ShardFault(f"the stream ended inside {member.name}")
-    except tarfile.TarError as e:
-        raise ShardFault(f"not a readable tar stream ({_describe(e)})") from None
+    for name, data in tar_members(stream):
+        name_key, ext = split_key(name)
+        if name_key != key:
+            if key is not None:
+                yield key, parts
+            key, parts = name_key, {}
+        parts[ext] = data
     if key is not None:
         yield key, parts
 
