@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PAGE = HERE.parent / "docs" / "performance.md"
 BENCHMARKS = ("index", "add_photos", "watch", "metadata_scan", "formats", "video", "search", "cold_search", "serve",
-              "duplicates", "embed_runtime", "export", "ann", "filtered", "text_queries", "train", "recall")
+              "duplicates", "embed_runtime", "export", "ann", "filtered", "text_queries", "train", "stream", "recall")
 EXTRA_ARGS = {"ann": ["--store"]}  # the whole path through an index on disk, not only the faiss kinds
 
 
@@ -220,6 +220,25 @@ def markdown(results: dict) -> str:
                 lines.append(_row(f"held-out recall after that ({name}, mean of {seeds}), T->I R@1/5/10 · I->T R@1/5/10",
                                   _recall_cells(t["ours"]["recall"]), f"open_clip trainer {_recall_cells(t['open_clip']['recall'])}",
                                   ""))
+    if "stream" in results:
+        for name, regime in results["stream"]["regimes"].items():
+            t = regime.get("throughput")
+            if t:
+                c, rate = t["config"], t["samples_per_second"]
+                what = f"train {name} streamed from 127.0.0.1 HTTP ({c['model']}, batch {c['batch']}, {t['steps']} steps)"
+                lines.append(_row(what, f"{rate['http']:.1f} samples/s", f"the same shards streamed from disk "
+                                  f"{rate['disk']:.1f}", f"{t['http_vs_disk']:.3f}x"))
+                lines.append(_row(f"{what}, against the same pairs read as files", f"{rate['http']:.1f} samples/s",
+                                  f"files (map-style) {rate['disk_indexed']:.1f}", f"{t['http_vs_disk_indexed']:.3f}x"))
+                lines.append(_row(f"{what}, against open_clip_train over the same URLs", f"{rate['http']:.1f} samples/s",
+                                  f"open_clip_train {rate['open_clip_http']:.1f}", f"{t['ours_vs_open_clip']:.2f}x"))
+            held = regime.get("recall")
+            if held:
+                n_seeds = len(held["runs"]["streamed"])
+                lines.append(_row(f"held-out recall, {name}, {held['steps']} steps, streamed over HTTP against files "
+                                  f"(mean of {n_seeds} seeds), T->I R@1/5/10 · I->T R@1/5/10",
+                                  _recall_cells(held["mean"]["streamed"]), f"files {_recall_cells(held['mean']['disk'])}",
+                                  "within noise" if held["within_noise"] else "not within noise"))
     if "recall" in results:
         side, scale = results["recall"]["side_by_side"], results["recall"]["at_scale"]
         ours, theirs = side["ours"], side["clip_benchmark"]
@@ -307,6 +326,13 @@ SECTIONS = {
               "steps, batch, learning rate, warmup, weight decay, clipping and precision, seeds run alternately; "
               "samples/s is each trainer's own clock after step 5, recall is each final model scored by the same "
               "code on the same held-out set (percent)."),
+    "stream": ("Training on streamed shards", "`clipengine train` on img2dataset-layout shards (250 samples each, "
+               "sizes.json) served by a local HTTP server on 127.0.0.1, against the same shards streamed from the disk "
+               "(`--stream`), the same pairs read as files (a CSV: the map-style path), and open_clip_train streaming "
+               "the same URLs (webdataset over curl) with the same model, batch, steps and settings; no decode cache; "
+               "samples/s is each trainer's own clock after step 5, the median of alternating rounds. Recall: each "
+               "final model scored on the same held-out set (percent); within noise means every column's mean "
+               "difference is within 2 standard errors of the seeds' paired differences."),
     "recall": ("Recall@k at scale", "`clipengine.metrics.retrieval_recall` against CLIP_benchmark's dense score "
                "matrix on the same embeddings, then at a size the dense matrix cannot hold."),
 }

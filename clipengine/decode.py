@@ -30,6 +30,7 @@ from clipengine.images import (
     Skipped,
     content_hash,
     describe_ref,
+    device_jpeg_header,
     file_content_hash,
     open_image,
     read_image_bytes,
@@ -72,11 +73,15 @@ def is_video(ref: ImageRef) -> bool:
 class FileReader:
     """Reads, hashes, decodes and resizes one file (or tar member) per item; never raises for a bad file.
     An item's pixels are (n, 3, H, W) uint8 as `pixel_transform` and `stack` make them (torch tensors or
-    numpy arrays): n = 1 for an image, the kept frames of a video."""
+    numpy arrays): n = 1 for an image, the kept frames of a video. With `device_jpeg`, a JPEG the model's device
+    can decode (`images.device_jpeg_header`) is not decoded here: its item is `device_jpeg(bytes, orientation)`
+    (`clipengine.device_decode`)."""
 
     def __init__(self, paths: Sequence[ImageRef], pixel_transform: Callable, stack: Callable, *,
                  known_hashes: Collection[str] = (), max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: int | None = 224, transparency: str = WHITE, video: VideoSampling = DEFAULT_SAMPLING):
+                 draft_size: int | None = 224, transparency: str = WHITE, video: VideoSampling = DEFAULT_SAMPLING,
+                 device_jpeg: Callable[[bytes, int], Any] | None = None):
+        self.device_jpeg = device_jpeg
         self.paths = paths
         self.pixel_transform = pixel_transform
         self.stack = stack
@@ -101,6 +106,9 @@ class FileReader:
         digest = content_hash(data)
         if digest in self.known_hashes:
             return ImageEmbedding(path, hash=digest), None
+        if self.device_jpeg is not None and (header := device_jpeg_header(data, max_pixels=self.max_pixels)):
+            return (ImageEmbedding(path, hash=digest, width=header.width, height=header.height, metadata=header.metadata),
+                    self.device_jpeg(data, header.orientation))
         result = open_image(data, max_pixels=self.max_pixels, draft_size=self.draft_size, transparency=self.transparency,
                             name=path)
         if not isinstance(result, Decoded):
@@ -130,6 +138,7 @@ class FileReader:
                               duration=result.duration), pixels
 
 
+DECODE_CHOICES = ("auto", "gpu", "cpu")  # where JPEGs are decoded (`--decode`; clipengine.device_decode)
 CPU_BATCH = 32  # files per batch on a CPU: the model is as efficient at 32 as at 256, and starts sooner
 
 

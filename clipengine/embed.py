@@ -15,7 +15,7 @@ runs faster embeds without torch instead (`clipengine.index.onnx_embed`), readin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,10 @@ from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from clipengine.cores import available_cores
 from clipengine.decode import CPU_BATCH, FileReader, ImageEmbedding, cpu_workers, embedded
+from clipengine.device_decode import DevicePreprocess, device_decodes, joined, jpeg_payload
+from clipengine.errors import BadInput
 from clipengine.formats import DEFAULT_SAMPLING, VideoSampling
-from clipengine.images import DEFAULT_MAX_PIXELS, WHITE, ImageRef
+from clipengine.images import DEFAULT_MAX_PIXELS, WHITE, Decoded, ImageRef, open_image
 from clipengine.models import LoadedModel
 
 
@@ -54,6 +56,11 @@ class ImageFiles(FileReader, Dataset):
 def _collate(items: list) -> tuple[list[ImageEmbedding], torch.Tensor | None]:
     pixels = [p for _, p in items if p is not None]
     return [m for m, _ in items], (torch.cat(pixels) if pixels else None)
+
+
+def _payloads(items: list) -> tuple[list[ImageEmbedding], list]:
+    """A batch left unjoined: each file's pixels, `DeviceJpeg` or None (`device_decode.joined` joins them)."""
+    return [m for m, _ in items], [p for _, p in items]
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -103,6 +110,7 @@ def embed_images(
     exact_decode: bool = False,
     transparency: str = WHITE,
     video: VideoSampling = DEFAULT_SAMPLING,
+    decode: str = "auto",
 ) -> Iterator[list[ImageEmbedding]]:
     """Embed image (and video) files in batches, yielding each batch's outcomes in input order.
 
@@ -110,23 +118,37 @@ def embed_images(
     `exact_decode=True` decodes JPEGs at full size, for exact reproduction of open_clip's preprocessing;
     `transparency` DROP treats alpha as open_clip does (clipengine.images.TRANSPARENCY); `video` says how a
     video becomes frames. A batch holds `batch_size` files; the model sees at most `batch_size` pictures at once.
+    `decode`: where JPEGs are decoded: "cpu" (the workers), "gpu" (the model's device, `clipengine.device_decode`;
+    on a CPU device through torchvision's decoder), or "auto" (the device when it is a GPU whose nvJPEG works).
     """
     if not paths:
         return
     pixel_transform, normalize = split_transform(model.image_transform())
+    draft_size = None if exact_decode else model.image_size
+    preprocess = DevicePreprocess.of(pixel_transform, model.device) if device_decodes(decode, model.device) else None
+    if decode == "gpu" and preprocess is None:
+        raise BadInput(f"--decode gpu reproduces a resize then a center crop; this model's preprocessing is "
+                       f"{pixel_transform}: use --decode cpu")
     dataset = ImageFiles(paths, pixel_transform, known_hashes=known_hashes, max_pixels=max_pixels,
-                         draft_size=None if exact_decode else model.image_size, transparency=transparency, video=video)
+                         draft_size=draft_size, transparency=transparency, video=video,
+                         device_jpeg=jpeg_payload if preprocess else None)
     workers = default_workers(model.device) if workers is None else workers
     loader = DataLoader(
         dataset,
         batch_size=batch_size or default_batch_size(model.device),
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=_collate if preprocess is None else _payloads,
         pin_memory=model.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
+
+    def on_the_cpu(data: bytes, name: str) -> torch.Tensor | str:  # a JPEG the device could not decode
+        result = open_image(data, max_pixels=max_pixels, draft_size=draft_size, transparency=transparency, name=name)
+        return pixel_transform(result.image)[None] if isinstance(result, Decoded) else result.reason
+
+    batches: Iterable = loader if preprocess is None else joined(loader, preprocess, on_the_cpu)
     to_device = PixelNormalizer(normalize, model.device)
-    yield from embedded(loader, lambda pixels: encode_pixels(model, to_device(pixels)), loader.batch_size or 1,
+    yield from embedded(batches, lambda pixels: encode_pixels(model, to_device(pixels)), loader.batch_size or 1,
                         known_hashes)
 
 

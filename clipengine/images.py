@@ -311,6 +311,38 @@ def open_image(
     return Decoded(rgb, width, height, metadata)
 
 
+@dataclass(frozen=True)
+class JpegHeader:
+    """A JPEG that can be decoded on the model's device (`clipengine.device_decode`): what its header says."""
+
+    width: int  # as the viewer sees it (after EXIF rotation)
+    height: int
+    orientation: int  # EXIF orientation, 1-8
+    metadata: MediaInfo
+
+
+def device_jpeg_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> JpegHeader | None:
+    """The header of a JPEG that nvJPEG decodes, read without decoding a pixel; None sends the file down the CPU
+    path: not a JPEG, CMYK or YCCK (Adobe), progressive (nvJPEG's batched decoder takes baseline and extended
+    sequential only), over `max_pixels` (the CPU path decodes those reduced, by DCT scaling), or a header PIL
+    cannot read."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with _open_unguarded(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.info.get("progressive") \
+                    or img.info.get("progression") or img.size[0] * img.size[1] > max_pixels:
+                return None
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # a broken EXIF block: as the CPU path, upright
+                orientation = 1
+            width, height = _oriented_size(img, img.size)
+            return JpegHeader(width, height, orientation if 1 <= orientation <= 8 else 1, _metadata(img))
+    except Exception:  # the CPU path will say what is wrong with it
+        return None
+
+
 # LibRaw's flip: how the stored image must turn to be seen upright
 _FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
 

@@ -262,3 +262,34 @@ def test_two_processes_by_two_workers_stream_from_http_and_s3(shards, tmp_path):
     assert _losses(tmp_path / "s3") == pytest.approx(_losses(tmp_path / "http"), rel=1e-4)
     assert _losses(tmp_path / "s3")[:3] == _losses(tmp_path / "http")[:3]  # 2 x 2 on both servers: bit for bit
 
+
+
+@pytest.mark.parametrize("form", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_tar_reader_reads_long_names_as_tarfile_writes_them(form, tmp_path):
+    buffer = io.BytesIO()
+    long = "d" * 60 + "/" + "e" * 70 + "/sample.jpg"  # over 100 characters: prefix (ustar), L (GNU) or x (pax)
+    members = [("a/000.jpg", b"\xff\xd8 jpeg"), ("a/000.txt", b"a caption"), (long, b"x" * 1000),
+               (long[:-4] + ".txt", b"")]
+    with tarfile.open(fileobj=buffer, mode="w", format=form) as tar:
+        folder = tarfile.TarInfo("a")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(tar_samples(io.BytesIO(buffer.getvalue())))
+    assert samples == [("a/000", {"jpg": b"\xff\xd8 jpeg", "txt": b"a caption"}),
+                       (long[:-4], {"jpg": b"x" * 1000, "txt": b""})]
+    with pytest.raises(ShardFault, match="checksum"):
+        list(tar_samples(io.BytesIO(b"not a tar" + bytes(600))))
+
+
+def test_streamed_settings_are_checked_before_the_model_loads(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--data", "pipe:exit 3", "--resampled", "--samples-per-epoch",
+                                      "10_000_000", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.output.startswith("error: cannot read the training data: pipe:exit 3")
+    assert "exited with 3" in result.output
+    result = CliRunner().invoke(app, ["train", "--data", "https://h.example/{0..3}.tar", "--val-size", "10",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "--val-data" in result.output

@@ -58,6 +58,8 @@ def index(
     max_pixels: Annotated[str | None, typer.Option(
         help="Skip images needing more decoded pixels than this (default: 200M).")] = None,
     exact_decode: Annotated[bool, typer.Option(help="Decode JPEGs at full size (slower; exact open_clip preprocessing).")] = False,
+    decode: Annotated[str, typer.Option(help="Where JPEGs are decoded: auto (nvJPEG on a CUDA GPU that has it), "
+                                             "gpu or cpu.")] = "auto",
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files and folders.")] = False,
     retry_skipped: Annotated[bool, typer.Option(help="Try previously skipped files again.")] = False,
     video: Annotated[bool, typer.Option(
@@ -110,7 +112,7 @@ def index(
     except ValueError as e:
         raise BadInput(f"--video-frames must be at least 1 and --video-interval above 0 ({e})") from None
     options = IndexOptions(device=device, batch_size=batch_size, workers=workers, commit_every=commit_every,
-                           max_pixels=pixels, exact_decode=exact_decode, include_hidden=include_hidden,
+                           max_pixels=pixels, exact_decode=exact_decode, decode=decode, include_hidden=include_hidden,
                            retry_skipped=retry_skipped, rebuild=rebuild,
                            faiss_policy=policy_from_options(memory_budget, faiss_factory, target_recall),
                            export=export, quantize=quantize, runtime=runtime, precision=precision, video=sampling,

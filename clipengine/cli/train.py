@@ -81,6 +81,11 @@ def _train(as_json: bool = False, **given: Any) -> None:
                                  f"lr {event['lr']:.2e}  scale {event['logit_scale']:.1f}")
         elif event["kind"] == "plan" and not as_json:
             progress.console.print(describe_cpu_plan(event), markup=False)
+        elif event["kind"] == "stream" and not as_json:
+            drawn = "drawn with replacement" if event["resampled"] else "each once an epoch"
+            progress.console.print(f"streaming {event['shards']} shards ({drawn}) in {event['lanes']} lanes "
+                                   f"({event['processes']} x {event['lanes'] // event['processes']} workers): {event['samples_per_epoch']:,} "
+                                   f"samples, {event['steps_per_epoch']} steps an epoch", markup=False)
         elif not as_json:
             progress.console.print(f"epoch {event['epoch'] + 1} step {event['step']}  val {_fmt_recall(event['recall'])}",
                                    markup=False)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipengine.decode import DECODE_CHOICES
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.formats import DEFAULT_SAMPLING, VideoSampling
 from clipengine.images import DEFAULT_MAX_PIXELS
@@ -69,11 +70,14 @@ class IndexOptions:
     precision: str | None = None
     video: VideoSampling | None = DEFAULT_SAMPLING  # how videos become frames; None: videos are not indexed
     new_device: bool = False  # a folder on another device than at its last scan has really moved: scan it
+    decode: str = "auto"  # where JPEGs are decoded: auto, gpu (nvJPEG), cpu (clipengine.device_decode)
 
     def __post_init__(self) -> None:
         if self.commit_every < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise BadInput("--commit-every and --batch-size must be at least 1")
         check_runtime(self.runtime, self.precision)
+        if self.decode not in DECODE_CHOICES:
+            raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {self.decode!r}")
 
 
 @dataclass
@@ -438,10 +442,18 @@ def embed_records(embedder, files: list[FoundFile], known_hashes: Collection[str
     from clipengine.index.query_encoders import QueryEncoders
 
     embed: Callable[..., Iterator[list[ImageEmbedding]]]
+    where: dict[str, str] = {}
     if isinstance(embedder, QueryEncoders):
         from clipengine.index.onnx_embed import embed_files as embed
+
+        if options.decode == "gpu":
+            raise BadInput("--decode gpu decodes JPEGs on a CUDA device: it needs --runtime torch and a GPU")
     else:
+        from clipengine.device_decode import check_decode
         from clipengine.embed import embed_images as embed
+
+        check_decode(options.decode, embedder.device)
+        where = {"decode": options.decode}
     by_path = {f.path: f for f in files}
     pending: list[FileRecord] = []
     done = 0
@@ -449,7 +461,7 @@ def embed_records(embedder, files: list[FoundFile], known_hashes: Collection[str
         progress(0, len(files))
     outcomes = embed(embedder, [f.path for f in files], batch_size=options.batch_size, workers=options.workers,
                      known_hashes=known_hashes, max_pixels=options.max_pixels, exact_decode=options.exact_decode,
-                     video=options.video or DEFAULT_SAMPLING)
+                     video=options.video or DEFAULT_SAMPLING, **where)
     for batch in outcomes:
         for e in batch:
             f = by_path[e.path]

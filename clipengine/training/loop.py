@@ -322,7 +322,8 @@ def _check_out_dir(config: TrainConfig, out: Path) -> Path | None:
     if not steps:
         raise BadInput(f"nothing to resume in {out}: it holds no checkpoint (drop --resume to start)")
     saved = ckpt.read_run_config(steps[-1])
-    changed = [k for k in RUN_IDENTITY if saved.get(k) != getattr(config, k)]
+    defaults = TrainConfig(data="")  # a run saved before a setting existed ran with its default
+    changed = [k for k in RUN_IDENTITY if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
     if changed:
         what = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
         raise BadInput(f"--resume must continue the same run, but these settings differ ({what})")
@@ -565,6 +566,10 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         dataset = PairDataset(train_pairs, maker)
         loader = _loader(dataset, sampler, plan.workers, device)
     run = Run(config, out, world, loaded, model_cfg, arch, opt, Journal(out, world, progress), val_pairs, stream)
+    if streamed:
+        run.journal({"kind": "stream", "shards": len(layout.shards), "lanes": layout.lanes,
+                     "processes": world.world_size, "samples_per_epoch": layout.samples_in_epoch,
+                     "steps_per_epoch": layout.steps_per_epoch, "resampled": layout.resampled})
     samples_log = out / f"samples-rank{world.rank}.jsonl" if config.log_samples else None
 
     # ---- the loop: an epoch at a time, from wherever the run stands
