@@ -94,7 +94,12 @@ def _embedded(model, paths, decode: str) -> dict:
 def test_device_decoding_agrees_with_the_cpu_path(tiny_model, files, monkeypatch):
     calls: list[int] = []
     decode = DevicePreprocess.decode
-    monkeypatch.setattr(DevicePreprocess, "decode", lambda self, jpegs: calls.append(len(jpegs)) or decode(self, jpegs))
+
+    def counted(self, jpegs):
+        calls.append(len(jpegs))
+        return decode(self, jpegs)
+
+    monkeypatch.setattr(DevicePreprocess, "decode", counted)
     on_device, on_cpu = _embedded(tiny_model, files, "gpu"), _embedded(tiny_model, files, "cpu")
     assert sum(calls) == 17  # 14 photos, rotated, grey, and the cut one; not the CMYK, progressive or PNG
     assert {p: e.skip_reason is not None for p, e in on_device.items()} == \

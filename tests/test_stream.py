@@ -234,25 +234,23 @@ def _torchrun(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_processes_by_two_workers_stream_from_http_and_s3(shards, tmp_path):
-    """gloo, 2 processes x 2 workers: 4 lanes. Over HTTP for two epochs, every sample once an epoch across
-    ranks and workers. From S3, stopped at step 3 and resumed as 1 process x 4 workers: the same 4 lanes, so
-    the same global batches and, but for rounding in the gathered loss, the same losses as the HTTP run."""
-    args = ["--batch-size", "8", "--workers", "2", "--val-size", "0", "--epochs", "2", "--lr", "1e-3",
+    """gloo, 2 processes x 2 workers: 4 lanes. Over HTTP, every sample once in the epoch across ranks and
+    workers. From S3, stopped at step 2 and resumed as 1 process x 4 workers: the same 4 lanes, so the same
+    global batches and, but for rounding in the gathered loss, the same losses as the HTTP run."""
+    args = ["--batch-size", "8", "--workers", "2", "--val-size", "0", "--epochs", "1", "--lr", "1e-3",
             "--warmup-steps", "2", "--beta2", "0.98", "--eps", "1e-6", "--decode-cache", "off", "--log-every", "1",
             "--log-samples", "--shuffle-buffer", "6", "--save-every", "1", "--json"]
     with ShardServer(shards) as server:
         http = _torchrun("--data", f"{server.url}/{PATTERN}", "--out", str(tmp_path / "http"), *args, env={})
     assert http.returncode == 0, http.stderr[-3000:]
     steps = _samples(tmp_path / "http")
-    assert sorted(steps) == list(range(1, 17)) and all(len(names) == 8 for names in steps.values())
-    for epoch in (range(1, 9), range(9, 17)):
-        seen = Counter(n for step in epoch for n in steps[step])
-        assert len(seen) == 64 and set(seen.values()) == {1}
-    assert [steps[s] for s in range(1, 9)] != [steps[s] for s in range(9, 17)]
+    assert sorted(steps) == list(range(1, 9)) and all(len(names) == 8 for names in steps.values())
+    seen = Counter(n for names in steps.values() for n in names)
+    assert len(seen) == 64 and set(seen.values()) == {1}
 
     with s3_server(shards) as env:
         cut = _torchrun("--data", f"s3://shards/{PATTERN}", "--out", str(tmp_path / "s3"), *args,
-                        "--max-steps", "3", env=env)
+                        "--max-steps", "2", env=env)  # 4 of a 6-sample window given out
         assert cut.returncode == 0, cut.stderr[-3000:]
         with pytest.MonkeyPatch.context() as patch:
             for name, value in env.items():
@@ -260,7 +258,7 @@ def test_two_processes_by_two_workers_stream_from_http_and_s3(shards, tmp_path):
             train(resume_config(tmp_path / "s3", workers=4))
     assert _samples(tmp_path / "s3") == steps  # the same samples in the same steps, from S3 and 4 workers
     assert _losses(tmp_path / "s3") == pytest.approx(_losses(tmp_path / "http"), rel=1e-4)
-    assert _losses(tmp_path / "s3")[:3] == _losses(tmp_path / "http")[:3]  # 2 x 2 on both servers: bit for bit
+    assert _losses(tmp_path / "s3")[:2] == _losses(tmp_path / "http")[:2]  # 2 x 2 on both servers: bit for bit
 
 
 

@@ -107,6 +107,11 @@ def index(
 
         torch.set_num_threads(threads)
     pixels = parse_size(max_pixels, "--max-pixels", pixels=True) if max_pixels else DEFAULT_MAX_PIXELS
+    if decode == "gpu":  # the library decodes "on the model's device" whatever it is; asked here, a GPU is meant
+        from clipengine.device_decode import check_decode
+        from clipengine.models import pick_device
+
+        check_decode(decode, pick_device(device))
     try:
         sampling = VideoSampling(interval=video_interval, max_frames=video_frames) if video else None
     except ValueError as e:

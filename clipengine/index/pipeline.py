@@ -449,10 +449,8 @@ def embed_records(embedder, files: list[FoundFile], known_hashes: Collection[str
         if options.decode == "gpu":
             raise BadInput("--decode gpu decodes JPEGs on a CUDA device: it needs --runtime torch and a GPU")
     else:
-        from clipengine.device_decode import check_decode
         from clipengine.embed import embed_images as embed
 
-        check_decode(options.decode, embedder.device)
         where = {"decode": options.decode}
     by_path = {f.path: f for f in files}
     pending: list[FileRecord] = []

@@ -76,7 +76,8 @@ class TrainConfig:
     resampled: bool = knob(False, "Streamed shards drawn with replacement; --samples-per-epoch sets an epoch.",
                            flag=True)
     samples_per_epoch: int | None = knob(None, "Samples in a resampled epoch.")
-    shuffle_buffer: int = knob(2000, "Streamed samples each data worker shuffles at a time.")
+    shuffle_buffer: int = knob(10_000, "Streamed samples each data worker shuffles at a time (their bytes: about "
+                                       "200 MB for 256-px JPEGs).")
     shard_retries: int = knob(3, "Retries of a streamed shard that fails (with backoff), before it is skipped.")
     shard_timeout: float = knob(60.0, "Seconds without data before a streamed shard counts as failed.")
     shard_backoff: float = knob(1.0, "Seconds before a failed shard's first retry, doubling each retry.", cli=False)

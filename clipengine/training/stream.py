@@ -46,7 +46,7 @@ from clipengine.images import Decoded
 from clipengine.shards import ShardFault, ShardStream, image_and_captions, shard_label, tar_samples
 from clipengine.training.data import Batch, SampleMaker, collate_pairs, sample_seed
 
-DEFAULT_WINDOW = 2000  # samples a lane shuffles at a time
+DEFAULT_WINDOW = 10_000  # samples a lane shuffles at a time (TrainConfig.shuffle_buffer)
 EMPTY_SHARDS_IN_A_ROW = 20  # a lane that reads this many shards without a sample stops the run
 PREFETCH = 4  # sub-batches each worker keeps ready
 
