@@ -157,8 +157,8 @@ def index_end_to_end(s: Sizes, work: Path) -> list[dict]:
                 seen.setdefault("first", now)
                 seen["last"], seen["done"] = now, done
 
-            options = IndexOptions(device=s.device, workers=s.workers, decode=decode, export=False,
-                                   runtime="torch", precision="bf16" if not s.rehearsal else None)
+            # precision: the index's default, autocast on a GPU (`LoadedModel.autocast`)
+            options = IndexOptions(device=s.device, workers=s.workers, decode=decode, export=False, runtime="torch")
             t0 = time.perf_counter()
             report = index_folder(folder, index, spec, options, progress=progress)
             wall = time.perf_counter() - t0

@@ -10,12 +10,12 @@ a local HTTP server on 127.0.0.1 (tests/shard_servers.py). Three comparisons:
               (target >= 0.95x), and against open_clip_train streaming the same URLs (webdataset, its `curl`
               pipe) with the same model, batch, steps and settings (target >= 1.3x). Both without a decode cache
               (streamed data is seen once an epoch at scale); each trainer's own per-step clock after step 5;
-              runs alternate over `--rounds`
+              runs alternate over `--rounds` (3: the median of three shrugs off one disturbed run)
               (and, for context, against the same pairs read as files: the map-style path of a local CSV)
   recall      held-out recall after equal steps, streamed over HTTP against the same pairs read from the disk
               (map-style, a permutation of the whole set each epoch), for 3 seeds: level within noise (scenes)
 
-    python benchmarks/bench_stream.py                  # both regimes (about 30 minutes here)
+    python benchmarks/bench_stream.py                  # both regimes (about 40 minutes here)
     python benchmarks/bench_stream.py --quick          # to check the script
 """
 
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--regimes", default="scenes,emoji")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parts", default="throughput,recall")
     parser.add_argument("--recall-regimes", default="scenes", help="where recall is compared (3 seeds: the cost)")
