@@ -48,3 +48,15 @@ def test_short_runs_and_set_plans_are_not_tried():
     assert CpuPlanner.for_run(2, steps_left=10).current == Plan(1, 1)
     fixed = CpuPlanner.fixed(Plan(3, 5))
     assert not fixed.deciding and fixed.current == Plan(3, 5) and fixed.observe(1.0, 0.0) is None
+
+
+def test_streamed_runs_try_threads_alone():
+    """A streamed run's workers are its data lanes: only the torch threads are tried."""
+    planner = CpuPlanner.for_threads(1, 2, steps_left=100)
+    assert planner.current == Plan(1, 1) and planner.plans == [Plan(1, 2)]
+    switched = [planner.observe(0.5, 0.0) for _ in range(4)]  # model-bound steps: no wait for data
+    assert switched == [None, None, None, Plan(1, 2)]
+    two = CpuPlanner.for_threads(2, 2, steps_left=100)
+    assert two.current == Plan(2, 1) and two.plans == [Plan(2, 2)]
+    assert CpuPlanner.for_threads(0, 4, steps_left=100).current == Plan(0, 4)
+    assert CpuPlanner.for_threads(1, 2, steps_left=10).chosen == Plan(1, 1)  # too short to try

@@ -72,6 +72,17 @@ class CpuPlanner:
         return cls(plans[1:], [Trial(plans[0])])
 
     @classmethod
+    def for_threads(cls, workers: int, cores: int, steps_left: int) -> CpuPlanner:
+        """Trials of the torch threads alone, for a run whose workers are fixed (streamed data: they are its lanes)."""
+        if workers == 0:  # the data is read in the training process: every core is torch's
+            return cls.fixed(Plan(0, cores))
+        plans = [p for p in candidates(cores) if p.workers == min(workers, cores)] or [Plan(workers, 1)]
+        plans = [Plan(workers, p.threads) for p in plans]
+        if steps_left < MIN_RUN_STEPS or len(plans) == 1:
+            return cls.fixed(plans[0])
+        return cls(plans[1:], [Trial(plans[0])])
+
+    @classmethod
     def fixed(cls, plan: Plan) -> CpuPlanner:
         """No trials: the plan the user set (or the GPU's, or a distributed run's, whose ranks must agree)."""
         return cls([], [Trial(plan)], chosen=plan)

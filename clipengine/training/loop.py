@@ -517,9 +517,8 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
     # ---- data: indexed pairs (batches by step) or streamed shards (lanes), checked before the model loads
     pairs, train_pairs, val_pairs = _read_data(config, world)
     streamed = streams(config)
-    if streamed:  # the data's lanes are its workers: the plan is fixed
-        planner = _cpu_planner(config, device, world, 0, fixed=True)
-        layout, policy = _stream_layout(config, world, max(1, planner.current.workers))
+    if streamed:  # the data's lanes are its workers
+        layout, policy = _stream_layout(config, world, max(1, _default_workers(config, device, world)))
         steps_per_epoch = layout.steps_per_epoch
     else:
         sampler = StepBatches(len(train_pairs), config.batch_size, seed=config.seed, rank=world.rank,
@@ -545,8 +544,7 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
         tally.step = int(state["step"])
 
     # ---- loading: workers and threads (measured on a CPU), the decode cache, the loader
-    if not streamed:
-        planner = _cpu_planner(config, device, world, schedule.last - tally.step)
+    planner = _cpu_planner(config, device, world, schedule.last - tally.step, fixed_workers=streamed)
     plan = planner.current
     torch.set_num_threads(plan.threads)
     transform = loaded.image_transform(train=True)
@@ -611,6 +609,9 @@ def _run(config: TrainConfig, out: Path, resume_from: Path | None, world: World,
                     switch_to = None  # decided on the plan it runs
                 if not planner.deciding:
                     run.journal(planner.record())
+                if switch_to is not None and switch_to.workers == plan.workers:  # threads alone: the loader stays
+                    plan, switch_to = switch_to, None
+                    torch.set_num_threads(plan.threads)
             if tally.step >= schedule.last or switch_to is not None:
                 break
             tick = time.perf_counter()
@@ -645,23 +646,36 @@ def _log_samples(path: Path, step: int, names: list[str]) -> None:
         f.write(json.dumps({"step": step, "samples": names}) + "\n")
 
 
+def _cores_per_process(world: World) -> int:
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
+
+
+def _default_workers(config: TrainConfig, device: torch.device, world: World) -> int:
+    if config.workers is not None:
+        return config.workers
+    per_process = _cores_per_process(world)
+    return max(1, min(per_process - 1, 8)) if device.type == "cuda" else max(1, per_process // 4)
+
+
 def _cpu_planner(config: TrainConfig, device: torch.device, world: World, steps_left: int, *,
-                 fixed: bool = False) -> CpuPlanner:
+                 fixed_workers: bool = False) -> CpuPlanner:
     """Data workers and torch threads: the user's, else (on a CPU) measured over this run's first steps.
 
     Oversubscribing the cores is the costliest mistake on a CPU when decoding is heavy (an OpenMP thread
     descheduled while a worker decodes stalls every other thread at the next barrier), and the best
     choice when the model is heavy and the worker mostly waits; only measuring tells which run is which.
+    With `fixed_workers` (streamed data, whose workers are its lanes) only the threads are tried.
     """
-    per_process = max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world.world_size)))
+    per_process = _cores_per_process(world)
+    workers = _default_workers(config, device, world)
     if device.type == "cuda":
-        workers = config.workers if config.workers is not None else max(1, min(per_process - 1, 8))
         return CpuPlanner.fixed(Plan(workers, config.threads or torch.get_num_threads()))
     omp = os.environ.get("OMP_NUM_THREADS", "")
     threads = config.threads or (int(omp) if omp.isdigit() else None)
-    if config.workers is not None or threads or world.distributed or fixed:  # ranks would have to agree on trials
-        workers = config.workers if config.workers is not None else max(1, per_process // 4)
-        return CpuPlanner.fixed(Plan(workers, threads or max(1, per_process - workers)))
+    if threads or world.distributed or (config.workers is not None and not fixed_workers):
+        return CpuPlanner.fixed(Plan(workers, threads or max(1, per_process - workers)))  # ranks would have to agree
+    if fixed_workers:
+        return CpuPlanner.for_threads(workers, per_process, steps_left)
     return CpuPlanner.for_run(per_process, steps_left)
 
 
