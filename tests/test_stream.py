@@ -203,7 +203,8 @@ def test_failing_shards_are_retried_then_skipped_and_reported(shards, tmp_path):
     assert requests["00001.tar"] in (3, 6) and requests["00004.tar"] in (3, 4)
     assert report.step == 8  # each lane read on past the failed shards to its quota: no process fell behind
     seen = Counter(n.split("/")[0] for n in {n for names in _samples(tmp_path / "run").values() for n in names})
-    assert "00001.tar" not in seen and 0 < seen["00002.tar"] < 10 and seen["00003.tar"] < 10  # what came before the fault
+    # of the cut and the stalled shard, at most what arrived before the fault (the read that fails may take it along)
+    assert "00001.tar" not in seen and seen["00002.tar"] < 10 and seen["00003.tar"] < 10
     assert seen["00004.tar"] == 10
     result = CliRunner().invoke(app, ["train", "--data", f"{server.url}/{PATTERN}", "--out", str(tmp_path / "down")])
     assert result.exit_code == 1 and result.output.strip().startswith("error: cannot read the training data")
