@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from clipengine.cores import available_cores
+from clipengine.errors import BadInput
 from clipengine.formats import DEFAULT_SAMPLING, VideoSampling, is_video_name
 from clipengine.images import (
     DEFAULT_MAX_PIXELS,
@@ -139,6 +140,13 @@ class FileReader:
 
 
 DECODE_CHOICES = ("auto", "gpu", "cpu")  # where JPEGs are decoded (`--decode`; clipengine.device_decode)
+
+
+def check_decode_choice(decode: str) -> None:
+    """A `--decode` value that names something, or a one-line error."""
+    if decode not in DECODE_CHOICES:
+        raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+
 CPU_BATCH = 32  # files per batch on a CPU: the model is as efficient at 32 as at 256, and starts sooner
 
 

@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms.v2 import functional as F
 
-from clipengine.decode import DECODE_CHOICES, ImageEmbedding
+from clipengine.decode import ImageEmbedding, check_decode_choice
 from clipengine.errors import BadInput
 
 
@@ -146,8 +146,7 @@ def joined(batches: Iterable[tuple[list[ImageEmbedding], list[Any]]], preprocess
 
 def check_decode(decode: str, device: torch.device) -> None:
     """A `--decode` choice that can run here, or a one-line error."""
-    if decode not in DECODE_CHOICES:
-        raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+    check_decode_choice(decode)
     if decode == "gpu" and device.type != "cuda":
         raise BadInput(f"--decode gpu decodes JPEGs with nvJPEG on a CUDA device; this run embeds on {device.type}")
 
@@ -155,8 +154,7 @@ def check_decode(decode: str, device: torch.device) -> None:
 def device_decodes(decode: str, device: torch.device) -> bool:
     """Whether JPEGs go to the device: asked for ("gpu": on a CPU device too, through torchvision's CPU decoder,
     which is how the tests run this path), or (auto) on a CUDA device whose nvJPEG decodes a probe JPEG."""
-    if decode not in DECODE_CHOICES:
-        raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
+    check_decode_choice(decode)
     if decode != "auto":
         return decode == "gpu"
     return device.type == "cuda" and _nvjpeg_works(device)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipengine.decode import DECODE_CHOICES
+from clipengine.decode import check_decode_choice
 from clipengine.errors import BadInput, ClipEngineError
 from clipengine.formats import DEFAULT_SAMPLING, VideoSampling
 from clipengine.images import DEFAULT_MAX_PIXELS
@@ -76,8 +76,7 @@ class IndexOptions:
         if self.commit_every < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise BadInput("--commit-every and --batch-size must be at least 1")
         check_runtime(self.runtime, self.precision)
-        if self.decode not in DECODE_CHOICES:
-            raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {self.decode!r}")
+        check_decode_choice(self.decode)
 
 
 @dataclass
