@@ -26,12 +26,14 @@ class Faults:
 
 
 class ShardServer:
-    """A folder served over HTTP on 127.0.0.1, with `faults`; `requests` counts the GETs of each file."""
+    """A folder served over HTTP on 127.0.0.1, with `faults`; `requests` counts the GETs of each file, `log`
+    holds (file, when it was asked for, when its response ended) in monotonic seconds."""
 
     def __init__(self, folder: str | os.PathLike, faults: Faults | None = None) -> None:
         self.folder = Path(folder)
         self.faults = faults or Faults()
         self.requests: Counter[str] = Counter()
+        self.log: list[tuple[str, float, float]] = []
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -42,7 +44,13 @@ class ShardServer:
                 pass
 
             def do_GET(self):  # noqa: N802 - http.server's name
-                name = self.path.lstrip("/").split("?")[0]
+                name, asked = self.path.lstrip("/").split("?")[0], time.monotonic()
+                try:
+                    self._answer(name)
+                finally:
+                    server.log.append((name, asked, time.monotonic()))
+
+            def _answer(self, name: str) -> None:
                 server.requests[name] += 1
                 faults = server.faults
                 if name in faults.missing:

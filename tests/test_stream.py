@@ -26,7 +26,7 @@ from clipengine.scenes import write_scene_set
 from clipengine.shards import ShardFault, is_streamed, read_sizes, shard_label, shard_names, tar_samples
 from clipengine.training import TrainConfig, resume_config, train
 from clipengine.training.data import SampleMaker
-from clipengine.training.stream import FaultPolicy, StreamedPairs, StreamLayout
+from clipengine.training.stream import FaultPolicy, StreamedBatches, StreamedPairs, StreamLayout
 
 SHARDS = 7  # of 10 images, the last of 4: 64 in all
 PATTERN = "{00000..00006}.tar"
@@ -208,6 +208,32 @@ def test_failing_shards_are_retried_then_skipped_and_reported(shards, tmp_path):
     assert seen["00004.tar"] == 10
     result = CliRunner().invoke(app, ["train", "--data", f"{server.url}/{PATTERN}", "--out", str(tmp_path / "down")])
     assert result.exit_code == 1 and result.output.strip().startswith("error: cannot read the training data")
+
+
+@pytest.mark.slow
+def test_a_slow_shard_holds_up_its_own_lane_only(shards, tiny_model):
+    """While one lane waits on a slow server, the other lanes' workers keep reading their shards (as far as
+    their prefetch reaches), and the slow shard, slow but under the timeout, is read in full."""
+    maker = SampleMaker(split_transform(tiny_model.image_transform(train=True))[0], tiny_model.tokenizer, image_size=64)
+    with ShardServer(shards) as server:
+        names = tuple(f"{server.url}/{i:05d}.tar" for i in range(SHARDS))
+        sizes = read_sizes(list(names))
+        layout = StreamLayout(names, tuple(sizes), seed=0, global_batch=8, lanes=2, resampled=False,
+                              samples_per_epoch=None, window=4)
+        order = [f"{i:05d}.tar" for i in layout.order(0)]
+        slow, stall = order[0], 4.0  # lane 0's first shard
+        server.faults.stall[slow] = stall
+        batches = StreamedBatches(StreamedPairs(layout, maker, rank=0, lanes_here=2, policy=FaultPolicy(0, 0, 10)),
+                                  workers=2, pin_memory=False)
+        steps = list(batches.epoch(0, 0))
+        log = list(server.log)
+    slow_ended = next(end for name, _, end in log if name == slow)
+    first_asked = {name: min(asked for n, asked, _ in log if n == name) for name, _, _ in log}
+    other = order[layout.start(0, 1).shard:][:2]  # lane 1's first two shards (lane 0 may read the first's head later)
+    assert slow not in other and all(first_asked[name] < slow_ended - stall / 2 for name in other)
+    seen = Counter(name.split("/")[0] for step in steps for name in step[4])
+    assert len(steps) == layout.steps_per_epoch and not batches.faults
+    assert seen[slow] == sizes[int(slow[:5])]  # slow, not failed: read in full
 
 
 @pytest.mark.slow
