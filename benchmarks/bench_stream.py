@@ -157,18 +157,49 @@ def recall(r: Regime, folder: Path, train_csv: Path, val_csv: Path, url: str, se
             print(f"{r.name:>6} seed {seed} {name:>9}: {result['steps']} steps  " + "  ".join(
                 f"{k.replace('text_to_image', 'T->I').replace('image_to_text', 'I->T')} {v:.3f}"
                 for k, v in result["recall"].items()), flush=True)
-    mean = {name: {k: statistics.mean(x["recall"][k] for x in runs) for k in RECALL_KEYS} for name, runs in per_seed.items()}
+    return summarise_recall(r.name, per_seed, seeds)
+
+
+def summarise_recall(name: str, per_seed: dict[str, list[dict]], seeds: list[int]) -> dict:
+    """The mean recall of each arm, and whether streamed - disk is within 2 standard errors of the seeds'
+    paired differences."""
+    mean = {arm: {k: statistics.mean(x["recall"][k] for x in runs) for k in RECALL_KEYS} for arm, runs in per_seed.items()}
     # noise: the seeds' spread of the difference (paired by seed)
     spread = {k: statistics.stdev([s["recall"][k] - d["recall"][k] for s, d in zip(per_seed["streamed"], per_seed["disk"],
                                                                                    strict=True)])
               if len(seeds) > 1 else 0.0 for k in RECALL_KEYS}
     difference = {k: mean["streamed"][k] - mean["disk"][k] for k in RECALL_KEYS}
     level = all(abs(difference[k]) <= 2 * spread[k] / len(seeds) ** 0.5 for k in RECALL_KEYS) if len(seeds) > 1 else None
-    print(f"{r.name:>6}: recall streamed - disk (mean of {len(seeds)} seeds): " + "  ".join(
+    print(f"{name:>6}: recall streamed - disk (mean of {len(seeds)} seeds): " + "  ".join(
         f"{k.replace('text_to_image', 'T->I').replace('image_to_text', 'I->T')} {difference[k]:+.3f}±{spread[k]:.3f}"
         for k in RECALL_KEYS) + f"; within 2 standard errors: {level}", flush=True)
-    return {"runs": per_seed, "mean": mean, "difference": difference, "difference_sd": spread,
+    return {"seeds": seeds, "runs": per_seed, "mean": mean, "difference": difference, "difference_sd": spread,
             "within_noise": level, "steps": per_seed["streamed"][-1]["steps"]}
+
+
+def _seeds_of(recall: dict) -> list[int]:
+    """A recall entry's seeds (files from before they were written down: from the run folders' names)."""
+    return recall.get("seeds") or [int(x["checkpoint"].rsplit("-", 1)[1]) for x in recall["runs"]["streamed"]]
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One result from several runs of this script: the throughput of the last that measured it, and the recall
+    runs of all, paired by seed (runs of more seeds than one sitting allows; the code must be the same)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    merged = {**records[-1], "merged_from": [p.name for p in paths]}
+    for name in {n for r in records for n in r["regimes"]}:
+        entries = [r["regimes"][name] for r in records if name in r["regimes"]]
+        entry = dict(next((e for e in reversed(entries) if "throughput" in e), entries[-1]))
+        recalls = [e["recall"] for e in entries if "recall" in e]
+        if recalls:
+            seeds = [seed for rec in recalls for seed in _seeds_of(rec)]
+            if len(set(seeds)) != len(seeds):
+                raise SystemExit(f"{name}: a seed is in two of the files: {sorted(seeds)}")
+            per_seed = {arm: [x for rec in recalls for x in rec["runs"][arm]] for arm in ("streamed", "disk")}
+            entry["recall"] = {"config": recalls[-1]["config"], **summarise_recall(name, per_seed, seeds)}
+        merged["regimes"][name] = entry
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"written {out}")
 
 
 def rescore(path: Path) -> None:
@@ -198,9 +229,15 @@ def main() -> None:
     parser.add_argument("--recall-regimes", default="scenes", help="where recall is compared (3 seeds: the cost)")
     parser.add_argument("--ours-args", default="", help="extra arguments for `clipengine train` (experiments)")
     parser.add_argument("--rescore", type=Path, help="recompute a result file's samples/s from its runs' logs")
+    parser.add_argument("--merge", type=Path, nargs="+", help="result files to join into --out (recall seeds pooled)")
     args = parser.parse_args()
     if args.rescore:
         rescore(args.rescore)
+        return
+    if args.merge:
+        if not args.out:
+            parser.error("--merge writes to --out")
+        merge(args.merge, args.out)
         return
     parts = args.parts.split(",")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -232,7 +232,8 @@ def markdown(results: dict) -> str:
             t = regime.get("throughput")
             if t:
                 c, rate = t["config"], t["samples_per_second"]
-                what = f"train {name} streamed from 127.0.0.1 HTTP ({c['model']}, batch {c['batch']}, {t['steps']} steps)"
+                what = (f"train {name} streamed from 127.0.0.1 HTTP ({c['model']}, batch {c['batch']}, {t['steps']} steps, "
+                        f"median of {len(t['runs']['http'])} rounds)")
                 lines.append(_row(what, f"{rate['http']:.1f} samples/s", f"the same shards streamed from disk "
                                   f"{rate['disk']:.1f}", f"{t['http_vs_disk']:.3f}x"))
                 lines.append(_row(f"{what}, against the same pairs read as files", f"{rate['http']:.1f} samples/s",
@@ -339,7 +340,7 @@ SECTIONS = {
                "(`--stream`), the same pairs read as files (a CSV: the map-style path), and open_clip_train streaming "
                "the same URLs (webdataset over curl) with the same model, batch, steps and settings; no decode cache; "
                "samples/s is each trainer's own clock (ours from the step its CPU plan was chosen, open_clip's after "
-               "step 5), the median of alternating rounds (scenes 3, emoji 1). Recall: each "
+               "step 5), the median of alternating rounds. Recall: each "
                "final model scored on the same held-out set (percent); within noise means every column's mean "
                "difference is within 2 standard errors of the seeds' paired differences."),
     "recall": ("Recall@k at scale", "`clipengine.metrics.retrieval_recall` against CLIP_benchmark's dense score "

@@ -25,7 +25,7 @@ from clipengine.errors import BadInput
 from clipengine.scenes import write_scene_set
 from clipengine.shards import ShardFault, is_streamed, read_sizes, shard_label, shard_names, tar_samples
 from clipengine.training import TrainConfig, resume_config, train
-from clipengine.training.data import SampleMaker
+from clipengine.training.data import SampleMaker, StepBatches, sample_seed
 from clipengine.training.stream import FaultPolicy, StreamedBatches, StreamedPairs, StreamLayout
 
 SHARDS = 7  # of 10 images, the last of 4: 64 in all
@@ -169,6 +169,31 @@ def test_the_same_shards_train_the_same_from_disk_a_command_and_http(shards, tmp
     seen = Counter(n for names in _samples(tmp_path / "disk").values() for n in names)
     assert len(seen) == 64 and set(seen.values()) == {1}
     assert piped.step == 8 and len(_samples(tmp_path / "pipe")) == 8  # a command's shards: resampled, as asked
+
+
+@pytest.mark.slow
+def test_a_streamed_run_is_the_files_run_in_another_order(shards, tmp_path, monkeypatch):
+    """Streaming changes the order and nothing else: fed the streamed run's order and sample names, the
+    map-style run of the same images read as files trains loss for loss the same. (So a gap in recall between
+    the two is the draw of the order: benchmarks/bench_stream.py.)"""
+    settings = dict(workers=1, threads=1, epochs=2)
+    _run(tmp_path / "streamed", str(shards / PATTERN), stream=True, **settings)
+    steps = _samples(tmp_path / "streamed")
+
+    def index(name: str) -> int:  # write_shards: 10 images a shard, in the CSV's order
+        return int(name[:5]) * 10 + int(name.split("/")[1][5:])
+
+    def streamed_order(self):
+        for step in range(self.start, self.steps_per_epoch):
+            names = steps[self.epoch * self.steps_per_epoch + step + 1]
+            yield [(index(n), sample_seed(self.seed, self.epoch, n)) for n in names]
+
+    monkeypatch.setattr(StepBatches, "__iter__", streamed_order)
+    _run(tmp_path / "files", str(shards.parent / "scenes" / "captions.csv"), **settings)
+    assert len(_losses(tmp_path / "files")) == 16 and _losses(tmp_path / "files") == _losses(tmp_path / "streamed")
+    files = _samples(tmp_path / "files")
+    assert {k: [int(Path(n).stem[len("scene_"):]) for n in v] for k, v in files.items()} == \
+        {k: [index(n) for n in v] for k, v in steps.items()}
 
 
 @pytest.mark.slow
