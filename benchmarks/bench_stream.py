@@ -10,12 +10,14 @@ a local HTTP server on 127.0.0.1 (tests/shard_servers.py). Three comparisons:
               (target >= 0.95x), and against open_clip_train streaming the same URLs (webdataset, its `curl`
               pipe) with the same model, batch, steps and settings (target >= 1.3x). Both without a decode cache
               (streamed data is seen once an epoch at scale); each trainer's own per-step clock after step 5;
-              runs alternate over `--rounds` (scenes 3: the median of three shrugs off one disturbed run; emoji 1)
+              runs alternate over `--rounds` (scenes 5, emoji 3: the median shrugs off a disturbed run; one round
+              swung HTTP/disk from 0.88x to 1.0x on this 2-core machine)
               (and, for context, against the same pairs read as files: the map-style path of a local CSV)
   recall      held-out recall after equal steps, streamed over HTTP against the same pairs read from the disk
-              (map-style, a permutation of the whole set each epoch), for 3 seeds: level within noise (scenes)
+              (map-style, a permutation of the whole set each epoch), for 12 seeds: level within noise (scenes).
+              The order's draw alone moves a run's R@10 by +-3 points, so 3 seeds cannot tell 3 points from chance
 
-    python benchmarks/bench_stream.py                  # both regimes (about 40 minutes here)
+    python benchmarks/bench_stream.py                  # both regimes (about 90 minutes here; --merge joins sittings)
     python benchmarks/bench_stream.py --quick          # to check the script
 """
 
@@ -51,7 +53,7 @@ from synthetic import write_shards
 
 PER_SHARD = 250
 SETTINGS = {"scenes": {"epochs": 2}, "emoji": {"epochs": 1}}  # throughput runs: enough steps to time
-ROUNDS = {"scenes": 3, "emoji": 1}  # emoji's runs take 2-4 minutes each, and its model, not the data, sets the pace
+ROUNDS = {"scenes": 5, "emoji": 3}  # emoji's runs take 1.5-2.5 minutes each: its model, not the data, sets the pace
 
 
 def shards_for(regime: str, quick: bool) -> tuple[Path, Path, Path, int]:
@@ -186,8 +188,9 @@ def merge(paths: list[Path], out: Path) -> None:
     """One result from several runs of this script: the throughput of the last that measured it, and the recall
     runs of all, paired by seed (runs of more seeds than one sitting allows; the code must be the same)."""
     records = [json.loads(p.read_text()) for p in paths]
-    merged = {**records[-1], "merged_from": [p.name for p in paths]}
-    for name in {n for r in records for n in r["regimes"]}:
+    merged = {**records[-1], "merged_from": [name for p, r in zip(paths, records, strict=True)
+                                             for name in r.get("merged_from", [p.name])], "regimes": {}}
+    for name in sorted({n for r in records for n in r["regimes"]}, key=list(SETTINGS).index):  # as a run orders them
         entries = [r["regimes"][name] for r in records if name in r["regimes"]]
         entry = dict(next((e for e in reversed(entries) if "throughput" in e), entries[-1]))
         recalls = [e["recall"] for e in entries if "recall" in e]
@@ -224,9 +227,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--regimes", default="scenes,emoji")
     parser.add_argument("--rounds", type=int, help="alternating rounds of the throughput runs (default: ROUNDS)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(12)))
     parser.add_argument("--parts", default="throughput,recall")
-    parser.add_argument("--recall-regimes", default="scenes", help="where recall is compared (3 seeds: the cost)")
+    parser.add_argument("--recall-regimes", default="scenes", help="where recall is compared (12 seeds: the cost)")
     parser.add_argument("--ours-args", default="", help="extra arguments for `clipengine train` (experiments)")
     parser.add_argument("--rescore", type=Path, help="recompute a result file's samples/s from its runs' logs")
     parser.add_argument("--merge", type=Path, nargs="+", help="result files to join into --out (recall seeds pooled)")

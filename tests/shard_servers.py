@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,15 @@ class Faults:
     cut: set[str] = field(default_factory=set)  # half the body, then the connection closes
     stall: dict[str, float] = field(default_factory=dict)  # seconds of silence after the first half
     fail_first: dict[str, int] = field(default_factory=dict)  # 503 for the first N requests
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that stops reading early (a lane that reached its quota mid-shard) closes its connection: not an
+    error worth a traceback on the console."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ShardServer:
@@ -74,7 +84,7 @@ class ShardServer:
                         self.wfile.write(data[len(data) // 2:])
                 self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
