@@ -10,8 +10,8 @@ a local HTTP server on 127.0.0.1 (tests/shard_servers.py). Three comparisons:
               (target >= 0.95x), and against open_clip_train streaming the same URLs (webdataset, its `curl`
               pipe) with the same model, batch, steps and settings (target >= 1.3x). Both without a decode cache
               (streamed data is seen once an epoch at scale); each trainer's own per-step clock after step 5;
-              runs alternate over `--rounds` (scenes 5, emoji 3: the median shrugs off a disturbed run; one round
-              swung HTTP/disk from 0.88x to 1.0x on this 2-core machine)
+              runs alternate over `--rounds` (scenes 5, emoji 3: the median shrugs off a disturbed run; on this 2-core
+              machine a busy sitting measured HTTP/disk 0.88x, a quiet one 0.97x)
               (and, for context, against the same pairs read as files: the map-style path of a local CSV)
   recall      held-out recall after equal steps, streamed over HTTP against the same pairs read from the disk
               (map-style, a permutation of the whole set each epoch), for 12 seeds: level within noise (scenes).
@@ -179,11 +179,6 @@ def summarise_recall(name: str, per_seed: dict[str, list[dict]], seeds: list[int
             "within_noise": level, "steps": per_seed["streamed"][-1]["steps"]}
 
 
-def _seeds_of(recall: dict) -> list[int]:
-    """A recall entry's seeds (files from before they were written down: from the run folders' names)."""
-    return recall.get("seeds") or [int(x["checkpoint"].rsplit("-", 1)[1]) for x in recall["runs"]["streamed"]]
-
-
 def merge(paths: list[Path], out: Path) -> None:
     """One result from several runs of this script: the throughput of the last that measured it, and the recall
     runs of all, paired by seed (runs of more seeds than one sitting allows; the code must be the same)."""
@@ -195,7 +190,7 @@ def merge(paths: list[Path], out: Path) -> None:
         entry = dict(next((e for e in reversed(entries) if "throughput" in e), entries[-1]))
         recalls = [e["recall"] for e in entries if "recall" in e]
         if recalls:
-            seeds = [seed for rec in recalls for seed in _seeds_of(rec)]
+            seeds = [seed for rec in recalls for seed in rec["seeds"]]
             if len(set(seeds)) != len(seeds):
                 raise SystemExit(f"{name}: a seed is in two of the files: {sorted(seeds)}")
             per_seed = {arm: [x for rec in recalls for x in rec["runs"][arm]] for arm in ("streamed", "disk")}

@@ -147,6 +147,7 @@ def check_decode_choice(decode: str) -> None:
     if decode not in DECODE_CHOICES:
         raise BadInput(f"--decode is one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
 
+
 CPU_BATCH = 32  # files per batch on a CPU: the model is as efficient at 32 as at 256, and starts sooner
 
 

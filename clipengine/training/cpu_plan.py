@@ -66,19 +66,22 @@ class CpuPlanner:
 
     @classmethod
     def for_run(cls, cores: int, steps_left: int) -> CpuPlanner:
-        plans = candidates(cores)
-        if steps_left < MIN_RUN_STEPS:
-            return cls.fixed(plans[0])
-        return cls(plans[1:], [Trial(plans[0])])
+        return cls._trying(candidates(cores), steps_left)
 
     @classmethod
     def for_threads(cls, workers: int, cores: int, steps_left: int) -> CpuPlanner:
         """Trials of the torch threads alone, for a run whose workers are fixed (streamed data: they are its lanes)."""
         if workers == 0:  # the data is read in the training process: every core is torch's
             return cls.fixed(Plan(0, cores))
-        plans = [p for p in candidates(cores) if p.workers == min(workers, cores)] or [Plan(workers, 1)]
-        plans = [Plan(workers, p.threads) for p in plans]
-        if steps_left < MIN_RUN_STEPS or len(plans) == 1:
+        plans = [Plan(workers, p.threads) for p in candidates(cores) if p.workers == min(workers, cores)]
+        if len(plans) < 2:
+            return cls.fixed(plans[0] if plans else Plan(workers, 1))
+        return cls._trying(plans, steps_left)
+
+    @classmethod
+    def _trying(cls, plans: list[Plan], steps_left: int) -> CpuPlanner:
+        """The first plan on trial, the rest to come; a run too short to repay trials keeps the first."""
+        if steps_left < MIN_RUN_STEPS:
             return cls.fixed(plans[0])
         return cls(plans[1:], [Trial(plans[0])])
 
