@@ -24,6 +24,8 @@ class Faults:
     cut: set[str] = field(default_factory=set)  # half the body, then the connection closes
     stall: dict[str, float] = field(default_factory=dict)  # seconds of silence after the first half
     fail_first: dict[str, int] = field(default_factory=dict)  # 503 for the first N requests
+    # silence after the first half until all these files were answered, or for at most that many seconds
+    hold: dict[str, tuple[frozenset[str], float]] = field(default_factory=dict)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -44,6 +46,7 @@ class ShardServer:
         self.faults = faults or Faults()
         self.requests: Counter[str] = Counter()
         self.log: list[tuple[str, float, float]] = []
+        self._answered = threading.Condition()
         server = self
 
         class Handler(SimpleHTTPRequestHandler):
@@ -58,7 +61,9 @@ class ShardServer:
                 try:
                     self._answer(name)
                 finally:
-                    server.log.append((name, asked, time.monotonic()))
+                    with server._answered:
+                        server.log.append((name, asked, time.monotonic()))
+                        server._answered.notify_all()
 
             def _answer(self, name: str) -> None:
                 server.requests[name] += 1
@@ -69,7 +74,7 @@ class ShardServer:
                 if server.requests[name] <= faults.fail_first.get(name, 0):
                     self.send_error(503)
                     return
-                if name not in faults.cut and name not in faults.stall:
+                if name not in faults.cut and name not in faults.stall and name not in faults.hold:
                     super().do_GET()
                     return
                 data = (server.folder / name).read_bytes()
@@ -80,6 +85,9 @@ class ShardServer:
                 self.wfile.flush()
                 if name in faults.stall:
                     time.sleep(faults.stall[name])
+                if name in faults.hold:
+                    server.wait_for(*faults.hold[name])
+                if name in faults.stall or name in faults.hold:
                     with contextlib.suppress(OSError):
                         self.wfile.write(data[len(data) // 2:])
                 self.close_connection = True
@@ -88,6 +96,11 @@ class ShardServer:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def wait_for(self, names: frozenset[str], seconds: float) -> bool:
+        """Wait until every file in `names` was answered, at most `seconds`; whether they were."""
+        with self._answered:
+            return self._answered.wait_for(lambda: names <= {name for name, _, _ in self.log}, seconds)
 
     def __enter__(self) -> ShardServer:
         self._thread.start()
