@@ -2,6 +2,9 @@
 #   make demo   install, then train on generated captioned scenes, index, search, report recall; offline
 #   make test   install, then run the test suite
 PYTHON ?= python3
+# pytest-xdist workers for the suite: much of it waits on subprocesses and servers, so 2 finish sooner than 1 on
+# 2 cores; --dist loadscope keeps a module's tests (and its module fixtures) in one worker
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -31,7 +34,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP) lint $(CHROMIUM) $(CAMERA_RAW)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # ruff (pyflakes, isort, bugbear, pyupgrade) and mypy over the whole tree, as configured in pyproject.toml
 lint: $(STAMP)

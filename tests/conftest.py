@@ -202,20 +202,36 @@ def trained_scenes(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     this took before (105 s), and 7 epochs at 1e-3 learn more (zero-shot colour 36 of 40, own caption in the
     top 10 for 18 of 20, where the tests ask 24 and 10)."""
     import csv
+    import os
+    import shutil
 
-    from clipengine.index.pipeline import index_folder
-    from clipengine.models import ModelSpec
-    from clipengine.scenes import write_scene_set
-    from clipengine.training import TrainConfig, train
+    from filelock import FileLock
 
-    root = tmp_path_factory.mktemp("trained-scenes")
-    data = write_scene_set(root / "train", 3000, seed=0, size=64)
-    test = write_scene_set(root / "test", 300, seed=1, size=64)
-    train(TrainConfig(data=str(data), out=str(root / "run"), epochs=7, lr=1e-3, batch_size=64, val_size=0, workers=1,
-                      decode_cache=str(root / "decoded.db")))
-    index_folder(test.parent / "images", root / "idx", ModelSpec(checkpoint=str(root / "run")), workers=0, export=False)
+    # `make test` runs 2 pytest-xdist workers, each with its own session: the first to ask builds the model in the
+    # run's shared temporary folder, the other waits for it (xdist's documented way to build a session fixture once)
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()) / "trained-scenes"
+    with FileLock(f"{root}.lock"):
+        if not (root / "built").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build in the other worker left
+            _train_scenes(root)
+            (root / "built").touch()
+    test = root / "test" / "captions.csv"
     captions: dict[str, str] = {}
     with open(test, newline="") as f:
         for row in csv.DictReader(f):
             captions.setdefault(Path(row["filepath"]).name, row["caption"])
     return root / "idx", captions
+
+
+def _train_scenes(root: Path) -> None:
+    from clipengine.index.pipeline import index_folder
+    from clipengine.models import ModelSpec
+    from clipengine.scenes import write_scene_set
+    from clipengine.training import TrainConfig, train
+
+    data = write_scene_set(root / "train", 3000, seed=0, size=64)
+    test = write_scene_set(root / "test", 300, seed=1, size=64)
+    train(TrainConfig(data=str(data), out=str(root / "run"), epochs=7, lr=1e-3, batch_size=64, val_size=0, workers=1,
+                      decode_cache=str(root / "decoded.db")))
+    index_folder(test.parent / "images", root / "idx", ModelSpec(checkpoint=str(root / "run")), workers=0, export=False)
