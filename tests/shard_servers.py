@@ -74,7 +74,8 @@ class ShardServer:
                 if server.requests[name] <= faults.fail_first.get(name, 0):
                     self.send_error(503)
                     return
-                if name not in faults.cut and name not in faults.stall and name not in faults.hold:
+                delayed = name in faults.stall or name in faults.hold
+                if name not in faults.cut and not delayed:
                     super().do_GET()
                     return
                 data = (server.folder / name).read_bytes()
@@ -83,11 +84,10 @@ class ShardServer:
                 self.end_headers()
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
-                if name in faults.stall:
-                    time.sleep(faults.stall[name])
-                if name in faults.hold:
-                    server.wait_for(*faults.hold[name])
-                if name in faults.stall or name in faults.hold:
+                if delayed:
+                    time.sleep(faults.stall.get(name, 0.0))
+                    if name in faults.hold:
+                        server.wait_for(*faults.hold[name])
                     with contextlib.suppress(OSError):
                         self.wfile.write(data[len(data) // 2:])
                 self.close_connection = True
@@ -97,10 +97,10 @@ class ShardServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def wait_for(self, names: frozenset[str], seconds: float) -> bool:
-        """Wait until every file in `names` was answered, at most `seconds`; whether they were."""
+    def wait_for(self, names: frozenset[str], seconds: float) -> None:
+        """Wait until every file in `names` was answered, at most `seconds`."""
         with self._answered:
-            return self._answered.wait_for(lambda: names <= {name for name, _, _ in self.log}, seconds)
+            self._answered.wait_for(lambda: names <= {name for name, _, _ in self.log}, seconds)
 
     def __enter__(self) -> ShardServer:
         self._thread.start()
